@@ -1,0 +1,1 @@
+"""Analog (rate-based) Equilibrium Propagation: one scalar primitive Φ, Hopfield attention."""

@@ -1,0 +1,71 @@
+"""Relaxation to a fixed point: free phase from zeros, nudged phases from the free fixed point.
+
+`relax` is the one solver both EP phases use; it returns the final state and a `RelaxTrace` (residual
+‖s_{t+1} − s_t‖_∞ and Φ per step) that can be plotted or checked for convergence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from analog_ep.phi import EPNet, Inputs, State
+
+
+@dataclass
+class RelaxTrace:
+    """Convergence record of one relaxation (batch-level)."""
+
+    residuals: list[float] = field(default_factory=list)  # max |s_{t+1} - s_t| over all units
+    phi: list[float] = field(default_factory=list)  # mean Φ over the batch at s_t (if recorded)
+    steps: int = 0
+
+    @property
+    def final_residual(self) -> float:
+        return self.residuals[-1] if self.residuals else float("nan")
+
+
+def relax(
+    net: EPNet,
+    inputs: Inputs,
+    state: State,
+    steps: int,
+    beta: float | torch.Tensor = 0.0,
+    target: torch.Tensor | None = None,
+    tol: float | None = None,
+    track: bool = True,
+    record_phi: bool = False,
+) -> tuple[State, RelaxTrace]:
+    """Run up to `steps` synchronous updates; stop early once the residual is below `tol`.
+
+    With `track=False` and no `tol`, no residual is computed (no host sync per step: fastest).
+    """
+    trace = RelaxTrace()
+    nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
+    for _ in range(steps):
+        new, bottom_up = net.step(inputs, state, beta, target if nudged else None)
+        if record_phi:
+            trace.phi.append(float(net.phi_from_drives(inputs, state, bottom_up).mean()))
+        if track or tol is not None:
+            res = max(float((a - b).abs().max()) for a, b in zip(new, state))
+            trace.residuals.append(res)
+        state = new
+        trace.steps += 1
+        if tol is not None and trace.residuals[-1] < tol:
+            break
+    return state, trace
+
+
+def free_phase(
+    net: EPNet, inputs: Inputs, steps: int, tol: float | None = None, track: bool = True, record_phi: bool = False
+) -> tuple[State, RelaxTrace]:
+    """β = 0 from the zero state: the network's prediction is the output at this fixed point."""
+    return relax(net, inputs, net.zero_state(inputs.batch_size), steps, tol=tol, track=track, record_phi=record_phi)
+
+
+def predict(net: EPNet, x: torch.Tensor, steps: int, tol: float | None = None) -> torch.Tensor:
+    """Class predictions (argmax of the free-phase output) for embedded inputs x: (B, S, L, d)."""
+    with torch.no_grad():
+        state, _ = free_phase(net, net.prepare(x), steps, tol=tol, track=False)
+    return state[-1].argmax(-1)

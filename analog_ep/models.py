@@ -1,0 +1,73 @@
+"""The paper's architectures as Φ graph specs. Every size is a keyword, so tests use tiny versions."""
+
+from __future__ import annotations
+
+from analog_ep.phi import GraphSpec, Projection
+
+SNLI_PROJECTIONS = (
+    Projection(0, 1),  # premise queries, hypothesis keys: premise aligned to hypothesis
+    Projection(1, 0),  # hypothesis aligned to premise
+    Projection(0, 0),  # self-attention in the premise
+    Projection(1, 1),  # self-attention in the hypothesis
+)
+
+
+def imdb(
+    seq_len: int = 600,
+    dim: int = 300,
+    hidden: tuple[int, ...] = (1000, 40),
+    num_classes: int = 2,
+    attention: bool = True,
+    gamma: float | None = None,
+    mask_padding: bool = False,
+    init_gain: float = 1.0,
+) -> GraphSpec:
+    """One projection layer with self-attention over the review → FC 1000 → 40 → 2 (γ = 1/√d)."""
+    return GraphSpec(
+        num_streams=1, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes), projections=(Projection(0, 0),),
+        attention=attention, gamma=gamma, mask_padding=mask_padding, init_gain=init_gain, name="imdb",
+    )
+
+
+def snli(
+    seq_len: int = 25,
+    dim: int = 300,
+    hidden: tuple[int, ...] = (400,),
+    num_classes: int = 3,
+    attention: bool = True,
+    gamma: float | None = 0.16,
+    mask_padding: bool = False,
+    init_gain: float = 1.0,
+) -> GraphSpec:
+    """Four projection layers (P→H, H→P, P→P, H→H), concatenated → FC 400 → 3 (γ = 0.16)."""
+    return GraphSpec(
+        num_streams=2, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes), projections=SNLI_PROJECTIONS,
+        attention=attention, gamma=gamma, mask_padding=mask_padding, init_gain=init_gain, name="snli",
+    )
+
+
+def mlp(input_size: int = 784, hidden: tuple[int, ...] = (500,), num_classes: int = 10, init_gain: float = 1.0) -> GraphSpec:
+    """A plain layered EP network on a flat input (no projection layer): input is (B, 1, 1, input_size)."""
+    return GraphSpec(
+        num_streams=1, seq_len=1, dim=input_size, layers=(*hidden, num_classes), init_gain=init_gain, name="mlp",
+    )
+
+
+TINY = {
+    "imdb": dict(seq_len=12, dim=8, hidden=(32, 10)),
+    "snli": dict(seq_len=6, dim=8, hidden=(24,)),
+    "mlp": dict(input_size=20, hidden=(24,), num_classes=3),
+}
+
+MODELS = {"imdb": imdb, "snli": snli, "mlp": mlp}
+
+
+def build_spec(name: str, tiny: bool = False, **overrides) -> GraphSpec:
+    """A model spec by name; `tiny=True` gives a seconds-sized version for tests and quick checks."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    kwargs = dict(TINY[name]) if tiny else {}
+    kwargs.update(overrides)
+    return factory(**kwargs)

@@ -1,0 +1,286 @@
+"""The network *is* its scalar primitive Φ: graph spec, parameters, and Φ's analytic gradients.
+
+    Φ(X, s; θ) = Σ_p Σ_t ⟨W₀ᵖ x^{q(p)}_t, sᵖ_t⟩  +  Σ_n ⟨h^{n+1}, W_n a^n + b_n⟩
+
+`sᵖ` are the projection layers (one d-vector per token, updated by a Hopfield retrieval whose query is
+∂Φ/∂sᵖ), `h¹..h^N` the fully connected layers (h^N = output), `a⁰ = flat(s¹..s^P)` (or the flattened
+input when there is no projection layer: a plain MLP) and `a^n = h^n` after that. Φ is bilinear in
+states and weights, so ∂Φ/∂s and ∂Φ/∂θ are plain matrix products: no autograd graph is needed in the
+relaxation loop. `analog_ep.reference` keeps an autograd path on Φ as the test oracle.
+
+State layout used everywhere: a list of tensors, `[proj (B,P,L,d)]` (only if P > 0) followed by the FC
+layers `(B, n_k)`; the last one is the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from analog_ep.activations import get_activation
+from analog_ep.hopfield import hopfield_retrieve
+
+State = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A projection layer: queries built from input stream `query_stream`, keys = values = `key_stream`."""
+
+    query_stream: int
+    key_stream: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Shapes of one Φ graph. Everything the two backends need to rebuild the same network."""
+
+    num_streams: int
+    seq_len: int
+    dim: int
+    layers: tuple[int, ...]
+    projections: tuple[Projection, ...] = ()
+    attention: bool = True
+    gamma: float | None = None  # Hopfield inverse temperature; None -> 1/sqrt(dim)
+    mask_padding: bool = False
+    activation: str = "hard_sigmoid"
+    init_gain: float = 1.0
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a graph needs at least one fully connected layer (the output)")
+        if any(n <= 0 for n in self.layers) or min(self.num_streams, self.seq_len, self.dim) <= 0:
+            raise ValueError(f"all sizes must be positive: {self}")
+        for p in self.projections:
+            if not (0 <= p.query_stream < self.num_streams and 0 <= p.key_stream < self.num_streams):
+                raise ValueError(f"projection {p} refers to a stream outside 0..{self.num_streams - 1}")
+        get_activation(self.activation)
+
+    @property
+    def num_projections(self) -> int:
+        return len(self.projections)
+
+    @property
+    def num_classes(self) -> int:
+        return self.layers[-1]
+
+    @property
+    def hopfield_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else 1.0 / math.sqrt(self.dim)
+
+    @property
+    def fc_input_size(self) -> int:
+        streams = self.num_projections or self.num_streams
+        return streams * self.seq_len * self.dim
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = ["proj"] if self.num_projections else []
+        return names + [f"fc{i + 1}" for i in range(len(self.layers) - 1)] + ["out"]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["projections"] = [[p.query_stream, p.key_stream] for p in self.projections]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GraphSpec:
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        d["projections"] = tuple(Projection(*p) for p in d.get("projections", ()))
+        return cls(**d)
+
+
+@dataclass
+class Inputs:
+    """Per-batch constants of the relaxation: computed once, reused at every step.
+
+    `query_drive` (= X W₀ᵀ, the bottom-up half of ∂Φ/∂sᵖ) does not depend on the state, so it is
+    computed once per batch instead of once per step.
+    """
+
+    x_query: torch.Tensor | None  # (B,P,L,d) tokens the projection synapse reads
+    keys: torch.Tensor | None  # (B,P,L,d) Hopfield stored patterns (= values)
+    key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
+    query_drive: torch.Tensor | None  # (B,P,L,d)
+    flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
+
+    @property
+    def batch_size(self) -> int:
+        t = self.x_query if self.x_query is not None else self.flat_x
+        return t.shape[0]
+
+    def repeat(self, times: int) -> Inputs:
+        """The same inputs stacked `times` along the batch (for batched ±β phases)."""
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return Inputs(*(rep(t) for t in (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)))
+
+
+class EPNet(nn.Module):
+    """Parameters of a Φ graph plus its analytic derivatives. Pure tensor math, no autograd needed."""
+
+    def __init__(self, spec: GraphSpec, seed: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        d, P = spec.dim, spec.num_projections
+        self.proj_weight = nn.Parameter(torch.empty(P, d, d)) if P else None
+        sizes = [spec.fc_input_size, *spec.layers]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(o, i)) for i, o in zip(sizes[:-1], sizes[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(o)) for o in sizes[1:]])
+        self.activation = get_activation(spec.activation)
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ parameters
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """nn.Linear's default init (uniform ±1/√fan_in, as the reference code), scaled by `init_gain`."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gain = self.spec.init_gain
+        with torch.no_grad():
+            if self.proj_weight is not None:
+                bound = gain / math.sqrt(self.spec.dim)
+                self.proj_weight.copy_(torch.rand(self.proj_weight.shape, generator=gen) * 2 * bound - bound)
+            for w, b in zip(self.weights, self.biases):
+                bound = gain / math.sqrt(w.shape[1])
+                w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
+                b.copy_(torch.rand(b.shape, generator=gen) * 2 * bound - bound)
+
+    @property
+    def param_layer(self) -> dict[str, str]:
+        """Which layer each parameter feeds (for per-layer gradient reports)."""
+        names = self.spec.layer_names
+        out = {"proj_weight": "proj"} if self.proj_weight is not None else {}
+        offset = 1 if self.proj_weight is not None else 0
+        for n in range(len(self.weights)):
+            out[f"weights.{n}"] = names[offset + n]
+            out[f"biases.{n}"] = names[offset + n]
+        return out
+
+    # ------------------------------------------------------------------ inputs and states
+    def prepare(self, x: torch.Tensor) -> Inputs:
+        """Per-batch constants from embedded tokens x: (B, S, L, d)."""
+        spec = self.spec
+        expected = (spec.num_streams, spec.seq_len, spec.dim)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"input must have shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        x = x.to(self.weights[0].dtype)
+        if not spec.num_projections:
+            return Inputs(None, None, None, None, x.reshape(x.shape[0], -1))
+        q_idx = [p.query_stream for p in spec.projections]
+        k_idx = [p.key_stream for p in spec.projections]
+        x_query, keys = x[:, q_idx], x[:, k_idx]
+        key_mask = (keys != 0).any(-1) if spec.mask_padding else None
+        query_drive = torch.einsum("bpld,ped->bple", x_query, self.proj_weight)
+        return Inputs(x_query, keys, key_mask, query_drive, None)
+
+    def zero_state(self, batch: int) -> State:
+        spec = self.spec
+        dt, dev = self.weights[0].dtype, self.weights[0].device
+        state = []
+        if spec.num_projections:
+            state.append(torch.zeros(batch, spec.num_projections, spec.seq_len, spec.dim, dtype=dt, device=dev))
+        state.extend(torch.zeros(batch, n, dtype=dt, device=dev) for n in spec.layers)
+        return state
+
+    def _split(self, inputs: Inputs, state: State) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+        if self.spec.num_projections:
+            proj, fc = state[0], state[1:]
+            return proj, fc, proj.reshape(proj.shape[0], -1)
+        return None, state, inputs.flat_x
+
+    # ------------------------------------------------------------------ ∂Φ/∂s
+    def drives(self, inputs: Inputs, state: State) -> tuple[State, list[torch.Tensor]]:
+        """∂Φ/∂s for every layer (no nudging), and the bottom-up pre-activations `W_n a^n + b_n`.
+
+        Two matrix products per synapse: bottom-up `a W_nᵀ` and top-down `h^{n+1} W_n`.
+        """
+        proj, fc, fc_in = self._split(inputs, state)
+        bottoms = [fc_in, *fc[:-1]]
+        bottom_up = [torch.addmm(b, a, w.t()) for a, w, b in zip(bottoms, self.weights, self.biases)]
+        out: State = []
+        if proj is not None:
+            top_down = torch.mm(fc[0], self.weights[0]).view_as(proj)
+            out.append(inputs.query_drive + top_down)
+        for n in range(len(fc)):
+            if n + 1 < len(fc):
+                out.append(torch.addmm(bottom_up[n], fc[n + 1], self.weights[n + 1]))
+            else:
+                out.append(bottom_up[n])
+        return out, bottom_up
+
+    def phi_from_drives(self, inputs: Inputs, state: State, bottom_up: list[torch.Tensor]) -> torch.Tensor:
+        """Φ per sample (B,), reusing the bottom-up products the step already computed."""
+        proj, fc, _ = self._split(inputs, state)
+        phi = sum((h * u).sum(-1) for h, u in zip(fc, bottom_up))
+        if proj is not None:
+            phi = phi + (proj * inputs.query_drive).flatten(1).sum(-1)
+        return phi
+
+    def step(
+        self,
+        inputs: Inputs,
+        state: State,
+        beta: float | torch.Tensor = 0.0,
+        target: torch.Tensor | None = None,
+    ) -> tuple[State, list[torch.Tensor]]:
+        """One synchronous update s ← σ(∂Φ^β/∂s); projection layers take one Hopfield retrieval.
+
+        `beta` may be a float or a (B, 1) tensor (one β per row: batched ±β phases). Returns the new
+        state and the bottom-up products of the *old* state (for Φ bookkeeping).
+        """
+        drives, bottom_up = self.drives(inputs, state)
+        new: State = []
+        offset = 0
+        if self.spec.num_projections:
+            query = drives[0]
+            if self.spec.attention:
+                new.append(hopfield_retrieve(query, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask))
+            else:
+                new.append(self.activation(query))
+            offset = 1
+        for n in range(offset, len(state)):
+            u = drives[n]
+            if n == len(state) - 1 and target is not None:
+                u = u + beta * (target - state[n])
+            new.append(self.activation(u))
+        return new, bottom_up
+
+    # ------------------------------------------------------------------ ∂Φ/∂θ
+    def phi_param_grads(self, inputs: Inputs, state: State, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_b coef_b ∂Φ/∂θ(x_b, s_b), local Hebbian products.
+
+        ∂Φ/∂W_n = h^{n+1} (a^n)ᵀ, ∂Φ/∂b_n = h^{n+1}, ∂Φ/∂W₀ᵖ = Σ_t sᵖ_t x_tᵀ. With `coef` = (+1…, −1…)
+        over a stacked batch [s⁺; s⁻] the EP contrast is one matrix product per synapse.
+        """
+        proj, fc, fc_in = self._split(inputs, state)
+        c = coef.to(fc[0].dtype).view(-1, 1)
+        grads: dict[str, torch.Tensor] = {}
+        if proj is not None:
+            weighted = proj * c.view(-1, 1, 1, 1)
+            grads["proj_weight"] = torch.einsum("bple,bpld->ped", weighted, inputs.x_query)
+        bottoms = [fc_in, *fc[:-1]]
+        for n, (h, a) in enumerate(zip(fc, bottoms)):
+            hc = h * c
+            grads[f"weights.{n}"] = torch.mm(hc.t(), a)
+            grads[f"biases.{n}"] = hc.sum(0)
+        return grads
+
+    def named_param_dict(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters())
+
+
+def one_hot_target(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """The MSE target of the paper: ℓ = ½‖s^N − onehot(y)‖²."""
+    return torch.nn.functional.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ½‖output − target‖²."""
+    return 0.5 * ((output - target) ** 2).sum(-1).mean()
