@@ -14,6 +14,7 @@ from analog_ep.errors import SeqepError
 
 ANALOG_COMMAND_MODULES = (
     "analog_ep.data.command",
+    "analog_ep.commands.gdu",
 )
 
 

@@ -26,6 +26,7 @@ class RelaxTrace:
         return self.residuals[-1] if self.residuals else float("nan")
 
 
+@torch.no_grad()
 def relax(
     net: EPNet,
     inputs: Inputs,
@@ -44,9 +45,9 @@ def relax(
     trace = RelaxTrace()
     nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
     for _ in range(steps):
-        new, bottom_up = net.step(inputs, state, beta, target if nudged else None)
         if record_phi:
-            trace.phi.append(float(net.phi_from_drives(inputs, state, bottom_up).mean()))
+            trace.phi.append(float(net.phi(inputs, state).mean()))
+        new = net.step(inputs, state, beta, target if nudged else None)
         if track or tol is not None:
             res = max(float((a - b).abs().max()) for a, b in zip(new, state))
             trace.residuals.append(res)

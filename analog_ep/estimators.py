@@ -125,7 +125,7 @@ def cep(
     loss = float(mse_loss(free_output, target))
     coef = signed_coef(B, 1.0 / (cfg.beta * B), free_output)  # ascent on Φ difference = descent on ℓ
     for _ in range(cfg.nudge_steps):
-        new, _ = net.step(inputs, state, cfg.beta, target)
+        new = net.step(inputs, state, cfg.beta, target)
         increments = net.phi_param_grads(inputs.repeat(2), stack_states(new, state), coef)
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
@@ -160,13 +160,13 @@ def bptt(
     with torch.enable_grad():
         inputs = net.prepare(x)
         for _ in range(k):
-            state, _ = net.step(inputs, state)
+            state = net.step(inputs, state)
         loss = mse_loss(state[-1], target)
-        grads = dict(zip(names, torch.autograd.grad(loss, params)))
+        grads = dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)))
     trace.steps += k
     if set_grad:
         write_grads(net, grads)
-    return Estimate(grads, state[-1].detach(), float(loss), trace)
+    return Estimate(grads, state[-1].detach(), float(loss.detach()), trace)
 
 
 ESTIMATORS = ("ep_symmetric", "ep_two_phase", "cep", "bptt", "bptt_full")

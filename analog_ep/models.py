@@ -1,4 +1,7 @@
-"""The paper's architectures as Φ graph specs. Every size is a keyword, so tests use tiny versions."""
+"""The paper's architectures as Φ graph specs. Every size is a keyword, so tests use tiny versions.
+
+`**options` pass through to `GraphSpec`: attention, gamma, mask_padding, activation, init_gain, bias_offset.
+"""
 
 from __future__ import annotations
 
@@ -12,45 +15,24 @@ SNLI_PROJECTIONS = (
 )
 
 
-def imdb(
-    seq_len: int = 600,
-    dim: int = 300,
-    hidden: tuple[int, ...] = (1000, 40),
-    num_classes: int = 2,
-    attention: bool = True,
-    gamma: float | None = None,
-    mask_padding: bool = False,
-    init_gain: float = 1.0,
-) -> GraphSpec:
+def imdb(seq_len: int = 600, dim: int = 300, hidden: tuple[int, ...] = (1000, 40), num_classes: int = 2,
+         **options) -> GraphSpec:
     """One projection layer with self-attention over the review → FC 1000 → 40 → 2 (γ = 1/√d)."""
-    return GraphSpec(
-        num_streams=1, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes), projections=(Projection(0, 0),),
-        attention=attention, gamma=gamma, mask_padding=mask_padding, init_gain=init_gain, name="imdb",
-    )
+    return GraphSpec(num_streams=1, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes),
+                     projections=(Projection(0, 0),), name="imdb", **options)
 
 
-def snli(
-    seq_len: int = 25,
-    dim: int = 300,
-    hidden: tuple[int, ...] = (400,),
-    num_classes: int = 3,
-    attention: bool = True,
-    gamma: float | None = 0.16,
-    mask_padding: bool = False,
-    init_gain: float = 1.0,
-) -> GraphSpec:
+def snli(seq_len: int = 25, dim: int = 300, hidden: tuple[int, ...] = (400,), num_classes: int = 3,
+         **options) -> GraphSpec:
     """Four projection layers (P→H, H→P, P→P, H→H), concatenated → FC 400 → 3 (γ = 0.16)."""
-    return GraphSpec(
-        num_streams=2, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes), projections=SNLI_PROJECTIONS,
-        attention=attention, gamma=gamma, mask_padding=mask_padding, init_gain=init_gain, name="snli",
-    )
+    options.setdefault("gamma", 0.16)
+    return GraphSpec(num_streams=2, seq_len=seq_len, dim=dim, layers=(*hidden, num_classes),
+                     projections=SNLI_PROJECTIONS, name="snli", **options)
 
 
-def mlp(input_size: int = 784, hidden: tuple[int, ...] = (500,), num_classes: int = 10, init_gain: float = 1.0) -> GraphSpec:
+def mlp(input_size: int = 784, hidden: tuple[int, ...] = (500,), num_classes: int = 10, **options) -> GraphSpec:
     """A plain layered EP network on a flat input (no projection layer): input is (B, 1, 1, input_size)."""
-    return GraphSpec(
-        num_streams=1, seq_len=1, dim=input_size, layers=(*hidden, num_classes), init_gain=init_gain, name="mlp",
-    )
+    return GraphSpec(num_streams=1, seq_len=1, dim=input_size, layers=(*hidden, num_classes), name="mlp", **options)
 
 
 TINY = {

@@ -47,7 +47,9 @@ class GraphSpec:
     gamma: float | None = None  # Hopfield inverse temperature; None -> 1/sqrt(dim)
     mask_padding: bool = False
     activation: str = "hard_sigmoid"
+    schedule: str = "alternating"  # or "synchronous" (the reference code); see EPNet.step
     init_gain: float = 1.0
+    bias_offset: float = 0.0  # added to initial biases: 1.0 starts units mid-range, off σ's kink at u = 0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class GraphSpec:
             if not (0 <= p.query_stream < self.num_streams and 0 <= p.key_stream < self.num_streams):
                 raise ValueError(f"projection {p} refers to a stream outside 0..{self.num_streams - 1}")
         get_activation(self.activation)
+        if self.schedule not in ("alternating", "synchronous"):
+            raise ValueError(f"schedule must be 'alternating' or 'synchronous', got {self.schedule!r}")
 
     @property
     def num_projections(self) -> int:
@@ -140,7 +144,11 @@ class EPNet(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self, seed: int | None = None) -> None:
-        """nn.Linear's default init (uniform ±1/√fan_in, as the reference code), scaled by `init_gain`."""
+        """nn.Linear's default init (uniform ±1/√fan_in, as the reference code), scaled by `init_gain`.
+
+        `bias_offset` shifts the biases: with σ(u) = clamp(u/2, 0, 1) and the default init, pre-activations
+        sit at σ's kink (u ≈ 0), where half the units are silent and finite-β EP crosses the kink.
+        """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         gain = self.spec.init_gain
         with torch.no_grad():
@@ -150,7 +158,7 @@ class EPNet(nn.Module):
             for w, b in zip(self.weights, self.biases):
                 bound = gain / math.sqrt(w.shape[1])
                 w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
-                b.copy_(torch.rand(b.shape, generator=gen) * 2 * bound - bound)
+                b.copy_(torch.rand(b.shape, generator=gen) * 2 * bound - bound + self.spec.bias_offset)
 
     @property
     def param_layer(self) -> dict[str, str]:
@@ -196,32 +204,55 @@ class EPNet(nn.Module):
         return None, state, inputs.flat_x
 
     # ------------------------------------------------------------------ ∂Φ/∂s
-    def drives(self, inputs: Inputs, state: State) -> tuple[State, list[torch.Tensor]]:
-        """∂Φ/∂s for every layer (no nudging), and the bottom-up pre-activations `W_n a^n + b_n`.
+    def layer_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor:
+        """∂Φ/∂s for layer n (state index): bottom-up `a W_nᵀ + b` plus top-down `h^{n+1} W_{n+1}`.
 
-        Two matrix products per synapse: bottom-up `a W_nᵀ` and top-down `h^{n+1} W_n`.
+        Two matrix products per synapse per full step: one into each of the two layers it joins.
         """
-        proj, fc, fc_in = self._split(inputs, state)
-        bottoms = [fc_in, *fc[:-1]]
-        bottom_up = [torch.addmm(b, a, w.t()) for a, w, b in zip(bottoms, self.weights, self.biases)]
-        out: State = []
-        if proj is not None:
-            top_down = torch.mm(fc[0], self.weights[0]).view_as(proj)
-            out.append(inputs.query_drive + top_down)
-        for n in range(len(fc)):
-            if n + 1 < len(fc):
-                out.append(torch.addmm(bottom_up[n], fc[n + 1], self.weights[n + 1]))
-            else:
-                out.append(bottom_up[n])
-        return out, bottom_up
+        P = 1 if self.spec.num_projections else 0
+        if P and n == 0:
+            top_down = torch.mm(state[1], self.weights[0]).view_as(state[0])
+            return inputs.query_drive + top_down
+        k = n - P  # index of the FC layer, and of the synapse that feeds it
+        below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
+        drive = torch.addmm(self.biases[k], below, self.weights[k].t())
+        if n + 1 < len(state):
+            drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
+        return drive
 
-    def phi_from_drives(self, inputs: Inputs, state: State, bottom_up: list[torch.Tensor]) -> torch.Tensor:
-        """Φ per sample (B,), reusing the bottom-up products the step already computed."""
-        proj, fc, _ = self._split(inputs, state)
-        phi = sum((h * u).sum(-1) for h, u in zip(fc, bottom_up))
-        if proj is not None:
-            phi = phi + (proj * inputs.query_drive).flatten(1).sum(-1)
-        return phi
+    def drives(self, inputs: Inputs, state: State) -> State:
+        """∂Φ/∂s for every layer (no nudging), all from the same state."""
+        return [self.layer_drive(inputs, state, n) for n in range(len(state))]
+
+    def phi(self, inputs: Inputs, state: State) -> torch.Tensor:
+        """Φ per sample (B,)."""
+        P = 1 if self.spec.num_projections else 0
+        total = 0.0
+        if P:
+            total = (state[0] * inputs.query_drive).flatten(1).sum(-1)
+        for n in range(P, len(state)):
+            k = n - P
+            below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
+            total = total + (state[n] * torch.addmm(self.biases[k], below, self.weights[k].t())).sum(-1)
+        return total
+
+    def update_layer(
+        self,
+        inputs: Inputs,
+        state: State,
+        n: int,
+        drive: torch.Tensor,
+        beta: float | torch.Tensor = 0.0,
+        target: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """New state of layer n from its drive: Hopfield retrieval (projection) or σ(drive + nudge)."""
+        if self.spec.num_projections and n == 0:
+            if self.spec.attention:
+                return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
+            return self.activation(drive)
+        if n == len(state) - 1 and target is not None:
+            drive = drive + beta * (target - state[n])
+        return self.activation(drive)
 
     def step(
         self,
@@ -229,28 +260,23 @@ class EPNet(nn.Module):
         state: State,
         beta: float | torch.Tensor = 0.0,
         target: torch.Tensor | None = None,
-    ) -> tuple[State, list[torch.Tensor]]:
-        """One synchronous update s ← σ(∂Φ^β/∂s); projection layers take one Hopfield retrieval.
+    ) -> State:
+        """One update of every layer: s ← σ(∂Φ^β/∂s), projection layers by one Hopfield retrieval.
 
-        `beta` may be a float or a (B, 1) tensor (one β per row: batched ±β phases). Returns the new
-        state and the bottom-up products of the *old* state (for Φ bookkeeping).
+        schedule "synchronous" (the reference code): all layers from the previous state; it can lock
+        into period-2 oscillations once weights grow. "alternating": even layers first, then odd layers
+        from the new even ones. Layers only talk to neighbours, so this is exact block-coordinate ascent
+        on the energy Φ − Σ‖sⁿ‖² (σ(u) = clamp(u/2, 0, 1) maximises ⟨s, u⟩ − s² on [0, 1]): no cycles,
+        same fixed points, same cost. `beta` may be a float or a (B, 1) tensor (batched ±β phases).
         """
-        drives, bottom_up = self.drives(inputs, state)
-        new: State = []
-        offset = 0
-        if self.spec.num_projections:
-            query = drives[0]
-            if self.spec.attention:
-                new.append(hopfield_retrieve(query, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask))
-            else:
-                new.append(self.activation(query))
-            offset = 1
-        for n in range(offset, len(state)):
-            u = drives[n]
-            if n == len(state) - 1 and target is not None:
-                u = u + beta * (target - state[n])
-            new.append(self.activation(u))
-        return new, bottom_up
+        if self.spec.schedule == "synchronous":
+            drives = self.drives(inputs, state)
+            return [self.update_layer(inputs, state, n, u, beta, target) for n, u in enumerate(drives)]
+        new = list(state)
+        for parity in (0, 1):
+            for n in range(parity, len(state), 2):
+                new[n] = self.update_layer(inputs, new, n, self.layer_drive(inputs, new, n), beta, target)
+        return new
 
     # ------------------------------------------------------------------ ∂Φ/∂θ
     def phi_param_grads(self, inputs: Inputs, state: State, coef: torch.Tensor) -> dict[str, torch.Tensor]:

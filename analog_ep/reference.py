@@ -58,21 +58,25 @@ def autograd_param_grads(net: EPNet, x: torch.Tensor, state: State) -> dict[str,
 
 
 def reference_step(net: EPNet, x: torch.Tensor, state: State, beta: float = 0.0, target=None) -> State:
-    """One synchronous step with ∂Φ/∂s taken by autograd, as the paper's reference code does."""
+    """One step with ∂Φ/∂s taken by autograd (as the paper's code does), on the net's update schedule."""
     spec = net.spec
-    grads = autograd_state_grads(net, x, state, beta, target)
-    new: State = []
-    offset = 0
-    if spec.num_projections:
-        keys = x[:, [p.key_stream for p in spec.projections]].to(grads[0].dtype)
-        mask = (keys != 0).any(-1) if spec.mask_padding else None
-        if spec.attention:
-            new.append(hopfield_retrieve(grads[0], keys, spec.hopfield_gamma, mask))
-        else:
-            new.append(net.activation(grads[0]))
-        offset = 1
-    new.extend(net.activation(g) for g in grads[offset:])
-    return [s.detach() for s in new]
+    keys = x[:, [p.key_stream for p in spec.projections]].to(state[-1].dtype) if spec.num_projections else None
+    mask = (keys != 0).any(-1) if spec.mask_padding and keys is not None else None
+
+    def update(n: int, grad: torch.Tensor) -> torch.Tensor:
+        if spec.num_projections and n == 0:
+            return hopfield_retrieve(grad, keys, spec.hopfield_gamma, mask) if spec.attention else net.activation(grad)
+        return net.activation(grad)
+
+    if spec.schedule == "synchronous":
+        grads = autograd_state_grads(net, x, state, beta, target)
+        return [update(n, g).detach() for n, g in enumerate(grads)]
+    new = [s.detach() for s in state]
+    for parity in (0, 1):
+        grads = autograd_state_grads(net, x, new, beta, target)
+        for n in range(parity, len(new), 2):
+            new[n] = update(n, grads[n]).detach()
+    return new
 
 
 def reference_ep_symmetric(

@@ -1,0 +1,57 @@
+"""The inner loop every trainer shares: layer-wise optimiser, one EP step, accuracy by free phase."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from analog_ep.dynamics import free_phase
+from analog_ep.estimators import Estimate, Estimator
+from analog_ep.phi import EPNet
+
+
+def layer_param_groups(net: EPNet, lrs: Sequence[float] | float, weight_decay: float = 0.0) -> list[dict]:
+    """One optimiser group per layer (the paper's layer-wise learning rates: proj, fc1, …, out).
+
+    `lrs` has one entry per layer in `net.spec.layer_names` order, or is a single float for all.
+    """
+    names = net.spec.layer_names
+    if isinstance(lrs, (int, float)):
+        lrs = [float(lrs)] * len(names)
+    if len(lrs) != len(names):
+        raise ValueError(f"need {len(names)} learning rates (one per layer {names}), got {len(lrs)}")
+    layer_of = net.param_layer
+    groups = []
+    for layer, lr in zip(names, lrs):
+        params = [p for n, p in net.named_parameters() if layer_of[n] == layer]
+        groups.append({"params": params, "lr": float(lr), "weight_decay": weight_decay, "layer": layer})
+    return groups
+
+
+def param_lrs(optimizer: torch.optim.Optimizer, net: EPNet) -> dict[str, float]:
+    """Current learning rate per parameter name (C-EP's local step sizes follow the schedule)."""
+    by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    return {n: by_id[id(p)] for n, p in net.named_parameters()}
+
+
+def train_step(net: EPNet, estimator: Estimator, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer) -> Estimate:
+    """One batch: estimate the gradient, then step (unless the estimator already moved the weights)."""
+    optimizer.zero_grad(set_to_none=True)
+    est = estimator(net, x, y)
+    if not est.applied:
+        optimizer.step()
+    return est
+
+
+@torch.no_grad()
+def accuracy(net: EPNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], free_steps: int,
+             tol: float | None = None) -> float:
+    """Fraction of correct argmax predictions at the free fixed point over (x, y) batches."""
+    correct = total = 0
+    for x, y in batches:
+        state, _ = free_phase(net, net.prepare(x), free_steps, tol=tol, track=False)
+        correct += int((state[-1].argmax(-1) == y).sum())
+        total += int(y.numel())
+    return correct / max(total, 1)

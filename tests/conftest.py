@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from analog_ep.models import build_spec  # noqa: E402
+from analog_ep.phi import EPNet  # noqa: E402
+
+
+@pytest.fixture(params=["imdb", "snli", "mlp"])
+def tiny_net64(request) -> EPNet:
+    """A tiny float64 network of each paper shape, units started mid-range."""
+    spec = build_spec(request.param, tiny=True, bias_offset=1.0)
+    return EPNet(spec, seed=0).double()
+
+
+def random_inputs(spec, batch: int, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, spec.num_streams, spec.seq_len, spec.dim, generator=g, dtype=dtype)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=g)
+    return x, y
