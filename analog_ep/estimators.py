@@ -130,7 +130,7 @@ def cep(
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
             total[n].add_(inc)
-        if net.proj_weight is not None:  # the projection synapse moved: refresh its input drive
+        if net.spec.num_projections:  # the projection synapse moved: refresh its input drive
             inputs = net.prepare(x)
         state = new
     grads = {n: -t for n, t in total.items()}

@@ -28,7 +28,11 @@ State = list[torch.Tensor]
 
 @dataclass(frozen=True)
 class Projection:
-    """A projection layer: queries built from input stream `query_stream`, keys = values = `key_stream`."""
+    """A projection layer: queries built from input stream `query_stream`, keys = values = `key_stream`.
+
+    With `GraphSpec.pool_queries = m > 0` the queries are instead m learned patterns (Hopfield pooling)
+    and `query_stream` is unused.
+    """
 
     query_stream: int
     key_stream: int
@@ -46,6 +50,7 @@ class GraphSpec:
     attention: bool = True
     gamma: float | None = None  # Hopfield inverse temperature; None -> 1/sqrt(dim)
     mask_padding: bool = False
+    pool_queries: int = 0  # > 0: m learned query patterns per projection (Hopfield pooling), not per token
     activation: str = "hard_sigmoid"
     schedule: str = "alternating"  # or "synchronous" (the reference code); see EPNet.step
     init_gain: float = 1.0
@@ -55,6 +60,8 @@ class GraphSpec:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("a graph needs at least one fully connected layer (the output)")
+        if self.pool_queries < 0 or (self.pool_queries and not self.projections):
+            raise ValueError("pool_queries must be ≥ 0 and needs at least one projection layer")
         if any(n <= 0 for n in self.layers) or min(self.num_streams, self.seq_len, self.dim) <= 0:
             raise ValueError(f"all sizes must be positive: {self}")
         for p in self.projections:
@@ -77,9 +84,15 @@ class GraphSpec:
         return self.gamma if self.gamma is not None else 1.0 / math.sqrt(self.dim)
 
     @property
+    def proj_len(self) -> int:
+        """Rows of each projection layer: one per token, or one per learned query when pooling."""
+        return self.pool_queries or self.seq_len
+
+    @property
     def fc_input_size(self) -> int:
-        streams = self.num_projections or self.num_streams
-        return streams * self.seq_len * self.dim
+        if self.num_projections:
+            return self.num_projections * self.proj_len * self.dim
+        return self.num_streams * self.seq_len * self.dim
 
     @property
     def layer_names(self) -> list[str]:
@@ -108,15 +121,15 @@ class Inputs:
     computed once per batch instead of once per step.
     """
 
-    x_query: torch.Tensor | None  # (B,P,L,d) tokens the projection synapse reads
+    x_query: torch.Tensor | None  # (B,P,L,d) tokens the projection synapse reads (None when pooling)
     keys: torch.Tensor | None  # (B,P,L,d) Hopfield stored patterns (= values)
     key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
-    query_drive: torch.Tensor | None  # (B,P,L,d)
+    query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
 
     @property
     def batch_size(self) -> int:
-        t = self.x_query if self.x_query is not None else self.flat_x
+        t = self.keys if self.keys is not None else self.flat_x
         return t.shape[0]
 
     def repeat(self, times: int) -> Inputs:
@@ -135,7 +148,9 @@ class EPNet(nn.Module):
         super().__init__()
         self.spec = spec
         d, P = spec.dim, spec.num_projections
-        self.proj_weight = nn.Parameter(torch.empty(P, d, d)) if P else None
+        pooled = spec.pool_queries > 0
+        self.proj_weight = nn.Parameter(torch.empty(P, d, d)) if P and not pooled else None
+        self.proj_query = nn.Parameter(torch.empty(P, spec.pool_queries, d)) if pooled else None
         sizes = [spec.fc_input_size, *spec.layers]
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(o, i)) for i, o in zip(sizes[:-1], sizes[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(o)) for o in sizes[1:]])
@@ -152,9 +167,10 @@ class EPNet(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         gain = self.spec.init_gain
         with torch.no_grad():
-            if self.proj_weight is not None:
-                bound = gain / math.sqrt(self.spec.dim)
-                self.proj_weight.copy_(torch.rand(self.proj_weight.shape, generator=gen) * 2 * bound - bound)
+            for proj in (self.proj_weight, self.proj_query):
+                if proj is not None:
+                    bound = gain / math.sqrt(self.spec.dim)
+                    proj.copy_(torch.rand(proj.shape, generator=gen) * 2 * bound - bound)
             for w, b in zip(self.weights, self.biases):
                 bound = gain / math.sqrt(w.shape[1])
                 w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
@@ -164,8 +180,8 @@ class EPNet(nn.Module):
     def param_layer(self) -> dict[str, str]:
         """Which layer each parameter feeds (for per-layer gradient reports)."""
         names = self.spec.layer_names
-        out = {"proj_weight": "proj"} if self.proj_weight is not None else {}
-        offset = 1 if self.proj_weight is not None else 0
+        out = {n: "proj" for n in ("proj_weight", "proj_query") if getattr(self, n) is not None}
+        offset = 1 if self.spec.num_projections else 0
         for n in range(len(self.weights)):
             out[f"weights.{n}"] = names[offset + n]
             out[f"biases.{n}"] = names[offset + n]
@@ -181,10 +197,11 @@ class EPNet(nn.Module):
         x = x.to(self.weights[0].dtype)
         if not spec.num_projections:
             return Inputs(None, None, None, None, x.reshape(x.shape[0], -1))
-        q_idx = [p.query_stream for p in spec.projections]
-        k_idx = [p.key_stream for p in spec.projections]
-        x_query, keys = x[:, q_idx], x[:, k_idx]
+        keys = x[:, [p.key_stream for p in spec.projections]]
         key_mask = (keys != 0).any(-1) if spec.mask_padding else None
+        if self.proj_query is not None:  # Hopfield pooling: the query drive is the learned patterns
+            return Inputs(None, keys, key_mask, self.proj_query.expand(x.shape[0], -1, -1, -1), None)
+        x_query = x[:, [p.query_stream for p in spec.projections]]
         query_drive = torch.einsum("bpld,ped->bple", x_query, self.proj_weight)
         return Inputs(x_query, keys, key_mask, query_drive, None)
 
@@ -193,7 +210,7 @@ class EPNet(nn.Module):
         dt, dev = self.weights[0].dtype, self.weights[0].device
         state = []
         if spec.num_projections:
-            state.append(torch.zeros(batch, spec.num_projections, spec.seq_len, spec.dim, dtype=dt, device=dev))
+            state.append(torch.zeros(batch, spec.num_projections, spec.proj_len, spec.dim, dtype=dt, device=dev))
         state.extend(torch.zeros(batch, n, dtype=dt, device=dev) for n in spec.layers)
         return state
 
@@ -290,7 +307,10 @@ class EPNet(nn.Module):
         grads: dict[str, torch.Tensor] = {}
         if proj is not None:
             weighted = proj * c.view(-1, 1, 1, 1)
-            grads["proj_weight"] = torch.einsum("bple,bpld->ped", weighted, inputs.x_query)
+            if self.proj_query is not None:
+                grads["proj_query"] = weighted.sum(0)
+            else:
+                grads["proj_weight"] = torch.einsum("bple,bpld->ped", weighted, inputs.x_query)
         bottoms = [fc_in, *fc[:-1]]
         for n, (h, a) in enumerate(zip(fc, bottoms)):
             hc = h * c

@@ -26,6 +26,9 @@ def phi_value(
     if spec.num_projections:
         proj, fc = state[0], state[1:]
         for p, pr in enumerate(spec.projections):
+            if spec.pool_queries:  # learned query patterns ξ: Φ ∋ Σ_j ⟨ξ_j, s_j⟩
+                total = total + (proj[:, p] * net.proj_query[p]).sum()
+                continue
             xq = x[:, pr.query_stream]  # (B, L, d)
             total = total + (proj[:, p] * (xq @ net.proj_weight[p].t())).sum()
         bottom = proj.reshape(proj.shape[0], -1)

@@ -9,11 +9,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from analog_ep.models import build_spec  # noqa: E402
 from analog_ep.phi import EPNet  # noqa: E402
 
+TINY_VARIANTS = {
+    "imdb": dict(model="imdb"),
+    "snli": dict(model="snli"),
+    "mlp": dict(model="mlp"),
+    "imdb_pooled": dict(model="imdb", pool_queries=3, mask_padding=True),
+}
 
-@pytest.fixture(params=["imdb", "snli", "mlp"])
+
+@pytest.fixture(params=sorted(TINY_VARIANTS))
 def tiny_net64(request) -> EPNet:
-    """A tiny float64 network of each paper shape, units started mid-range."""
-    spec = build_spec(request.param, tiny=True, bias_offset=1.0)
+    """A tiny float64 network of each paper shape (and Hopfield pooling), units started mid-range."""
+    options = dict(TINY_VARIANTS[request.param])
+    spec = build_spec(options.pop("model"), tiny=True, bias_offset=1.0, **options)
     return EPNet(spec, seed=0).double()
 
 
