@@ -1,0 +1,14 @@
+"""The dataset pipeline shared by both backends: IMDB and SNLI as token ids plus one frozen embedding.
+
+    from analog_ep.data import load_task, embed_batch
+    task = load_task("imdb")                     # SEQEP_DATA_DIR, else the Hugging Face hub
+    x = embed_batch(ids, task.embedding)         # (B, S, L) ids -> (B, S, L, d), padding exactly zero
+
+See docs/data.md for sources, the cache and every field of ``TaskData.info``.
+"""
+
+from analog_ep.data.dataset import SequenceDataset, TaskData, embed_batch
+from analog_ep.data.sources import resolve_data_dir
+from analog_ep.data.task import load_task
+
+__all__ = ["SequenceDataset", "TaskData", "embed_batch", "load_task", "resolve_data_dir"]
