@@ -15,6 +15,7 @@ from analog_ep.errors import SeqepError
 ANALOG_COMMAND_MODULES = (
     "analog_ep.data.command",
     "analog_ep.commands.gdu",
+    "analog_ep.commands.train",
 )
 
 
