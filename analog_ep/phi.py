@@ -54,6 +54,7 @@ class GraphSpec:
     activation: str = "hard_sigmoid"
     schedule: str = "alternating"  # or "synchronous" (the reference code); see EPNet.step
     init_gain: float = 1.0
+    input_scale: float = 1.0  # word vectors are multiplied by this before entering Φ
     bias_offset: float = 0.0  # added to initial biases: 1.0 starts units mid-range, off σ's kink at u = 0
     name: str = field(default="custom", compare=False)
 
@@ -195,6 +196,8 @@ class EPNet(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"input must have shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         x = x.to(self.weights[0].dtype)
+        if spec.input_scale != 1.0:
+            x = x * spec.input_scale
         if not spec.num_projections:
             return Inputs(None, None, None, None, x.reshape(x.shape[0], -1))
         keys = x[:, [p.key_stream for p in spec.projections]]

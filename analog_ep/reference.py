@@ -21,7 +21,7 @@ def phi_value(
 ) -> torch.Tensor:
     """Φ^β summed over the batch, written directly from the definition (independent of EPNet.drives)."""
     spec = net.spec
-    x = x.to(net.weights[0].dtype)
+    x = x.to(net.weights[0].dtype) * spec.input_scale
     total = x.new_zeros(())
     if spec.num_projections:
         proj, fc = state[0], state[1:]
@@ -63,7 +63,8 @@ def autograd_param_grads(net: EPNet, x: torch.Tensor, state: State) -> dict[str,
 def reference_step(net: EPNet, x: torch.Tensor, state: State, beta: float = 0.0, target=None) -> State:
     """One step with ∂Φ/∂s taken by autograd (as the paper's code does), on the net's update schedule."""
     spec = net.spec
-    keys = x[:, [p.key_stream for p in spec.projections]].to(state[-1].dtype) if spec.num_projections else None
+    scaled = x * spec.input_scale
+    keys = scaled[:, [p.key_stream for p in spec.projections]].to(state[-1].dtype) if spec.num_projections else None
     mask = (keys != 0).any(-1) if spec.mask_padding and keys is not None else None
 
     def update(n: int, grad: torch.Tensor) -> torch.Tensor:

@@ -115,3 +115,16 @@ def test_spec_rejects_bad_values(bad):
     kwargs.update(bad)
     with pytest.raises(ValueError):
         GraphSpec(**kwargs)
+
+
+def test_input_scale_multiplies_the_word_vectors_everywhere():
+    scaled = EPNet(build_spec("imdb", tiny=True, input_scale=2.5), seed=0).double()
+    plain = EPNet(build_spec("imdb", tiny=True), seed=0).double()
+    x, _ = random_inputs(scaled.spec, 3)
+    state = random_state(scaled, 3)
+    a, b = scaled.prepare(x), plain.prepare(2.5 * x)
+    torch.testing.assert_close(a.query_drive, b.query_drive)
+    torch.testing.assert_close(a.keys, b.keys)
+    torch.testing.assert_close(scaled.phi(a, state).sum(), reference.phi_value(scaled, x, state))
+    for u, v in zip(scaled.step(a, state), reference.reference_step(scaled, x, state)):
+        torch.testing.assert_close(u, v)
