@@ -37,11 +37,18 @@ def relax(
     tol: float | None = None,
     track: bool = True,
     record_phi: bool = False,
+    residual: str = "all",
 ) -> tuple[State, RelaxTrace]:
     """Run up to `steps` synchronous updates; stop early once the residual is below `tol`.
 
     With `track=False` and no `tol`, no residual is computed (no host sync per step: fastest).
+    `residual="fc"` measures it on the fully connected layers only (the fast path): the projection state
+    is a function of the layer above it, so once those stop moving it stops one step later, and its
+    (B, P, L, d) difference, the largest tensor of the step, is never formed.
     """
+    if residual not in ("all", "fc"):
+        raise ValueError(f"residual must be 'all' or 'fc', got {residual!r}")
+    first = 1 if residual == "fc" and net.spec.num_projections else 0
     trace = RelaxTrace()
     nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
     for _ in range(steps):
@@ -49,7 +56,7 @@ def relax(
             trace.phi.append(float(net.phi(inputs, state).mean()))
         new = net.step(inputs, state, beta, target if nudged else None)
         if track or tol is not None:
-            res = max(float((a - b).abs().max()) for a, b in zip(new, state))
+            res = max(float((a - b).abs().max()) for a, b in zip(new[first:], state[first:]))
             trace.residuals.append(res)
         state = new
         trace.steps += 1
@@ -59,14 +66,22 @@ def relax(
 
 
 def free_phase(
-    net: EPNet, inputs: Inputs, steps: int, tol: float | None = None, track: bool = True, record_phi: bool = False
+    net: EPNet, inputs: Inputs, steps: int, tol: float | None = None, track: bool = True, record_phi: bool = False,
+    residual: str = "all",
 ) -> tuple[State, RelaxTrace]:
     """β = 0 from the zero state: the network's prediction is the output at this fixed point."""
-    return relax(net, inputs, net.zero_state(inputs.batch_size), steps, tol=tol, track=track, record_phi=record_phi)
+    return relax(net, inputs, net.zero_state(inputs.batch_size), steps, tol=tol, track=track, record_phi=record_phi,
+                 residual=residual)
 
 
-def predict(net: EPNet, x: torch.Tensor, steps: int, tol: float | None = None) -> torch.Tensor:
-    """Class predictions (argmax of the free-phase output) for embedded inputs x: (B, S, L, d)."""
+def predict(net: EPNet, x: torch.Tensor, steps: int, tol: float | None = None, precision: str = "fp32") -> torch.Tensor:
+    """Class predictions (argmax of the free-phase output) for embedded inputs x: (B, S, L, d).
+
+    precision "bf16" runs the large products on bf16 operands (see `phi.LowPrecision`); the bf16 weight
+    copies stay cached on the net across calls until the weights change.
+    """
+    fast = precision != "fp32"
     with torch.no_grad():
-        state, _ = free_phase(net, net.prepare(x), steps, tol=tol, track=False)
+        state, _ = free_phase(net, net.prepare(x, precision), steps, tol=tol, track=False,
+                              residual="fc" if fast else "all")
     return state[-1].argmax(-1)

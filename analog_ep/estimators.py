@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from analog_ep.dynamics import RelaxTrace, free_phase, relax
-from analog_ep.phi import EPNet, Inputs, State, mse_loss, one_hot_target
+from analog_ep.phi import PRECISIONS, EPNet, Inputs, State, mse_loss, one_hot_target
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,14 @@ class EPConfig:
     free_steps: int = 50
     nudge_steps: int = 25
     tol: float | None = None  # early exit of the free phase when the residual falls below tol
+    precision: str = "fp32"  # "bf16": large products on bf16 operands (phi.LowPrecision); "fp32": exact path
+    nudge_tol: float | None = None  # early exit of the nudged phase(s) when the residual falls below nudge_tol
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.free_steps < 1 or self.nudge_steps < 1:
             raise ValueError("free_steps and nudge_steps must be ≥ 1")
 
@@ -63,10 +67,15 @@ def write_grads(net: EPNet, grads: dict[str, torch.Tensor]) -> None:
         p.grad = grads[name].to(p.dtype)
 
 
+def _residual(cfg: EPConfig) -> str:
+    """Which layers the convergence residual is measured on: all (exact path) or FC only (fast path)."""
+    return "all" if cfg.precision == "fp32" else "fc"
+
+
 def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig):
-    inputs = net.prepare(x)
+    inputs = net.prepare(x, cfg.precision)
     target = one_hot_target(labels, net.spec.num_classes, inputs_dtype(net))
-    state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol)
+    state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol, residual=_residual(cfg))
     return inputs, target, state, trace
 
 
@@ -77,7 +86,10 @@ def inputs_dtype(net: EPNet) -> torch.dtype:
 @torch.no_grad()
 def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
     inputs, target, free, trace = _free(net, x, labels, cfg)
-    nudged, _ = relax(net, inputs, free, cfg.nudge_steps, beta=cfg.beta, target=target, track=False)
+    nudged, _ = relax(net, inputs, free, cfg.nudge_steps, beta=cfg.beta, target=target, track=False,
+                      tol=cfg.nudge_tol, residual=_residual(cfg))
+    if inputs.lowp is not None:
+        net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
     B = x.shape[0]
     coef = signed_coef(B, -1.0 / (cfg.beta * B), free[-1])
     grads = net.phi_param_grads(inputs.repeat(2), stack_states(nudged, free), coef)
@@ -93,8 +105,11 @@ def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
     inputs2 = inputs.repeat(2)
     betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)  # +β rows then −β rows, one batch
     nudged, _ = relax(
-        net, inputs2, stack_states(free, free), cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False
+        net, inputs2, stack_states(free, free), cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
+        tol=cfg.nudge_tol, residual=_residual(cfg),
     )
+    if inputs.lowp is not None:
+        net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
     coef = signed_coef(B, -1.0 / (2 * cfg.beta * B), free[-1])
     grads = net.phi_param_grads(inputs2, nudged, coef)
     if set_grad:
@@ -130,10 +145,11 @@ def cep(
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
             total[n].add_(inc)
-        if net.spec.num_projections:  # the projection synapse moved: refresh its input drive
-            inputs = net.prepare(x)
+        if net.spec.num_projections or cfg.precision != "fp32":  # weights moved: refresh the input drive
+            inputs = net.prepare(x, cfg.precision)
         state = new
     grads = {n: -t for n, t in total.items()}
+    net.release_low_precision()
     for p in params.values():
         p.grad = None
     return Estimate(grads, free_output, loss, trace, applied=True)

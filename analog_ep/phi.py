@@ -114,6 +114,35 @@ class GraphSpec:
         return cls(**d)
 
 
+PRECISIONS = ("fp32", "bf16")
+LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype in the bf16 path
+
+
+@dataclass
+class LowPrecision:
+    """bf16 operands of the large products for one batch (`EPNet.prepare(x, precision="bf16")`).
+
+    The big synapses (≥ LOWP_MIN_WEIGHTS weights) and the Hopfield retrieval run on bf16 operands: oneDNN
+    accumulates in fp32 (AMX / AVX-512 BF16) and rounds the result to bf16. Biases, the nudge, the FC
+    layers' states and the EP contrast (∂Φ/∂θ) stay in the parameters' dtype; the projection states are
+    bf16 (they are outputs of a bf16 product, storing them wider would add no information).
+    """
+
+    dtype: torch.dtype
+    weights: list[torch.Tensor | None]  # W_k in low precision, None where the synapse is small
+    keys: torch.Tensor | None  # (B,P,L,d) values of the retrieval
+    scaled_keys: torch.Tensor | None  # γ·keys: scores = Q (γK)ᵀ without a pass over the scores
+    query_drive: torch.Tensor | None  # (B,P,Lq,d)
+    flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
+
+    def repeat(self, times: int) -> LowPrecision:
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return LowPrecision(self.dtype, self.weights, rep(self.keys), rep(self.scaled_keys),
+                            rep(self.query_drive), rep(self.flat_x))
+
+
 @dataclass
 class Inputs:
     """Per-batch constants of the relaxation: computed once, reused at every step.
@@ -127,6 +156,7 @@ class Inputs:
     key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
     query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
+    lowp: LowPrecision | None = None  # bf16 operands (precision="bf16"); None: the exact path
 
     @property
     def batch_size(self) -> int:
@@ -139,7 +169,8 @@ class Inputs:
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
-        return Inputs(*(rep(t) for t in (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)))
+        tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
+        return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times))
 
 
 class EPNet(nn.Module):
@@ -189,8 +220,20 @@ class EPNet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ inputs and states
-    def prepare(self, x: torch.Tensor) -> Inputs:
-        """Per-batch constants from embedded tokens x: (B, S, L, d)."""
+    def prepare(self, x: torch.Tensor, precision: str = "fp32") -> Inputs:
+        """Per-batch constants from embedded tokens x: (B, S, L, d).
+
+        precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
+        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        inputs = self._prepare_exact(x)
+        if precision == "bf16":
+            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16)
+        return inputs
+
+    def _prepare_exact(self, x: torch.Tensor) -> Inputs:
         spec = self.spec
         expected = (spec.num_streams, spec.seq_len, spec.dim)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -207,6 +250,36 @@ class EPNet(nn.Module):
         x_query = x[:, [p.query_stream for p in spec.projections]]
         query_drive = torch.einsum("bpld,ped->bple", x_query, self.proj_weight)
         return Inputs(x_query, keys, key_mask, query_drive, None)
+
+    # ------------------------------------------------------------------ low precision (bf16 products)
+    def low_precision_weights(self, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor | None]:
+        """Low-precision copies of the large FC weights (None for small synapses), cached.
+
+        The cache is keyed on each weight's storage and version counter, so in-place optimizer steps
+        invalidate it; `release_low_precision()` frees it (the estimators do, before the update).
+        """
+        key = (dtype, tuple((w.data_ptr(), w._version) for w in self.weights))
+        cache = getattr(self, "_lowp_cache", None)
+        if cache is None or cache[0] != key:
+            self._lowp_cache = None  # free the stale copy before making the new one
+            lows = [w.detach().to(dtype) if w.numel() >= LOWP_MIN_WEIGHTS else None for w in self.weights]
+            self._lowp_cache = (key, lows)
+        return self._lowp_cache[1]
+
+    def release_low_precision(self) -> None:
+        """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
+        self._lowp_cache = None
+
+    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype) -> LowPrecision:
+        weights = self.low_precision_weights(dtype)
+        keys = scaled = qd = flat_x = None
+        if inputs.keys is not None:
+            keys = inputs.keys.to(dtype)
+            scaled = (inputs.keys * self.spec.hopfield_gamma).to(dtype)
+            qd = inputs.query_drive.to(dtype)
+        if inputs.flat_x is not None and weights[0] is not None:
+            flat_x = inputs.flat_x.to(dtype)
+        return LowPrecision(dtype, weights, keys, scaled, qd, flat_x)
 
     def zero_state(self, batch: int) -> State:
         spec = self.spec
@@ -228,16 +301,30 @@ class EPNet(nn.Module):
         """∂Φ/∂s for layer n (state index): bottom-up `a W_nᵀ + b` plus top-down `h^{n+1} W_{n+1}`.
 
         Two matrix products per synapse per full step: one into each of the two layers it joins.
+        With `inputs.lowp` the large products run on bf16 operands (the projection drive is then bf16).
         """
         P = 1 if self.spec.num_projections else 0
+        lp = inputs.lowp
         if P and n == 0:
+            if lp is not None and lp.weights[0] is not None:
+                h = state[1].to(lp.dtype)
+                flat_qd = lp.query_drive.reshape(h.shape[0], -1)
+                return torch.addmm(flat_qd, h, lp.weights[0]).view(state[0].shape)
             top_down = torch.mm(state[1], self.weights[0]).view_as(state[0])
             return inputs.query_drive + top_down
         k = n - P  # index of the FC layer, and of the synapse that feeds it
-        below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
-        drive = torch.addmm(self.biases[k], below, self.weights[k].t())
+        if lp is not None and lp.weights[k] is not None:
+            below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else lp.flat_x
+            bias = self.biases[k]
+            drive = torch.mm(below.to(lp.dtype), lp.weights[k].t()).to(bias.dtype).add_(bias)
+        else:
+            below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
+            drive = torch.addmm(self.biases[k], below.to(self.biases[k].dtype), self.weights[k].t())
         if n + 1 < len(state):
-            drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
+            if lp is not None and lp.weights[k + 1] is not None:
+                drive = drive.add_(torch.mm(state[n + 1].to(lp.dtype), lp.weights[k + 1]))
+            else:
+                drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
         return drive
 
     def drives(self, inputs: Inputs, state: State) -> State:
@@ -253,6 +340,7 @@ class EPNet(nn.Module):
         for n in range(P, len(state)):
             k = n - P
             below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
+            below = below.to(self.biases[k].dtype)
             total = total + (state[n] * torch.addmm(self.biases[k], below, self.weights[k].t())).sum(-1)
         return total
 
@@ -267,6 +355,9 @@ class EPNet(nn.Module):
     ) -> torch.Tensor:
         """New state of layer n from its drive: Hopfield retrieval (projection) or σ(drive + nudge)."""
         if self.spec.num_projections and n == 0:
+            lp = inputs.lowp
+            if lp is not None and self.spec.attention:
+                return _retrieve_low_precision(drive.to(lp.dtype), lp.scaled_keys, lp.keys, inputs.key_mask)
             if self.spec.attention:
                 return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
             return self.activation(drive)
@@ -306,7 +397,10 @@ class EPNet(nn.Module):
         over a stacked batch [s⁺; s⁻] the EP contrast is one matrix product per synapse.
         """
         proj, fc, fc_in = self._split(inputs, state)
-        c = coef.to(fc[0].dtype).view(-1, 1)
+        c = coef.to(fc[-1].dtype).view(-1, 1)
+        if proj is not None and proj.dtype != c.dtype:  # bf16 projection states: contrast in the params' dtype
+            proj = proj.to(c.dtype)
+            fc_in = proj.reshape(proj.shape[0], -1)
         grads: dict[str, torch.Tensor] = {}
         if proj is not None:
             weighted = proj * c.view(-1, 1, 1, 1)
@@ -323,6 +417,17 @@ class EPNet(nn.Module):
 
     def named_param_dict(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+
+def _retrieve_low_precision(
+    query: torch.Tensor, scaled_keys: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`hopfield_retrieve` on low-precision operands, with γ folded into the keys: softmax(Q (γK)ᵀ) K."""
+    scores = torch.matmul(query, scaled_keys.transpose(-1, -2))
+    if key_mask is not None:
+        scores = scores.masked_fill_(~key_mask.unsqueeze(-2), float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1).nan_to_num_(0.0), keys)
+    return torch.matmul(torch.softmax(scores, dim=-1), keys)
 
 
 def one_hot_target(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:

@@ -52,7 +52,8 @@ def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
                    bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
     if m.gamma is not None:
         options["gamma"] = m.gamma
-    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(task.embedding)
+    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(
+        model_embedding(cfg, task))
     net = EPNet(build_spec(task.name, **options), seed=cfg.train.seed)
     return net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
 
@@ -69,6 +70,39 @@ def auto_input_scale(embedding: torch.Tensor) -> float:
     """
     rms = float(embedding[2:].float().pow(2).mean().sqrt()) if embedding.shape[0] > 2 else 0.0
     return round(TARGET_INPUT_RMS / rms, 4) if rms > 0 else 1.0
+
+
+def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
+    """The frozen word vectors as the model sees them (`model.input_norm`); PAD and UNK stay zero.
+
+    "standardize" centres and scales each dimension with statistics weighted by train-token counts:
+    word2vec trained on IMDB has a large component shared by all words, so mean-pooled reviews are
+    nearly parallel and the hard-sigmoid units see almost no review-to-review variation.
+    """
+    emb = task.embedding.float()
+    if cfg.model.input_norm == "none":
+        return emb
+    counts = torch.bincount(task.train.ids.flatten().long(), minlength=emb.shape[0])[: emb.shape[0]].float()
+    counts[:2] = 0  # PAD, UNK
+    w = counts / counts.sum().clamp(min=1)
+    mean = w @ emb
+    std = (w @ (emb - mean).pow(2)).sqrt().clamp(min=1e-6)
+    out = (emb - mean) / std
+    out[:2] = 0
+    return out
+
+
+def load_run_data(run_dir: str | Path, progress: bool = True) -> tuple[RunConfig, TaskData, torch.Tensor]:
+    """A run directory's config, its data set and the model's view of the word vectors.
+
+    The one way every consumer of a trained run (evaluate, spiking conversion, comparison reports)
+    gets exactly the inputs the model was trained on.
+    """
+    from analog_ep.runs import load_run_config
+
+    cfg = load_run_config(run_dir)
+    task = load_task_for(cfg, progress)
+    return cfg, task, model_embedding(cfg, task)
 
 
 def ep_config(cfg: RunConfig) -> EPConfig:
@@ -151,7 +185,7 @@ class Trainer:
             raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
         seed_everything(cfg.train.seed)
         self.task = load_task_for(cfg, self.progress)
-        self.embedding = self.task.embedding.to(cfg.train.device)
+        self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
         self.net = build_model(cfg, self.task)
         self.optimizer = make_optimizer(cfg, self.net)
         self.batches_per_epoch = math.ceil(len(self.task.train) / cfg.train.batch_size)

@@ -97,14 +97,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from analog_ep.checkpoint import load_model
-    from analog_ep.runs import load_run_config
-    from analog_ep.training import evaluate_split, load_task_for
+    from analog_ep.training import evaluate_split, load_run_data
 
-    cfg = load_run_config(args.run_dir)
+    cfg, task, embedding = load_run_data(args.run_dir, progress=not args.no_progress)
     net, ckpt = load_model(args.run_dir)
     net = net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
-    task = load_task_for(cfg, progress=not args.no_progress)
-    result = evaluate_split(net, task.splits[args.split], task.embedding.to(cfg.train.device), cfg,
+    result = evaluate_split(net, task.splits[args.split], embedding.to(cfg.train.device), cfg,
                             progress=not args.no_progress, desc=args.split)
     result.pop("predictions")
     result.update(split=args.split, backend="analog", run_dir=str(Path(args.run_dir)),
