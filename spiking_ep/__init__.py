@@ -1,1 +1,17 @@
-"""Spiking backend: runs analog_ep's Φ with rate-coded spiking units."""
+"""Spiking backend: runs analog_ep's Φ with rate-coded spiking units (docs/spiking.md).
+
+    from spiking_ep import to_spiking, evaluate_spiking
+    snet = to_spiking("runs/imdb")                     # or an EPNet; coding="sigma_delta" | "if" | ...
+    result = evaluate_spiking(snet, batches, timesteps=(32, 64, 128, 256))
+
+Learning from spikes: `spiking_ep.learning.spiking_ep_symmetric` / `spiking_cep`.
+"""
+
+from spiking_ep.convert import SpikingNet, load_spiking, save_spiking_config, to_spiking
+from spiking_ep.dynamics import SpikeRecord, SpikingState, run_phase, spiking_free_phase, spiking_step
+from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps
+
+__all__ = [
+    "SpikeRecord", "SpikingNet", "SpikingState", "evaluate_spiking", "load_spiking", "plot_accuracy_vs_timesteps",
+    "run_phase", "save_spiking_config", "spiking_free_phase", "spiking_step", "to_spiking",
+]

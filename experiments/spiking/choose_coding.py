@@ -20,7 +20,8 @@ from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps
 VARIANTS = [
     ("if", dict(tau=2)), ("if", dict(tau=4)), ("if", dict(tau=8)), ("if", dict(tau=16)),
     ("bernoulli", dict(tau=4)), ("bernoulli", dict(tau=8)),
-    ("sigma_delta", dict(threshold=1 / 16)), ("sigma_delta", dict(threshold=1 / 64)),
+    ("sigma_delta", dict(threshold=1 / 16)), ("sigma_delta", dict(threshold=1 / 32)),
+    ("sigma_delta", dict(threshold=1 / 64)),
 ]
 
 

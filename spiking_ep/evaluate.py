@@ -1,0 +1,220 @@
+"""Spiking inference against the analog model: accuracy, agreement, spikes and convergence vs timesteps T.
+
+One spiking free phase per batch runs to max(T); every requested T is read off the same run (the
+dynamics do not depend on when you stop), so the curve costs one run, not one run per T.
+Readout ("final"): the output layer's trace at step T; ("window"): its mean over steps (T/2, T].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analog_ep.dynamics import free_phase
+from analog_ep.errors import ConfigError
+from analog_ep.phi import EPNet, State
+from spiking_ep.convert import DEFAULT_CODING, SpikingNet, to_spiking
+from spiking_ep.dynamics import SpikingState, init_state, new_record, spiking_step
+from spiking_ep.neurons import SigmaDeltaCoding
+
+READOUTS = ("final", "window")
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The training config of a run directory (RUN_DIR/config.json's "config" section), or {}."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    return cfg.get("config") or cfg
+
+
+def batches_from_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None = None,
+                     batch_size: int = 128) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Embedded (x, y) batches of the run's data set, exactly as the analog model saw them in training."""
+    from analog_ep.data import embed_batch
+    from analog_ep.training import load_run_data
+
+    _, task, embedding = load_run_data(run_dir, progress=False)
+    dataset = task.splits[split]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        yield embed_batch(dataset.ids[i:j], embedding), dataset.labels[i:j]
+
+
+class _Snapshots:
+    """Traces at each requested T and their means over (T/2, T], collected during one run."""
+
+    def __init__(self, timesteps: Sequence[int]) -> None:
+        self.timesteps = sorted(set(timesteps))
+        self.final: dict[int, State] = {}
+        self.window_sum: dict[int, State] = {}
+
+    def __call__(self, state: SpikingState) -> None:
+        t = state.t
+        for T in self.timesteps:
+            if T // 2 < t <= T:
+                acc = self.window_sum.get(T)
+                if acc is None:
+                    self.window_sum[T] = [tr.clone() for tr in state.traces]
+                else:
+                    for a, tr in zip(acc, state.traces):
+                        a.add_(tr)
+            if t == T:
+                self.final[T] = [tr.clone() for tr in state.traces]
+
+    def window(self, T: int) -> State:
+        steps = T - T // 2
+        return [a / steps for a in self.window_sum[T]]
+
+
+@torch.no_grad()
+def evaluate_spiking(
+    net: EPNet | SpikingNet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    timesteps: Sequence[int] = (32, 64, 128, 256),
+    coding: str | None = None,
+    readout: str = "final",
+    analog_steps: int = 100,
+    analog_tol: float | None = 1e-6,
+    **options: Any,
+) -> dict[str, Any]:
+    """Per T: accuracy, agreement with the analog prediction, spikes per sample, firing rates, distance.
+
+    `net`: an EPNet (converted with `coding` and `options`, see `to_spiking`) or a SpikingNet (then
+    `coding`/`options` override its settings). `batches` yields (x, y), x embedded (B, S, L, d).
+    The analog reference is the free phase run for up to `analog_steps` (early exit at `analog_tol`).
+    Distances are mean |trace − analog state| per layer at step T; firing rates are spikes per unit
+    and step over the first T steps (attention rows: winner events per row and step).
+    """
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if isinstance(net, SpikingNet):
+        snet = net.with_options(**({"coding": coding} if coding else {}), **options) if (coding or options) else net
+    else:
+        snet = to_spiking(net, coding or DEFAULT_CODING, **options)
+    epnet = snet.net
+    timesteps = sorted({int(T) for T in timesteps})
+    if not timesteps or timesteps[0] < 2:
+        raise ValueError(f"timesteps must be integers ≥ 2, got {timesteps}")
+    T_max = timesteps[-1]
+    names = epnet.spec.layer_names
+    totals: dict[int, dict[str, Any]] = {
+        T: {"correct": 0, "agree": 0, "dist": torch.zeros(len(names), dtype=torch.float64)} for T in timesteps
+    }
+    analog_correct = samples = 0
+    analog_residual = 0.0
+    spikes_by_step = torch.zeros(T_max, len(names), dtype=torch.float64)
+    record = new_record(snet, 0)
+    for x, y in batches:
+        inputs = epnet.prepare(x)
+        y = y.to(epnet.weights[0].device)
+        analog, trace = free_phase(epnet, inputs, analog_steps, tol=analog_tol)
+        analog_residual = max(analog_residual, trace.final_residual)
+        analog_pred = analog[-1].argmax(-1)
+        analog_correct += int((analog_pred == y).sum())
+        snaps = _Snapshots(timesteps)
+        state = init_state(snet, inputs)
+        for t in range(T_max):
+            state, _, counts = spiking_step(snet, inputs, state)
+            spikes_by_step[t] += torch.tensor(counts, dtype=torch.float64)
+            snaps(state)
+        for T in timesteps:
+            traces = snaps.final[T] if readout == "final" else snaps.window(T)
+            pred = traces[-1].argmax(-1)
+            totals[T]["correct"] += int((pred == y).sum())
+            totals[T]["agree"] += int((pred == analog_pred).sum())
+            for n, (s, a) in enumerate(zip(snaps.final[T], analog)):
+                totals[T]["dist"][n] += float((s - a).abs().flatten(1).mean(1).sum())
+        samples += int(y.numel())
+    if not samples:
+        raise ValueError("no batches to evaluate")
+    record.samples = samples
+    result: dict[str, Any] = {
+        "config": {**snet.config(), "readout": readout, "analog_steps": analog_steps},
+        "samples": samples,
+        "layer_names": names,
+        "analog": {"accuracy": analog_correct / samples, "max_final_residual": analog_residual},
+        "cost_constants": {k: v for k, v in record.to_dict().items() if k in (
+            "layer_units", "fan_out", "neuron_updates_per_step", "dense_macs_per_step", "dense_macs_per_sample",
+            "softmax_exps_per_step")},
+        "timesteps": {},
+    }
+    for T in timesteps:
+        by_layer = spikes_by_step[:T].sum(0) / samples
+        fc = [n for n in range(len(names)) if not snet.is_attention_layer(n)]
+        result["timesteps"][str(T)] = {
+            "accuracy": totals[T]["correct"] / samples,
+            "agreement": totals[T]["agree"] / samples,
+            "spikes_per_sample": float(by_layer[fc].sum()),  # unit spikes (attention winner events apart)
+            "spikes_per_sample_by_layer": dict(zip(names, by_layer.tolist())),
+            "firing_rates": {n: float(v) / (u * T) for n, v, u in zip(names, by_layer, record.layer_units)},
+            "distance_to_analog": dict(zip(names, (totals[T]["dist"] / samples).tolist())),
+            "synaptic_ops_per_sample": float((by_layer * torch.tensor(record.fan_out, dtype=torch.float64)).sum()),
+            "dense_macs_per_sample": float(sum(record.dense_macs_per_step.values()) * T
+                                           + sum(record.dense_macs_per_sample.values())),
+        }
+    return result
+
+
+def timesteps_for_gap(result: dict[str, Any], gap: float) -> int | None:
+    """Smallest evaluated T whose accuracy is within `gap` (fraction, e.g. 0.005) of the analog accuracy."""
+    analog = result["analog"]["accuracy"]
+    for T in sorted(result["timesteps"], key=int):
+        if result["timesteps"][T]["accuracy"] >= analog - gap:
+            return int(T)
+    return None
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    if cfg["coding"] == "sigma_delta":
+        theta = cfg.get("coding_options", {}).get("threshold", SigmaDeltaCoding.threshold)
+        unit = f"sigma_delta θ=1/{round(1 / theta)}"
+    else:
+        unit = f"{cfg['coding']} τ={cfg['tau']:g}" if cfg["tau"] is not None else f"{cfg['coding']} τ=∞"
+    return f"{unit}, {cfg['attention']}"
+
+
+def plot_accuracy_vs_timesteps(result: dict[str, Any] | Sequence[dict[str, Any]], analog_accuracy: float | None,
+                               path: str | Path, title: str | None = None) -> Path:
+    """Left: spiking accuracy vs T (log axis) against the analog line; right: agreement with analog."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [result] if isinstance(result, dict) else list(result)
+    if analog_accuracy is None:
+        analog_accuracy = results[0]["analog"]["accuracy"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for res in results:
+        Ts = sorted(res["timesteps"], key=int)
+        label = _label(res["config"])
+        ax.plot([int(T) for T in Ts], [100 * res["timesteps"][T]["accuracy"] for T in Ts], "o-", label=label)
+        ax2.plot([int(T) for T in Ts], [100 * res["timesteps"][T]["agreement"] for T in Ts], "o-", label=label)
+    ax.axhline(100 * analog_accuracy, color="k", ls="--", lw=1, label="analog")
+    for a, name in ((ax, "accuracy (%)"), (ax2, "agreement with analog (%)")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("timesteps T")
+        a.set_ylabel(name)
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(title or "spiking vs analog")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
