@@ -169,3 +169,15 @@ def run_spiking_eval(args: argparse.Namespace) -> int:
                   f"{row['spikes_per_sample']:>14.0f} {dist:>16.4f}")
         print(f"plot: {result['plot']}  (default config: {SPIKING_CONFIG} if present)")
     return 0
+
+
+def evaluate_backend(args: argparse.Namespace) -> int:
+    """`seqep evaluate RUN_DIR --backend spiking [--timesteps ...]`: the same as `seqep spiking-eval`."""
+    argv = ["spiking-eval", args.run_dir, "--split", args.split, "--timesteps", args.timesteps or "32,64,128,256"]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    if args.json:
+        argv.append("--json")
+    parser = argparse.ArgumentParser(prog="seqep")
+    register(parser.add_subparsers())
+    return run_spiking_eval(parser.parse_args(argv))

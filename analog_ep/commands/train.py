@@ -50,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["test", "val", "train"], default="test")
-    e.add_argument("--backend", choices=["analog"], default="analog",
-                   help="analog (spiking evaluation: `seqep spiking-eval`)")
+    e.add_argument("--backend", default="analog",
+                   help="analog (default), or an installed backend such as spiking (spiking_ep)")
+    e.add_argument("--timesteps", help="spiking backend: comma-separated T values, e.g. 32,64,128,256")
+    e.add_argument("--limit", type=int, help="spiking backend: first N samples only")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(handler=run_evaluate)
@@ -93,8 +95,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def other_backend(name: str):
+    """An evaluation backend registered by another package (entry-point group `seqep.backends`)."""
+    from importlib.metadata import entry_points
+
+    from analog_ep.errors import ConfigError
+
+    found = {e.name: e for e in entry_points(group="seqep.backends")}
+    if name not in found:
+        raise ConfigError(f"unknown backend {name!r}; installed: analog, {', '.join(sorted(found)) or 'none'}")
+    return found[name].load()
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
+
+    if args.backend != "analog":
+        return other_backend(args.backend)(args)
 
     from analog_ep.checkpoint import load_model
     from analog_ep.training import evaluate_split, load_run_data
