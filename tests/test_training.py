@@ -130,3 +130,13 @@ def test_smoke_preset_beats_70_percent_and_evaluate_reproduces_it(tmp_path, caps
     assert main(["evaluate", str(run), "--split", "test", "--json", "--no-progress"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == report["test_accuracy"]
+
+
+def test_unknown_evaluation_backend_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--backend", "quantum"]) == 2
+    assert "unknown backend 'quantum'" in capsys.readouterr().err
+
+
+def test_train_without_task_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "--task is required" in capsys.readouterr().err
