@@ -15,7 +15,7 @@ layers `(B, n_k)`; the last one is the output.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ class GraphSpec:
             raise ValueError("a graph needs at least one fully connected layer (the output)")
         if self.pool_queries < 0 or (self.pool_queries and not self.projections):
             raise ValueError("pool_queries must be ≥ 0 and needs at least one projection layer")
+        if self.pool_queries and not self.attention:
+            raise ValueError("pool_queries > 0 needs attention=True: without the Hopfield retrieval a pooled "
+                             "layer never sees the tokens (ablate with pool_queries=0, attention=False)")
         if any(n <= 0 for n in self.layers) or min(self.num_streams, self.seq_len, self.dim) <= 0:
             raise ValueError(f"all sizes must be positive: {self}")
         for p in self.projections:
@@ -134,13 +137,31 @@ class LowPrecision:
     scaled_keys: torch.Tensor | None  # γ·keys: scores = Q (γK)ᵀ without a pass over the scores
     query_drive: torch.Tensor | None  # (B,P,Lq,d)
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
+    base: DeltaBase | None = None  # set for the nudged phases (`EPNet.delta_start`)
 
     def repeat(self, times: int) -> LowPrecision:
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
+        if self.base is not None:
+            raise ValueError("repeat the inputs before EPNet.delta_start, not after")
         return LowPrecision(self.dtype, self.weights, rep(self.keys), rep(self.scaled_keys),
                             rep(self.query_drive), rep(self.flat_x))
+
+
+@dataclass
+class DeltaBase:
+    """The free fixed point s* that the fast path's nudged phases are written relative to.
+
+    `up[k]` = W_k a*_k and `down[k]` = W_kᵀ h*_{k+1} in the parameters' dtype, for the synapses whose
+    products the nudged steps take on differences; `retrieval` is softmax(γ Q* Kᵀ) (bf16) with attention,
+    Q* without. The EP signal lives in s − s*: everything differenced stays out of bf16 rounding.
+    """
+
+    states: State  # s*, one row per nudged row: projection bf16 (as the free phase left it), FC params' dtype
+    up: list[torch.Tensor | None]
+    down: list[torch.Tensor | None]
+    retrieval: torch.Tensor | None
 
 
 @dataclass
@@ -281,6 +302,101 @@ class EPNet(nn.Module):
             flat_x = inputs.flat_x.to(dtype)
         return LowPrecision(dtype, weights, keys, scaled, qd, flat_x)
 
+    def nudge_start(self, inputs: Inputs, free: State, times: int = 1) -> tuple[Inputs, State]:
+        """Inputs and starting state of the nudged phase(s), `times` copies of the batch (2 for ±β).
+
+        Exact path: `inputs.repeat(times)` and the free state stacked. Fast path (`inputs.lowp`): the
+        nudged states are written relative to the free fixed point s* (`DeltaBase`; the projection state
+        starts at δ = 0) and the s*-terms of the large products are computed here, once, in the params'
+        dtype. Hand the final nudged state to `full_state` before taking ∂Φ/∂θ.
+        """
+        rep = inputs.repeat(times) if times > 1 else inputs
+        stacked = [s.repeat(times, *([1] * (s.dim() - 1))) if times > 1 else s for s in free]
+        lp = inputs.lowp
+        if lp is None:
+            return rep, stacked
+        P = 1 if self.spec.num_projections else 0
+        dtype = self.biases[0].dtype
+        up: list[torch.Tensor | None] = [None] * len(self.weights)
+        down: list[torch.Tensor | None] = [None] * len(self.weights)
+        for k, w in enumerate(self.weights):
+            n = k + P  # the FC layer synapse k feeds (state index)
+            if n == 0:
+                continue  # fed by the constant input
+            from_proj = bool(P) and k == 0
+            if lp.weights[k] is not None or from_proj:
+                a = free[n - 1].reshape(free[n - 1].shape[0], -1).to(dtype)
+                up[k] = torch.mm(a, w.t()).repeat(times, 1)
+            if lp.weights[k] is not None and not from_proj:
+                down[k] = torch.mm(free[n], w).repeat(times, 1)
+        retrieval = None
+        if P:
+            q = self._low_precision_drive(inputs, free, 0)  # Q at s*, as the free phase computes it
+            if self.spec.attention:
+                scores = torch.matmul(q.to(lp.dtype), lp.scaled_keys.transpose(-1, -2))
+                if inputs.key_mask is not None:
+                    scores = scores.masked_fill_(~inputs.key_mask.unsqueeze(-2), float("-inf"))
+                    retrieval = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+                else:
+                    retrieval = torch.softmax(scores, dim=-1)
+            else:
+                retrieval = q
+            retrieval = retrieval.repeat(times, *([1] * (retrieval.dim() - 1)))
+            stacked[0] = torch.zeros(stacked[0].shape, dtype=lp.dtype, device=stacked[0].device)
+        base = DeltaBase([s.repeat(times, *([1] * (s.dim() - 1))) for s in free], up, down, retrieval)
+        return replace(rep, lowp=replace(rep.lowp, base=base)), stacked
+
+    def full_state(self, inputs: Inputs, state: State) -> State:
+        """Undo `nudge_start`'s difference form: s* + δ for the projection layer, in the params' dtype."""
+        lp = inputs.lowp
+        if lp is None or lp.base is None or not self.spec.num_projections:
+            return state
+        dtype = self.biases[0].dtype
+        return [lp.base.states[0].to(dtype) + state[0].to(dtype), *state[1:]]
+
+    def _fusable(self, inputs: Inputs) -> bool:
+        lp = inputs.lowp
+        return (lp is not None and FUSE_CHUNK > 0 and bool(self.spec.num_projections) and lp.weights[0] is not None
+                and len(self.spec.layers) >= 1)
+
+    def _fused_low_precision_drives(self, inputs: Inputs, state: State) -> State:
+        """All drives of a synchronous step, with both products of the projection → FC-1 synapse in one pass.
+
+        The synchronous schedule takes W₁ flat(s¹) (into FC-1) and W₁ᵀ h¹ (into the projection) from the
+        same state, so W₁ is swept once per step in column blocks of FUSE_CHUNK that stay in cache for
+        both products: half the memory traffic of two separate products on a matrix that does not fit in
+        cache. FC-1's drive is accumulated over the blocks in fp32 (finer than one bf16-rounded product).
+        """
+        lp, base = inputs.lowp, inputs.lowp.base
+        proj, h1 = state[0], state[1]
+        rows = h1.shape[0]
+        if base is not None:
+            h1 = h1 - base.states[1]
+        up, down = fused_synapse_products(proj.reshape(rows, -1).to(lp.dtype), h1.to(lp.dtype), lp.weights[0])
+        if base is None:
+            q = down.view(proj.shape).add_(lp.query_drive)
+        else:
+            q = down.view(proj.shape)
+            up = up.add_(base.up[0])
+        up = up.to(self.biases[0].dtype).add_(self.biases[0])
+        if len(state) > 2:  # top-down into FC-1 from FC-2
+            above, w_low = state[2], lp.weights[1]
+            if w_low is None:
+                up = torch.addmm(up, above, self.weights[1])
+            elif base is not None:
+                up = up.add_(torch.mm((above - base.states[2]).to(lp.dtype), w_low).to(up.dtype)).add_(base.down[1])
+            else:
+                up = up.add_(torch.mm(above.to(lp.dtype), w_low).to(up.dtype))
+        return [q, up, *(self._low_precision_drive(inputs, state, n) for n in range(2, len(state)))]
+
+    def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor) -> torch.Tensor:
+        """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
+        if self.spec.attention:
+            delta_scores = torch.matmul(delta_q.to(lp.dtype), lp.scaled_keys.transpose(-1, -2))
+            return torch.matmul(delta_attention(lp.base.retrieval, delta_scores), lp.keys)
+        q = lp.base.retrieval.to(torch.float32)
+        return (self.activation(q + delta_q.to(torch.float32)) - self.activation(q)).to(lp.dtype)
+
     def zero_state(self, batch: int) -> State:
         spec = self.spec
         dt, dev = self.weights[0].dtype, self.weights[0].device
@@ -301,30 +417,68 @@ class EPNet(nn.Module):
         """∂Φ/∂s for layer n (state index): bottom-up `a W_nᵀ + b` plus top-down `h^{n+1} W_{n+1}`.
 
         Two matrix products per synapse per full step: one into each of the two layers it joins.
-        With `inputs.lowp` the large products run on bf16 operands (the projection drive is then bf16).
+        With `inputs.lowp` the large products run on bf16 operands (see `_low_precision_drive`).
         """
+        if inputs.lowp is not None:
+            return self._low_precision_drive(inputs, state, n)
         P = 1 if self.spec.num_projections else 0
-        lp = inputs.lowp
         if P and n == 0:
-            if lp is not None and lp.weights[0] is not None:
-                h = state[1].to(lp.dtype)
-                flat_qd = lp.query_drive.reshape(h.shape[0], -1)
-                return torch.addmm(flat_qd, h, lp.weights[0]).view(state[0].shape)
             top_down = torch.mm(state[1], self.weights[0]).view_as(state[0])
             return inputs.query_drive + top_down
         k = n - P  # index of the FC layer, and of the synapse that feeds it
-        if lp is not None and lp.weights[k] is not None:
-            below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else lp.flat_x
-            bias = self.biases[k]
-            drive = torch.mm(below.to(lp.dtype), lp.weights[k].t()).to(bias.dtype).add_(bias)
-        else:
-            below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
-            drive = torch.addmm(self.biases[k], below.to(self.biases[k].dtype), self.weights[k].t())
+        below = state[n - 1].reshape(state[n - 1].shape[0], -1) if n > 0 else inputs.flat_x
+        drive = torch.addmm(self.biases[k], below, self.weights[k].t())
         if n + 1 < len(state):
-            if lp is not None and lp.weights[k + 1] is not None:
-                drive = drive.add_(torch.mm(state[n + 1].to(lp.dtype), lp.weights[k + 1]))
+            drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
+        return drive
+
+    def _low_precision_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor:
+        """`layer_drive` of the fast path. Large products on bf16 operands, the rest in the params' dtype.
+
+        In the nudged phases (`lp.base` set, see `delta_start`) every bf16 product is taken on the
+        difference from the free fixed point s*, `W a = W a* + W (a − a*)`, with `W a*` computed once in
+        the params' dtype: rounding is then relative to the small EP signal, not to the state, and the
+        contrast s⁺ − s⁻ survives. The projection state is then stored as its difference δ from s*, and
+        the projection "drive" returned here is δQ = W₁ᵀ(h¹ − h¹*) (the rest of Q is folded into s*'s
+        attention, `DeltaBase.retrieval`).
+        """
+        P = 1 if self.spec.num_projections else 0
+        lp, base = inputs.lowp, inputs.lowp.base
+        if P and n == 0:
+            h = state[1] if base is None else state[1] - base.states[1]
+            if lp.weights[0] is not None:
+                h = h.to(lp.dtype)
+                if base is not None:
+                    return torch.mm(h, lp.weights[0]).view(state[0].shape)
+                return torch.addmm(lp.query_drive.reshape(h.shape[0], -1), h, lp.weights[0]).view(state[0].shape)
+            top_down = torch.mm(h, self.weights[0]).view(state[0].shape)
+            return top_down if base is not None else inputs.query_drive + top_down
+        k = n - P
+        bias, w_low = self.biases[k], lp.weights[k]
+        if n == 0:  # the flattened input (no projection layer): constant, no delta needed
+            drive = (torch.mm(lp.flat_x, w_low.t()).to(bias.dtype).add_(bias) if w_low is not None
+                     else torch.addmm(bias, inputs.flat_x, self.weights[k].t()))
+        else:
+            below = state[n - 1].reshape(state[n - 1].shape[0], -1)
+            from_proj = P and n == 1
+            if base is not None and (w_low is not None or from_proj):
+                if not from_proj:  # FC state: full values, take the difference; projection: already δ
+                    below = below - base.states[n - 1].reshape(below.shape)
+                w = w_low if w_low is not None else self.weights[k]
+                drive = torch.mm(below.to(w.dtype), w.t()).to(bias.dtype).add_(base.up[k]).add_(bias)
+            elif w_low is not None:
+                drive = torch.mm(below.to(lp.dtype), w_low.t()).to(bias.dtype).add_(bias)
             else:
-                drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
+                drive = torch.addmm(bias, below.to(bias.dtype), self.weights[k].t())
+        if n + 1 < len(state):
+            above, w_low = state[n + 1], lp.weights[k + 1]
+            if w_low is None:
+                drive = torch.addmm(drive, above, self.weights[k + 1])
+            elif base is not None:
+                delta = (above - base.states[n + 1]).to(lp.dtype)
+                drive = drive.add_(torch.mm(delta, w_low).to(drive.dtype)).add_(base.down[k + 1])
+            else:
+                drive = drive.add_(torch.mm(above.to(lp.dtype), w_low).to(drive.dtype))
         return drive
 
     def drives(self, inputs: Inputs, state: State) -> State:
@@ -356,6 +510,8 @@ class EPNet(nn.Module):
         """New state of layer n from its drive: Hopfield retrieval (projection) or σ(drive + nudge)."""
         if self.spec.num_projections and n == 0:
             lp = inputs.lowp
+            if lp is not None and lp.base is not None:  # nudged phase of the fast path: δs¹ from δQ
+                return self._delta_projection(lp, drive)
             if lp is not None and self.spec.attention:
                 return _retrieve_low_precision(drive.to(lp.dtype), lp.scaled_keys, lp.keys, inputs.key_mask)
             if self.spec.attention:
@@ -381,7 +537,10 @@ class EPNet(nn.Module):
         same fixed points, same cost. `beta` may be a float or a (B, 1) tensor (batched ±β phases).
         """
         if self.spec.schedule == "synchronous":
-            drives = self.drives(inputs, state)
+            if self._fusable(inputs):
+                drives = self._fused_low_precision_drives(inputs, state)
+            else:
+                drives = self.drives(inputs, state)
             return [self.update_layer(inputs, state, n, u, beta, target) for n, u in enumerate(drives)]
         new = list(state)
         for parity in (0, 1):
@@ -417,6 +576,60 @@ class EPNet(nn.Module):
 
     def named_param_dict(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+
+FUSE_CHUNK = 2048  # column block of the fused two-product sweep over a large synapse (0: do not fuse)
+
+
+def fused_synapse_products(
+    a: torch.Tensor, h: torch.Tensor, w: torch.Tensor, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a Wᵀ in fp32, h W) for W (O, A) in one sweep over W's column blocks: each block is read from
+    memory once and used for both products while it is in cache. a: (R, A), h: (R, O), same dtype as W.
+    """
+    chunk = chunk or FUSE_CHUNK
+    rows, width = a.shape
+    up = torch.zeros(rows, w.shape[0], dtype=torch.float32, device=w.device)
+    downs = []
+    for lo in range(0, width, chunk):
+        block = w[:, lo:lo + chunk]
+        up.add_(torch.mm(a[:, lo:lo + chunk], block.t()))
+        downs.append(torch.mm(h, block))
+    return up, torch.cat(downs, 1)
+
+
+def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
+    a = attention.to(torch.float32)
+    ds = delta_scores.to(torch.float32)
+    log_z = (torch.exp(ds) * a).sum(-1, keepdim=True).clamp_min_(1e-30).log_()
+    return ds.sub_(log_z).expm1_().mul_(a).to(attention.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def enable_compiled_kernels(enabled: bool = True) -> None:
+    """Use `torch.compile`d (fused, one pass) versions of the fast path's elementwise kernels.
+
+    Off by default: the first call compiles for ~10-40 s (then cached on disk by inductor). `seqep bench`
+    turns it on; results equal the eager kernels' up to fp32 rounding.
+    """
+    if enabled and "delta_attention" not in _COMPILED:
+        _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
+    elif not enabled:
+        _COMPILED.clear()
+
+
+def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
+    """softmax(S* + δS) − softmax(S*) from A* = softmax(S*) and δS, exactly, without cancellation.
+
+    With z = Σ_u A*_u exp(δS_u) (per row): softmax(S* + δS) = A* ⊙ exp(δS) / z, so the difference is
+    A* ⊙ expm1(δS − log z): computed in fp32 from the small δS it is accurate relative to itself, however
+    coarse A* (bf16) is. Rows whose keys are all masked (A* = 0) give 0. Compiled, it is one pass that
+    costs what a softmax costs (`enable_compiled_kernels`).
+    """
+    kernel = _COMPILED.get("delta_attention", _delta_attention_eager)
+    return kernel(attention, delta_scores)
 
 
 def _retrieve_low_precision(

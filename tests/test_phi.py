@@ -7,7 +7,7 @@ from conftest import random_inputs
 from analog_ep import reference
 from analog_ep.hopfield import hopfield_retrieve
 from analog_ep.models import build_spec
-from analog_ep.phi import EPNet, GraphSpec
+from analog_ep.phi import EPNet, GraphSpec, Projection
 
 
 def random_state(net: EPNet, batch: int, seed: int = 1):
@@ -109,9 +109,10 @@ def test_spec_round_trips_through_dict():
     assert GraphSpec.from_dict(spec.to_dict()) == spec
 
 
-@pytest.mark.parametrize("bad", [dict(layers=()), dict(layers=(4, 0)), dict(schedule="random")])
+@pytest.mark.parametrize("bad", [dict(layers=()), dict(layers=(4, 0)), dict(schedule="random"),
+                                 dict(pool_queries=2, attention=False), dict(pool_queries=2, projections=())])
 def test_spec_rejects_bad_values(bad):
-    kwargs = dict(num_streams=1, seq_len=3, dim=2, layers=(4, 2))
+    kwargs = dict(num_streams=1, seq_len=3, dim=2, layers=(4, 2), projections=(Projection(0, 0),))
     kwargs.update(bad)
     with pytest.raises(ValueError):
         GraphSpec(**kwargs)
