@@ -1,4 +1,4 @@
-"""`seqep convert` and `seqep spiking-eval`: the spiking backend on a trained run directory.
+"""`seqep convert`, `spiking-eval`, `spiking-train`, `compare`, `export-nir` and `demo`: the spiking backend.
 
 Registered through the `seqep.commands` entry point (pyproject.toml), so `analog_ep` never imports us.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,22 @@ def _unit_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _spiking_from_args(args: argparse.Namespace) -> Any:
+    """The run's spiking network with spiking.json's options, overridden by the unit flags."""
+    overrides = _unit_overrides(args)
+    snet = load_spiking(args.run_dir, **{k: v for k, v in overrides.items() if k != "coding_options"})
+    if "coding_options" in overrides:
+        snet = snet.with_options(coding_options=overrides["coding_options"])
+    return snet
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that produced a report: sys.argv under the `seqep` script, else a note."""
+    if Path(sys.argv[0]).name in ("seqep", "__main__.py"):
+        return "seqep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"seqep {getattr(args, 'command', '?')} {getattr(args, 'run_dir', '')} (via analog_ep.cli.main)".strip()
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert a trained run to a spiking network (writes spiking.json)",
                               description=__doc__, epilog=CONVERT_EPILOG,
@@ -87,13 +105,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", metavar="FILE.json", help="also write the result here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=run_spiking_eval)
+    _register_reports(subparsers)
+    _register_training(subparsers)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    overrides = _unit_overrides(args)
-    snet = load_spiking(args.run_dir, **{k: v for k, v in overrides.items() if k != "coding_options"})
-    if "coding_options" in overrides:
-        snet = snet.with_options(coding_options=overrides["coding_options"])
+    snet = _spiking_from_args(args)
     path = save_spiking_config(snet, args.run_dir)
     if args.json:
         print(json.dumps({"path": str(path), **snet.config()}))
@@ -105,14 +122,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_spiking_eval(args: argparse.Namespace) -> int:
-    from spiking_ep.evaluate import (
-        batches_from_run,
-        batches_from_tensors,
-        evaluate_spiking,
-        plot_accuracy_vs_timesteps,
-        read_run_config,
-        timesteps_for_gap,
-    )
+    from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps, read_run_config, timesteps_for_gap
 
     try:
         timesteps = sorted({int(t) for t in args.timesteps.split(",") if t.strip()})
@@ -121,33 +131,11 @@ def run_spiking_eval(args: argparse.Namespace) -> int:
     if not timesteps or timesteps[0] < 2:
         raise ConfigError("--timesteps needs integers ≥ 2")
     run_dir = Path(args.run_dir)
-    overrides = _unit_overrides(args)
-    snet = load_spiking(run_dir, **{k: v for k, v in overrides.items() if k != "coding_options"})
-    if "coding_options" in overrides:
-        snet = snet.with_options(coding_options=overrides["coding_options"])
+    snet = _spiking_from_args(args)
     cfg = read_run_config(run_dir)
     ep_cfg = (cfg.get("config") or cfg).get("ep") or {}
     analog_steps = args.analog_steps or 2 * int(ep_cfg.get("free_steps") or 50)
-    dtype = snet.net.weights[0].dtype
-    if args.data:
-        try:
-            blob = torch.load(args.data, map_location="cpu", weights_only=True)
-            x, y = blob["x"].to(dtype), blob["y"].long()
-        except (OSError, KeyError, RuntimeError, TypeError) as err:
-            raise DataError(f"cannot read {args.data} as a torch file with 'x' and 'y': {err}") from err
-        if args.limit:
-            x, y = x[:args.limit], y[:args.limit]
-        batches: Any = batches_from_tensors(x, y, args.batch_size)
-    elif args.synthetic:
-        spec = snet.spec
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(args.synthetic, spec.num_streams, spec.seq_len, spec.dim, generator=g).to(dtype)
-        from analog_ep.dynamics import predict
-
-        y = predict(snet.net, x, analog_steps)
-        batches = batches_from_tensors(x, y, args.batch_size)
-    else:
-        batches = batches_from_run(run_dir, args.split, args.limit, args.batch_size)
+    batches = _batches_from_args(args, snet, analog_steps)
     result = evaluate_spiking(snet, batches, timesteps, readout=args.readout, analog_steps=analog_steps)
     result["run_dir"] = str(run_dir)
     result["data"] = args.data or (f"synthetic:{args.synthetic}" if args.synthetic else f"run:{args.split}")
@@ -171,6 +159,31 @@ def run_spiking_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batches_from_args(args: argparse.Namespace, snet: Any, analog_steps: int) -> Any:
+    """Embedded (x, y) batches from --data FILE.pt, --synthetic N or the run's data split (--split, --limit)."""
+    from spiking_ep.evaluate import batches_from_run, batches_from_tensors
+
+    dtype = snet.net.weights[0].dtype
+    if args.data:
+        try:
+            blob = torch.load(args.data, map_location="cpu", weights_only=True)
+            x, y = blob["x"].to(dtype), blob["y"].long()
+        except (OSError, KeyError, RuntimeError, TypeError) as err:
+            raise DataError(f"cannot read {args.data} as a torch file with 'x' and 'y': {err}") from err
+        if args.limit:
+            x, y = x[:args.limit], y[:args.limit]
+        return batches_from_tensors(x, y, args.batch_size)
+    if args.synthetic:
+        from analog_ep.dynamics import predict
+
+        spec = snet.spec
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.synthetic, spec.num_streams, spec.seq_len, spec.dim, generator=g).to(dtype)
+        y = predict(snet.net, x, analog_steps)
+        return batches_from_tensors(x, y, args.batch_size)
+    return batches_from_run(args.run_dir, args.split, args.limit, args.batch_size)
+
+
 def evaluate_backend(args: argparse.Namespace) -> int:
     """`seqep evaluate RUN_DIR --backend spiking [--timesteps ...]`: the same as `seqep spiking-eval`."""
     argv = ["spiking-eval", args.run_dir, "--split", args.split, "--timesteps", args.timesteps or "32,64,128,256"]
@@ -181,3 +194,296 @@ def evaluate_backend(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser(prog="seqep")
     register(parser.add_subparsers())
     return run_spiking_eval(parser.parse_args(argv))
+
+
+# ---------------------------------------------------------------- compare, export-nir, demo (issue 6)
+COMPARE_EPILOG = """\
+examples:
+  seqep compare runs/demo                                   # T = 8,16,32,64; profiles cmos45nm and loihi
+  seqep compare runs/imdb --timesteps 16,64,256 --limit 1000 --profile loihi
+  seqep compare runs/imdb --profile my_chip.toml            # your own prices (format: spiking_ep/profiles/*.toml)
+  seqep compare runs/tiny --synthetic 256 --coding if --tau 8
+
+Writes RUN_DIR/compare/compare.json, compare.md (paste-ready tables: accuracy, spikes, energy per inference and
+per training sample, break-even spike rate, the constants and their sources) and compare/plots/*.png.
+Conventions and formulas: docs/energy.md.
+"""
+
+NIR_EPILOG = """\
+examples:
+  seqep export-nir runs/demo runs/demo/model.nir
+  seqep export-nir runs/demo model.nir --check 256 --steps 256     # run it through norse against our reference
+
+The graph: IF units (reset to 0, threshold 1), Affine W/2 + b/2 bottom-up and Linear Wᵀ/2 top-down per symmetric
+synapse; the input is precomputed (the attention layer's output). Details: docs/energy.md, "NIR".
+"""
+
+DEMO_EPILOG = """\
+stages: train (IMDB smoke preset; a finished run is reused, an interrupted one resumes), convert (sigma-delta),
+compare (test subset, cmos45nm and loihi profiles), nir (export + norse round trip). Ctrl-C at any point and run
+`seqep demo` again: finished stages are kept, `--skip compare,nir` skips stages.
+Data: $SEQEP_DATA_DIR, else ../shared/data next to the repository.
+"""
+
+
+def _register_reports(subparsers: argparse._SubParsersAction) -> None:
+    from spiking_ep.compare import DEFAULT_PROFILES, DEFAULT_TIMESTEPS
+
+    c = subparsers.add_parser("compare", help="analog vs spiking: accuracy, spikes and energy report with plots",
+                              description="Accuracy, spike counts and energy of a run, analog vs spiking.",
+                              epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("run_dir", metavar="RUN_DIR", help="run directory with checkpoints/best.pt")
+    c.add_argument("--timesteps", default=",".join(map(str, DEFAULT_TIMESTEPS)),
+                   help="comma-separated T values (default %(default)s)")
+    c.add_argument("--profile", action="append", metavar="NAME|FILE",
+                   help=f"energy profile(s), comma-separated or repeated (default {','.join(DEFAULT_PROFILES)})")
+    _add_unit_options(c)
+    c.add_argument("--data", metavar="FILE.pt", help='torch file with "x" (N,S,L,d) and "y" (N,)')
+    c.add_argument("--synthetic", type=int, metavar="N", help="N Gaussian inputs, labels = analog predictions")
+    c.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of the run's data")
+    c.add_argument("--limit", type=int, help="the first N samples only")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--probe-samples", type=int, default=16,
+                   help="samples for firing-rate histograms, raster and the training-step spikes (default 16)")
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: faster than 2 for these small products on a shared CPU; 0: torch's)")
+    c.add_argument("--no-plots", action="store_true")
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(handler=run_compare)
+
+    n = subparsers.add_parser("export-nir", help="export the spiking FC part as a NIR graph (frozen, IF units)",
+                              description="Export the frozen spiking fully connected part as a NIR graph.",
+                              epilog=NIR_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n.add_argument("run_dir", metavar="RUN_DIR", help="run directory with checkpoints/best.pt (or a .pt file)")
+    n.add_argument("out", metavar="OUT.nir")
+    n.add_argument("--check", type=int, default=0, metavar="N",
+                   help="run the file with norse on N samples (the run's test split, else Gaussian inputs)")
+    n.add_argument("--steps", type=int, default=256, help="timesteps of the check (default %(default)s)")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(handler=run_export_nir)
+
+    d = subparsers.add_parser("demo", help="the whole job: train analog → convert → spiking eval → energy → NIR",
+                              description="Train analog EP on IMDB (smoke preset), convert to spiking, compare "
+                                          "accuracy, spikes and energy, export NIR; prints one table.",
+                              epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", default="runs/demo", help="run directory (default %(default)s)")
+    d.add_argument("--timesteps", default="8,16,32,64", help="spiking T values (default %(default)s)")
+    d.add_argument("--fresh", action="store_true", help="delete OUT (a run directory) and train again")
+    d.add_argument("--limit", type=int, help="compare on the first N test reviews only (default: the preset's subset)")
+    d.add_argument("--skip", default="", help="comma-separated stages to skip: train,convert,compare,nir")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the smoke model's products are small, and two threads oversubscribe "
+                        "a shared 2-core CPU; 0: torch's default)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(handler=run_demo_command)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from spiking_ep.compare import (
+        DEFAULT_PROFILES,
+        CompareOptions,
+        compare_run,
+        console_table,
+        ep_settings,
+        parse_timesteps,
+    )
+
+    snet = _spiking_from_args(args)
+    profiles = [p for item in (args.profile or [",".join(DEFAULT_PROFILES)]) for p in item.split(",") if p.strip()]
+    options = CompareOptions(parse_timesteps(args.timesteps), profiles, args.probe_samples, args.threads or None,
+                             plots=not args.no_plots, progress=not args.no_progress, command=_command_line(args))
+    batches = None
+    if args.data or args.synthetic:
+        ep = ep_settings(args.run_dir)
+        batches = _batches_from_args(args, snet, ep.eval_free_steps or ep.free_steps)
+        options.data = {"source": args.data or f"synthetic:{args.synthetic} (labels = analog predictions)",
+                        "split": "file" if args.data else "synthetic", "limit": args.limit}
+    report = compare_run(args.run_dir, snet, args.split, args.limit, args.batch_size, options, batches)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(console_table(report))
+    return 0
+
+
+def run_export_nir(args: argparse.Namespace) -> int:
+    from analog_ep.checkpoint import load_model
+    from spiking_ep.nir_export import check_round_trip, export_nir, not_expressible_text
+
+    net, _ = load_model(args.run_dir)
+    export = export_nir(net, args.out, metadata={"source_run": str(args.run_dir)})
+    result: dict[str, Any] = {"path": str(export.path), "nodes": export.nodes, "edges": export.edges}
+    if args.check:
+        from spiking_ep.compare import torch_threads
+
+        x, y = _nir_check_inputs(args, net)
+        with torch_threads(1):
+            result["check"] = check_round_trip(export.path, net, x, args.steps, y)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(export.summary())
+    print("NIR cannot express these parts of the network; how the export handles them:")
+    print(not_expressible_text())
+    if "check" in result:
+        c = result["check"]
+        print(f"norse round trip ({c['samples']} samples × {c['steps']} steps): "
+              f"{100 * c['identical_output_trains']:.1f} % identical output spike trains, max count difference "
+              f"{c['max_count_difference']:.0f}; "
+              f"predictions agree with the analog network on {100 * c['agreement_with_analog']:.1f} %")
+    else:
+        print(f"check it: seqep export-nir {args.run_dir} {args.out} --check 256")
+    return 0
+
+
+def _nir_check_inputs(args: argparse.Namespace, net: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if (Path(args.run_dir) / "config.json").is_file():
+        from spiking_ep.compare import run_batches
+
+        batches, _, _ = run_batches(args.run_dir, "test", args.check, args.check, progress=False)
+        return next(batches)
+    spec = net.spec
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(args.check, spec.num_streams, spec.seq_len, spec.dim, generator=g), None
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from spiking_ep.compare import parse_timesteps
+    from spiking_ep.demo import run_demo, summary_table
+
+    try:
+        summary = run_demo(args.out, parse_timesteps(args.timesteps), fresh=args.fresh, limit=args.limit,
+                           skip=[s.strip() for s in args.skip.split(",") if s.strip()], progress=not args.no_progress,
+                           command=_command_line(args), threads=args.threads or None)
+    except KeyboardInterrupt:
+        print(f"\nseqep demo: interrupted; run `seqep demo --out {args.out}` again to continue (finished stages and "
+              "the training checkpoint are kept)", file=sys.stderr)
+        return 130
+    print(json.dumps(summary) if args.json else summary_table(summary))
+    return 0
+
+
+# ---------------------------------------------------------------- spiking-train (issue 5: learning with spikes)
+TRAIN_EPILOG = """\
+examples:
+  seqep spiking-train runs/imdb --out runs/imdb-spiking-ft --timesteps 16 --epochs 1 --limit 2000
+  seqep spiking-train runs/imdb --out runs/imdb-cep-ft --estimator spiking_cep --timesteps 16
+  seqep spiking-train --from-scratch --task imdb --preset smoke --set data.train_limit=2000 \\
+      --set model.hidden=[40,10] --out runs/imdb-spiking-scratch --epochs 3 --timesteps 32
+
+Fine-tunes RUN_DIR's best checkpoint (or, with --from-scratch, a fresh network from a preset) with
+spike-driven EP: IF units, free phase T = --timesteps (also the readout step it is evaluated at), nudged
+phases T/2. Test accuracy at T (and --eval-timesteps) before and after; OUT is a run directory
+(config.json, spiking.json, metrics.jsonl, checkpoints/, report.json, plots/) that `seqep spiking-eval`
+and `seqep evaluate` read. docs/spiking.md, "Training with spikes".
+"""
+
+
+def _register_training(subparsers: argparse._SubParsersAction) -> None:
+    from spiking_ep.training import LEARNING_CODINGS, SPIKING_ESTIMATORS
+
+    t = subparsers.add_parser("spiking-train", help="fine-tune a run (or train from scratch) with spike-driven EP",
+                              description="Train with spike-driven EP / C-EP and write a run directory.",
+                              epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="analog run to fine-tune (not with --from-scratch)")
+    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--from-scratch", action="store_true", help="a fresh network from --task/--preset (or --config)")
+    t.add_argument("--task", choices=["imdb", "snli"], default="imdb", help="--from-scratch: data set")
+    t.add_argument("--preset", default="smoke", help="--from-scratch: experiments/presets/TASK-PRESET.toml")
+    t.add_argument("--config", metavar="FILE.toml", help="--from-scratch: a config file instead of a preset")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="--from-scratch: override a config value, e.g. data.train_limit=2000 (repeatable)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--timesteps", type=int, default=16, help="T: free phase and readout step (default %(default)s)")
+    t.add_argument("--eval-timesteps", default="", help="more T values for the before/after test table, e.g. 8,32")
+    t.add_argument("--estimator", choices=SPIKING_ESTIMATORS, default="spiking_ep")
+    t.add_argument("--coding", choices=LEARNING_CODINGS, default="if", help="unit model (default %(default)s)")
+    t.add_argument("--tau", type=float, default=8.0, help="trace time constant in steps (default %(default)s)")
+    t.add_argument("--attention", choices=ATTENTION_MODES,
+                   help="winner rule of the Hopfield layer (default herd; dense with --from-scratch)")
+    t.add_argument("--beta", type=float, default=0.2, help="nudging strength (default %(default)s)")
+    t.add_argument("--nudge-steps", type=int, help="nudged phase length (default T/2)")
+    t.add_argument("--lr-scale", type=float, help="× the run's learning rates (0.1 fine-tuning, 1 scratch)")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--limit", type=int, help="training samples per epoch (default: the whole train split)")
+    t.add_argument("--eval-limit", type=int, default=1000, help="first N val/test samples (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t.set_defaults(handler=run_spiking_train)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from spiking_ep.training import SpikingTrainConfig
+
+    try:
+        extra = tuple(int(t) for t in args.eval_timesteps.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--eval-timesteps must be comma-separated integers, got {args.eval_timesteps!r}") from None
+    lr_scale = args.lr_scale if args.lr_scale is not None else (1.0 if args.from_scratch else 0.1)
+    return SpikingTrainConfig(timesteps=args.timesteps, nudge_steps=args.nudge_steps, beta=args.beta,
+                              estimator=args.estimator, coding=args.coding, tau=args.tau, attention=args.attention,
+                              epochs=args.epochs, batch_size=args.batch_size, lr_scale=lr_scale, eval_timesteps=extra,
+                              seed=args.seed)
+
+
+def run_spiking_train(args: argparse.Namespace) -> int:
+    from spiking_ep.training import finetune_spiking, train_spiking_from_scratch
+
+    if args.from_scratch == bool(args.run_dir):
+        raise ConfigError("give RUN_DIR (fine-tune an analog run) or --from-scratch (a fresh network), not both")
+    cfg, progress, command = _train_config(args), not args.no_progress, _command_line(args)
+    if args.from_scratch:
+        report = train_spiking_from_scratch(args.out, args.task, args.preset, args.overrides, limit=args.limit,
+                                            eval_limit=args.eval_limit, cfg=cfg, progress=progress,
+                                            command=command, config=args.config)
+    else:
+        report = finetune_spiking(args.run_dir, args.out, limit=args.limit, eval_limit=args.eval_limit, cfg=cfg,
+                                  progress=progress, command=command)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    b, a = report["before"], report["after"]
+    print(f"{report['mode']} · {report['estimator']} · {cfg.coding} τ={cfg.tau:g} · {cfg.epochs} epoch(s) on "
+          f"{report['n_train']} samples in {report['train_minutes']:.1f} min; test n = {report['n_test']}")
+    print(f"{'T':>6} {'before':>8} {'after':>8}")
+    for T in sorted(a["accuracy"], key=int):
+        print(f"{T:>6} {100 * b['accuracy'][T]:>7.2f}% {100 * a['accuracy'][T]:>7.2f}%")
+    print(f"{'analog':>6} {100 * b['analog_accuracy']:>7.2f}% {100 * a['analog_accuracy']:>7.2f}%")
+    print(f"run directory {args.out} (report.json, metrics.jsonl, plots/spiking_before_after.png)")
+    return 0
+
+
+def train_backend(args: argparse.Namespace) -> int:
+    """`seqep train ... --backend spiking`: the same as `seqep spiking-train`, from the analog train flags.
+
+    Reads `out`; `init` (an analog run to fine-tune; absent: from scratch with `task`/`preset`/`config`/
+    `overrides`); `epochs`, `seed`, `estimator` (ep_symmetric → spiking_ep, cep → spiking_cep),
+    `no_progress`; and, when the caller defines them, `timesteps`, `coding`, `limit`, `json`.
+    """
+    from spiking_ep.training import ANALOG_TO_SPIKING
+
+    if getattr(args, "resume", False):
+        raise ConfigError("--resume is not supported by the spiking backend: start a new --out")
+    init = getattr(args, "init", None)
+    argv = ["spiking-train", *([init] if init else []), "--out", args.out]
+    if not init:
+        argv += ["--from-scratch", "--task", getattr(args, "task", None) or "imdb",
+                 "--preset", getattr(args, "preset", None) or "smoke"]
+        argv += ["--config", args.config] if getattr(args, "config", None) else []
+        argv += [a for o in getattr(args, "overrides", None) or [] for a in ("--set", o)]
+    estimator = getattr(args, "estimator", None)
+    if estimator:
+        if estimator not in ANALOG_TO_SPIKING:
+            raise ConfigError(f"the spiking backend learns with {', '.join(ANALOG_TO_SPIKING)}, not {estimator!r}")
+        argv += ["--estimator", ANALOG_TO_SPIKING[estimator]]
+    for flag in ("epochs", "seed", "timesteps", "coding", "limit"):
+        if getattr(args, flag, None) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    argv += ["--no-progress"] if getattr(args, "no_progress", False) else []
+    argv += ["--json"] if getattr(args, "json", False) else []
+    parser = argparse.ArgumentParser(prog="seqep")
+    _register_training(parser.add_subparsers())
+    return run_spiking_train(parser.parse_args(argv))
