@@ -382,7 +382,7 @@ and `seqep evaluate` read. docs/spiking.md, "Training with spikes".
 
 
 def _register_training(subparsers: argparse._SubParsersAction) -> None:
-    from spiking_ep.training import LEARNING_CODINGS, SPIKING_ESTIMATORS
+    from spiking_ep.training import CONTROL_ESTIMATOR, LEARNING_CODINGS, SPIKING_ESTIMATORS
 
     t = subparsers.add_parser("spiking-train", help="fine-tune a run (or train from scratch) with spike-driven EP",
                               description="Train with spike-driven EP / C-EP and write a run directory.",
@@ -398,7 +398,8 @@ def _register_training(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--timesteps", type=int, default=16, help="T: free phase and readout step (default %(default)s)")
     t.add_argument("--eval-timesteps", default="", help="more T values for the before/after test table, e.g. 8,32")
-    t.add_argument("--estimator", choices=SPIKING_ESTIMATORS, default="spiking_ep")
+    t.add_argument("--estimator", choices=(*SPIKING_ESTIMATORS, CONTROL_ESTIMATOR), default="spiking_ep",
+                   help="spike-driven EP / C-EP, or analog_ep: the control (analog EP, spiking evaluation)")
     t.add_argument("--coding", choices=LEARNING_CODINGS, default="if", help="unit model (default %(default)s)")
     t.add_argument("--tau", type=float, default=8.0, help="trace time constant in steps (default %(default)s)")
     t.add_argument("--attention", choices=ATTENTION_MODES,
@@ -408,7 +409,9 @@ def _register_training(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--lr-scale", type=float, help="× the run's learning rates (0.1 fine-tuning, 1 scratch)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--limit", type=int, help="training samples per epoch (default: the whole train split)")
-    t.add_argument("--eval-limit", type=int, default=1000, help="first N val/test samples (default %(default)s)")
+    t.add_argument("--eval-limit", type=int, default=1000, help="random N val/test samples (default %(default)s)")
+    t.add_argument("--analog-steps", type=int, default=100,
+                   help="analog free phase of the evaluations' reference and of --estimator analog_ep")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -426,7 +429,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     return SpikingTrainConfig(timesteps=args.timesteps, nudge_steps=args.nudge_steps, beta=args.beta,
                               estimator=args.estimator, coding=args.coding, tau=args.tau, attention=args.attention,
                               epochs=args.epochs, batch_size=args.batch_size, lr_scale=lr_scale, eval_timesteps=extra,
-                              seed=args.seed)
+                              analog_steps=args.analog_steps, seed=args.seed)
 
 
 def run_spiking_train(args: argparse.Namespace) -> int:

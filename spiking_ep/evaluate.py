@@ -41,17 +41,23 @@ def batches_from_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> l
 
 
 def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None = None,
-                     batch_size: int = 128) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Embedded (x, y) batches of the run's data set, exactly as the analog model saw them in training."""
+                     batch_size: int = 128, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Embedded (x, y) batches of the run's data set, exactly as the analog model saw them in training.
+
+    With `limit`, a seeded random subset: the stored splits are ordered by label, so "the first N"
+    would be one class only.
+    """
     from analog_ep.data import embed_batch
     from analog_ep.training import load_run_data
 
     _, task, embedding = load_run_data(run_dir, progress=False)
     dataset = task.splits[split]
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in range(0, n, batch_size):
-        j = min(i + batch_size, n)
-        yield embed_batch(dataset.ids[i:j], embedding), dataset.labels[i:j]
+    index = torch.arange(len(dataset))
+    if limit is not None and limit < len(dataset):
+        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    for i in range(0, len(index), batch_size):
+        idx = index[i:i + batch_size]
+        yield embed_batch(dataset.ids[idx], embedding), dataset.labels[idx]
 
 
 class _Snapshots:

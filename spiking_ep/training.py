@@ -46,6 +46,9 @@ from spiking_ep.learning import SpikingEPConfig, SpikingEstimate, spiking_cep, s
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SPIKING_ESTIMATORS = ("spiking_ep", "spiking_cep")
+# the control arm: the same loop, data and spiking evaluation, but the analog EP estimator (does plain
+# further training improve spiking accuracy at small T as much as learning with spikes does?)
+CONTROL_ESTIMATOR = "analog_ep"
 # sigma-delta cannot resolve nudge-induced changes below θ/2 (docs/spiking.md §5): learn with IF units
 LEARNING_CODINGS = ("if", "bernoulli")
 ANALOG_TO_SPIKING = {"ep_symmetric": "spiking_ep", "cep": "spiking_cep"}
@@ -75,8 +78,9 @@ class SpikingTrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.estimator not in SPIKING_ESTIMATORS:
-            raise ConfigError(f"estimator must be one of {SPIKING_ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in (*SPIKING_ESTIMATORS, CONTROL_ESTIMATOR):
+            raise ConfigError(f"estimator must be one of {(*SPIKING_ESTIMATORS, CONTROL_ESTIMATOR)}, "
+                              f"got {self.estimator!r}")
         if self.coding not in LEARNING_CODINGS:
             raise ConfigError(f"learning needs {' or '.join(LEARNING_CODINGS)} units, not {self.coding!r}: "
                               "sigma-delta units do not resolve the nudge (docs/spiking.md §5); evaluate the "
@@ -160,8 +164,14 @@ def spiking_estimator(snet: SpikingNet, cfg: SpikingTrainConfig, optimizer: torc
     """An `analog_ep.training_core.train_step` estimator: (net, x, y) → estimate with `.applied`.
 
     Symmetric EP sets `.grad` for the optimiser; C-EP moves the weights itself with the optimiser's
-    current learning rates as its local step sizes (as the analog trainer does for `cep`)."""
+    current learning rates as its local step sizes (as the analog trainer does for `cep`). The control
+    "analog_ep" is `analog_ep`'s symmetric EP (free phase `analog_steps`, nudge a quarter of it)."""
     ep = cfg.ep_config()
+    if cfg.estimator == CONTROL_ESTIMATOR:
+        from analog_ep.estimators import EPConfig, make_estimator
+
+        return make_estimator("ep_symmetric", EPConfig(cfg.beta, cfg.analog_steps, max(cfg.analog_steps // 4, 1),
+                                                       tol=1e-4))
 
     def estimate(net: EPNet, x: torch.Tensor, y: torch.Tensor) -> SpikingEstimate:
         spiking = snet if net is snet.net else dataclasses.replace(snet, net=net)
@@ -208,6 +218,12 @@ class RunFiles:
 
 
 # ---------------------------------------------------------------- the core
+def spikes_per_sample(est: Any) -> float:
+    """Spikes of one training step per sample, free and nudged phases (0 for the analog control)."""
+    record = getattr(est, "record", None)
+    return sum(record.spikes_per_sample().values()) if record is not None else 0.0
+
+
 @dataclass
 class EpochStats:
     seen: int = 0
@@ -221,7 +237,7 @@ class EpochStats:
         self.seen += len(y)
         self.correct += int((est.output.argmax(-1) == y).sum())
         self.loss_sum += est.loss * len(y)
-        self.spikes_sum += sum(est.record.spikes_per_sample().values()) * len(y)
+        self.spikes_sum += spikes_per_sample(est) * len(y)
 
     def summary(self) -> dict[str, float]:
         n = max(self.seen, 1)
@@ -246,8 +262,8 @@ def train_epoch(snet: SpikingNet, optimizer: torch.optim.Optimizer, split: Split
         if step % cfg.log_every == 0:
             files.log({"kind": "step", "step": step, "epoch": epoch + (b + 1) / batches_per_epoch, "loss": est.loss,
                        "batch_accuracy": float((est.output.argmax(-1) == y).float().mean()),
-                       "spikes_per_sample": sum(est.record.spikes_per_sample().values()),
-                       "synapse_updates_per_sample": est.synapse_updates.get("nudge", 0.0),
+                       "spikes_per_sample": spikes_per_sample(est),
+                       "synapse_updates_per_sample": getattr(est, "synapse_updates", {}).get("nudge", 0.0),
                        "seconds_per_batch": time.perf_counter() - b0, "lr": optimizer.param_groups[0]["lr"]})
         if progress:
             print(f"\repoch {epoch + 1} batch {b + 1}/{batches_per_epoch}: acc@T {stats.correct / stats.seen:.3f} "
@@ -295,10 +311,21 @@ def fit_spiking(snet: SpikingNet, optimizer: torch.optim.Optimizer, data: Splits
     snet.net.load_state_dict(best_state)
     after = spiking_accuracy(snet, data.test, cfg.all_eval_timesteps, cfg.analog_steps)
     report = _report(cfg, snet, before, after, curve, best_epoch, time.perf_counter() - t_start, meta or {})
+    report["free_phase_trace"] = analog_free_phase_trace(snet.net, data.val, cfg.analog_steps)
     files.json("report.json", report)
     if files.dir is not None:
         _plots(files.dir, report)
     return report
+
+
+def analog_free_phase_trace(net: EPNet, split: Split, steps: int) -> dict[str, list[float]]:
+    """Residuals and Φ of the analog free phase of the trained weights on one validation batch (≤ 64):
+    the fine-tuned model is still an analog model, and this shows it still settles (`plot_run` panel)."""
+    from analog_ep.dynamics import free_phase
+
+    x, _ = next(iter(split.batches(None)))
+    _, trace = free_phase(net, net.prepare(x[:64]), steps, record_phi=True)
+    return {"residuals": trace.residuals, "phi": trace.phi}
 
 
 def _epoch_row(epoch: int, stats: EpochStats | None, val: dict[str, Any], T: int, seconds: float,
