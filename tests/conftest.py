@@ -30,3 +30,12 @@ def random_inputs(spec, batch: int, seed: int = 0, dtype=torch.float64):
     x = torch.randn(batch, spec.num_streams, spec.seq_len, spec.dim, generator=g, dtype=dtype)
     y = torch.randint(0, spec.num_classes, (batch,), generator=g)
     return x, y
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread avoids thread-pool contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

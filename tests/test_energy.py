@@ -30,13 +30,7 @@ from spiking_ep.energy import (
 )
 from spiking_ep.learning import SpikingEPConfig, spiking_ep_symmetric
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def small_imdb(**options) -> EPNet:

@@ -22,14 +22,7 @@ from spiking_ep.dynamics import WindowMean, init_state, new_record, run_phase, s
 from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps, timesteps_for_gap
 from spiking_ep.neurons import BernoulliCoding, IFCoding, IFState, SigmaDeltaCoding, if_step, trace_alpha
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids thread-pool contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_net(model: str = "imdb", **options) -> EPNet:

@@ -20,12 +20,7 @@ pytest.importorskip("norse.torch")
 T = 400
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def spike_trains(coding, rate: torch.Tensor, steps: int = T) -> torch.Tensor:

@@ -28,12 +28,7 @@ from spiking_ep.training import (
 SEQ_LEN, DIM = 12, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def token_splits(batch_size: int = 32) -> Splits:
