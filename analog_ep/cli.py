@@ -16,6 +16,7 @@ ANALOG_COMMAND_MODULES = (
     "analog_ep.data.command",
     "analog_ep.commands.gdu",
     "analog_ep.commands.train",
+    "analog_ep.commands.bench",
 )
 
 

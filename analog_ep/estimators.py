@@ -86,8 +86,10 @@ def inputs_dtype(net: EPNet) -> torch.dtype:
 @torch.no_grad()
 def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
     inputs, target, free, trace = _free(net, x, labels, cfg)
-    nudged, _ = relax(net, inputs, free, cfg.nudge_steps, beta=cfg.beta, target=target, track=False,
+    nudge_inputs, start = net.nudge_start(inputs, free)
+    nudged, _ = relax(net, nudge_inputs, start, cfg.nudge_steps, beta=cfg.beta, target=target, track=False,
                       tol=cfg.nudge_tol, residual=_residual(cfg))
+    nudged = net.full_state(nudge_inputs, nudged)
     if inputs.lowp is not None:
         net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
     B = x.shape[0]
@@ -102,16 +104,18 @@ def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
 def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
     inputs, target, free, trace = _free(net, x, labels, cfg)
     B = x.shape[0]
-    inputs2 = inputs.repeat(2)
-    betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)  # +β rows then −β rows, one batch
+    inputs2, start = net.nudge_start(inputs, free, times=2)  # +β rows then −β rows, one batch
+    betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)
     nudged, _ = relax(
-        net, inputs2, stack_states(free, free), cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
+        net, inputs2, start, cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
         tol=cfg.nudge_tol, residual=_residual(cfg),
     )
     if inputs.lowp is not None:
         net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
-    coef = signed_coef(B, -1.0 / (2 * cfg.beta * B), free[-1])
-    grads = net.phi_param_grads(inputs2, nudged, coef)
+        grads = net.symmetric_contrast(inputs2, nudged, -1.0 / (2 * cfg.beta * B))
+    else:
+        coef = signed_coef(B, -1.0 / (2 * cfg.beta * B), free[-1])
+        grads = net.phi_param_grads(inputs2, nudged, coef)
     if set_grad:
         write_grads(net, grads)
     return Estimate(grads, free[-1], float(mse_loss(free[-1], target)), trace)
@@ -131,6 +135,8 @@ def cep(
     `lrs` is η per parameter name (or one float). The returned `grads` are the equivalent descent
     direction −Δθ/η, for logging and for the GDU comparison; the weights have already moved.
     """
+    if cfg.precision != "fp32":
+        raise ValueError("cep takes differences of consecutive states at every step: use precision='fp32'")
     inputs, target, state, trace = _free(net, x, labels, cfg)
     B = x.shape[0]
     etas = {n: (lrs if isinstance(lrs, float) else lrs[n]) for n, _ in net.named_parameters()}
@@ -145,11 +151,10 @@ def cep(
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
             total[n].add_(inc)
-        if net.spec.num_projections or cfg.precision != "fp32":  # weights moved: refresh the input drive
-            inputs = net.prepare(x, cfg.precision)
+        if net.spec.num_projections:  # the projection synapse moved: refresh its input drive
+            inputs = net.prepare(x)
         state = new
     grads = {n: -t for n, t in total.items()}
-    net.release_low_precision()
     for p in params.values():
         p.grad = None
     return Estimate(grads, free_output, loss, trace, applied=True)

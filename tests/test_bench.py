@@ -1,0 +1,206 @@
+"""`seqep bench` and the fast (bf16, early-exit) path: report fields, FLOP count, gradient fidelity, exact path."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_inputs
+from torch.utils.flop_counter import FlopCounterMode
+
+from analog_ep import bench, reference
+from analog_ep.cli import main
+from analog_ep.config import load_preset
+from analog_ep.dynamics import free_phase, predict
+from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
+from analog_ep.models import build_spec
+from analog_ep.phi import EPNet
+
+RECORD_FIELDS = {"shape", "batch", "seconds_per_batch", "speedup_vs_reference", "gflops", "peak_fraction",
+                 "peak_rss_mb", "flops", "flops_executed", "relax_gflops", "phases", "reference", "inference", "load"}
+
+
+def small_net(model: str = "imdb", **options) -> EPNet:
+    """Big enough that the first synapse (proj → FC1) takes the bf16 path (≥ LOWP_MIN_WEIGHTS weights)."""
+    sizes = dict(seq_len=40, dim=32, hidden=(64, 10)) if model == "imdb" else dict(seq_len=12, dim=32, hidden=(64,))
+    sizes.update(options)
+    return EPNet(build_spec(model, bias_offset=1.0, **sizes), seed=0)
+
+
+def flat(grads):
+    return torch.cat([grads[k].flatten().double() for k in sorted(grads)])
+
+
+def test_bench_json_has_the_documented_fields(capsys):
+    code = main(["bench", "--shape", "imdb-tiny", "--batch", "4", "--json", "--in-process", "--no-compile",
+                 "--peak-size", "256", "--check-fidelity", "--fidelity-batch", "2"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"machine", "settings", "peaks", "results", "flop_formula"} <= set(report)
+    assert report["peaks"]["fp32_gflops"] > 0 and report["peaks"]["bf16_gflops"] > 0
+    (rec,) = report["results"]
+    assert RECORD_FIELDS <= set(rec)
+    assert rec["shape"] == "imdb-tiny" and rec["batch"] == 4
+    assert rec["seconds_per_batch"] > 0 and rec["speedup_vs_reference"] > 0
+    assert rec["inference"]["samples_per_s"] > 0
+    assert 0 < rec["phases"]["free_steps"] <= 50 and 0 < rec["phases"]["nudge_steps"] <= 25
+    assert rec["flops_executed"] <= rec["flops"]
+    assert math.isfinite(rec["fidelity"]["angle_deg"])
+
+
+def test_flop_count_matches_a_hand_count():
+    """imdb tiny: L=12, d=8, FC 96 → 32 → 10 → 2, one projection with attention."""
+    spec = build_spec("imdb", tiny=True)
+    step = 2 * 2 * (96 * 32 + 32 * 10 + 10 * 2) + 4 * 12 * 12 * 8  # two products per synapse + Hopfield
+    grad = 2 * (96 * 32 + 32 * 10 + 10 * 2) + 2 * 12 * 8 * 8  # ∂Φ/∂W and ∂Φ/∂W0 per stacked row
+    prep = 2 * 12 * 8 * 8  # X W0ᵀ
+    B, T, K = 3, 7, 4
+    expected = B * prep + B * T * step + 2 * B * K * step + 2 * B * grad
+    flops = bench.count_flops(spec, B, T, K)
+    assert flops["step_per_sample"] == step
+    assert flops["total"] == expected
+
+
+@pytest.mark.parametrize("model", ["imdb", "snli"])
+def test_flop_count_matches_torch_flop_counter_on_the_exact_path(model):
+    net = EPNet(build_spec(model, tiny=True, bias_offset=1.0), seed=0).double()
+    x, y = random_inputs(net.spec, 3)
+    cfg = EPConfig(0.1, 6, 4)
+    with FlopCounterMode(display=False) as counter:
+        ep_symmetric(net, x, y, cfg, set_grad=False)
+    assert counter.get_total_flops() == bench.count_flops(net.spec, 3, 6, 4)["total"]
+
+
+@pytest.mark.parametrize("model", ["imdb", "snli"])
+def test_bf16_update_is_within_a_few_degrees_of_float64(model):
+    net = small_net(model)
+    assert net.low_precision_weights()[0] is not None  # the big synapse really runs in bf16
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    beta = 0.1 if model == "imdb" else 0.5
+    exact64 = ep_symmetric(small_net(model).double(), x.double(), y, EPConfig(beta, 40, 15), set_grad=False).grads
+    fast = ep_symmetric(net, x, y, EPConfig(beta, 40, 15, precision="bf16"), set_grad=False).grads
+    assert bench.angle_deg(flat(fast), flat(exact64)) < 3.0
+    net.release_low_precision()
+
+
+def test_plain_bf16_nudged_phase_would_lose_the_contrast():
+    """Why the nudged phases are written as differences from s*: without it the EP signal drowns in rounding."""
+    net = small_net()
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    cfg = EPConfig(0.1, 40, 15)
+    exact = flat(ep_symmetric(small_net().double(), x.double(), y, cfg, set_grad=False).grads)
+    inputs = net.prepare(x, "bf16")
+    free, _ = free_phase(net, inputs, cfg.free_steps)
+    target = torch.nn.functional.one_hot(y, 2).float()
+    from analog_ep.dynamics import relax
+    from analog_ep.estimators import signed_coef, stack_states
+
+    betas = signed_coef(8, cfg.beta, free[-1]).view(-1, 1)
+    inputs2 = inputs.repeat(2)
+    naive, _ = relax(net, inputs2, stack_states(free, free), cfg.nudge_steps, beta=betas, target=target.repeat(2, 1))
+    grads = net.phi_param_grads(inputs2, naive, signed_coef(8, -1.0 / (2 * cfg.beta * 8), free[-1]))
+    delta = flat(ep_symmetric(net, x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)
+    assert bench.angle_deg(flat(grads), exact) > 3 * bench.angle_deg(delta, exact)
+
+
+def replace_precision(cfg: EPConfig, precision: str) -> EPConfig:
+    from dataclasses import replace
+
+    return replace(cfg, precision=precision)
+
+
+def test_exact_path_is_unchanged_and_the_default():
+    net = EPNet(build_spec("snli", tiny=True, bias_offset=1.0), seed=1).double()
+    x, y = random_inputs(net.spec, 5)
+    assert net.prepare(x).lowp is None
+    default = ep_symmetric(net, x, y, EPConfig(0.2, 30, 10), set_grad=False).grads
+    explicit = ep_symmetric(net, x, y, EPConfig(0.2, 30, 10, precision="fp32", nudge_tol=None), set_grad=False).grads
+    oracle = reference.reference_ep_symmetric(net, x, y, 0.2, 30, 10)
+    for name in oracle:
+        assert torch.equal(default[name], explicit[name])
+        torch.testing.assert_close(default[name], oracle[name])
+
+
+@pytest.mark.parametrize("variant", [dict(model="imdb", pool_queries=3, mask_padding=True),
+                                     dict(model="imdb", attention=False), dict(model="mlp")])
+def test_bf16_path_runs_on_every_graph_kind(variant):
+    options = dict(variant)
+    spec = build_spec(options.pop("model"), tiny=True, bias_offset=1.0, **options)
+    net = EPNet(spec, seed=0)
+    x, y = random_inputs(spec, 6, dtype=torch.float32)
+    if spec.mask_padding:
+        x[:2, :, -4:] = 0
+    cfg = EPConfig(0.1, 30, 10)
+    exact = flat(ep_symmetric(EPNet(spec, seed=0).double(), x.double(), y, cfg, set_grad=False).grads)
+    for estimator in (ep_symmetric, ep_two_phase):
+        fast = estimator(net, x, y, replace_precision(cfg, "bf16"), set_grad=False)
+        assert all(torch.isfinite(g).all() for g in fast.grads.values())
+    fast = flat(ep_symmetric(net, x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)
+    assert bench.angle_deg(fast, exact) < 5.0
+    assert (predict(net, x, 30, precision="bf16") == predict(net, x, 30)).float().mean() >= 0.8
+
+
+def test_early_exit_saves_nudged_steps_and_keeps_the_update():
+    net = small_net()
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    full = ep_symmetric(net, x, y, EPConfig(0.1, 40, 25, precision="bf16"), set_grad=False)
+    timer = bench.PhaseTimer()
+    with timer:
+        early = ep_symmetric(net, x, y, EPConfig(0.1, 40, 25, precision="bf16", tol=1e-3, nudge_tol=1e-5),
+                             set_grad=False)
+    (_, free_steps), (_, nudge_steps) = timer.records
+    assert nudge_steps < 25
+    assert bench.angle_deg(flat(early.grads), flat(full.grads)) < 1.0
+
+
+def test_low_precision_weight_cache_follows_the_weights():
+    net = small_net()
+    first = net.low_precision_weights()[0]
+    assert net.low_precision_weights()[0] is first  # cached
+    with torch.no_grad():
+        net.weights[0].mul_(2.0)  # an in-place optimizer-style update bumps the version
+    second = net.low_precision_weights()[0]
+    assert second is not first
+    torch.testing.assert_close(second.float(), net.weights[0].detach(), rtol=1e-2, atol=1e-3)
+    net.release_low_precision()
+    assert net._lowp_cache is None
+
+
+def test_shapes_build_from_the_presets():
+    imdb = bench.build_shape("imdb-paper")
+    assert (imdb.spec.seq_len, imdb.spec.dim, imdb.spec.layers) == (600, 300, (1000, 40, 2))
+    assert (imdb.free_steps, imdb.nudge_steps, imdb.spec.schedule) == (50, 25, "synchronous")
+    snli = bench.build_shape("snli-paper")
+    assert (snli.spec.seq_len, snli.spec.dim, snli.spec.layers, snli.batches) == (25, 300, (400, 3), (256,))
+    preset = load_preset("imdb", "cpu")
+    cpu = bench.build_shape("imdb-cpu")
+    assert cpu.spec.dim == bench.vectors_dim(preset.data.vectors) and cpu.spec.seq_len == preset.data.max_len
+    assert cpu.spec.layers == (*preset.model.hidden, 2) and cpu.free_steps == preset.ep.free_steps
+    flops = bench.count_flops(imdb.spec, 32, 50, 25)["total"]
+    assert 3.6e12 < flops < 3.8e12  # the ~3.7 TFLOP per training batch quoted in the issue
+
+
+def test_symmetric_contrast_reads_the_difference_form():
+    net = small_net()
+    x, y = random_inputs(net.spec, 6, dtype=torch.float32)
+    inputs = net.prepare(x, "bf16")
+    free, _ = free_phase(net, inputs, 30)
+    inputs2, start = net.nudge_start(inputs, free, times=2)
+    betas = torch.cat([torch.full((6, 1), 0.1), torch.full((6, 1), -0.1)])
+    target = torch.nn.functional.one_hot(y, 2).float().repeat(2, 1)
+    from analog_ep.dynamics import relax
+
+    nudged, _ = relax(net, inputs2, start, 10, beta=betas, target=target)
+    fast = net.symmetric_contrast(inputs2, nudged, -0.5)
+    full = net.full_state(inputs2, nudged)
+    coef = torch.cat([torch.full((6,), -0.5), torch.full((6,), 0.5)])
+    exact = net.phi_param_grads(inputs.repeat(2), full, coef)
+    assert list(fast) == [name for name, _ in net.named_parameters()]
+    for name in exact:
+        assert bench.angle_deg(fast[name], exact[name]) < 1.0, name
+    # the exact path: the same numbers as phi_param_grads with signed coefficients
+    e_inputs2, e_start = net.nudge_start(net.prepare(x), [s.float() for s in free], times=2)
+    e_nudged, _ = relax(net, e_inputs2, e_start, 10, beta=betas, target=target)
+    plain = net.phi_param_grads(e_inputs2, e_nudged, coef)
+    for name, g in net.symmetric_contrast(e_inputs2, e_nudged, -0.5).items():
+        assert torch.equal(g, plain[name])
