@@ -13,7 +13,8 @@ import torch
 from analog_ep.phi import EPNet, Inputs, State
 
 REFINE_PATIENCE = 2  # fast path: steps without progress before switching to the difference form
-REFINE_BELOW = 1e-2  # ... and only once the residual is this small (not in the transient)
+REFINE_BELOW = 2e-3  # ... and only once the residual is this small (near the bf16 floor, not in the transient)
+REFINE_LAST = 5  # ... and in any case for the last steps of a relaxation, so that it ends in that form
 
 
 @dataclass
@@ -52,10 +53,12 @@ def relax(
 
     Fast path (`inputs.lowp`, residuals tracked): bf16 rounding makes the plain iteration dither at
     ~1e-4–1e-3, above useful tolerances, around a fixed point off by as much. Once the residual stops
-    falling (REFINE_PATIENCE steps without halving its best value, below REFINE_BELOW), the relaxation
-    continues in the difference form of `EPNet.nudge_start` around the current state, whose steps are
-    exact to fp32 relative to the (small) remaining motion: it converges like the fp32 path, to a fixed
-    point as sharp as fp32's, at the same cost per step. The state returned is in full form.
+    falling (REFINE_PATIENCE steps without halving its best value, below REFINE_BELOW), and in any case
+    for the last REFINE_LAST steps, the relaxation continues in the difference form of
+    `EPNet.nudge_start` around the current state, whose steps are exact to fp32 relative to the (small)
+    remaining motion: it converges like the fp32 path, to a fixed point as sharp as fp32's, at the same
+    cost per step, and the nudged phases (written around that point) start from a true fixed point of
+    the dynamics they run, which two-phase EP needs. The state returned is in full form.
     """
     if residual not in ("all", "fc"):
         raise ValueError(f"residual must be 'all' or 'fc', got {residual!r}")
@@ -79,7 +82,7 @@ def relax(
             res = trace.residuals[-1]
             stalled = 0 if res < 0.5 * best else stalled + 1
             best = min(best, res)
-            if stalled >= REFINE_PATIENCE and res < REFINE_BELOW:
+            if (stalled >= REFINE_PATIENCE and res < REFINE_BELOW) or trace.steps == steps - REFINE_LAST:
                 refined = inputs
                 inputs, state = net.nudge_start(inputs, state)
                 trace.refined_at = trace.steps

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -90,8 +90,6 @@ def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
     nudged, _ = relax(net, nudge_inputs, start, cfg.nudge_steps, beta=cfg.beta, target=target, track=False,
                       tol=cfg.nudge_tol, residual=_residual(cfg))
     nudged = net.full_state(nudge_inputs, nudged)
-    if inputs.lowp is not None:
-        net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
     B = x.shape[0]
     coef = signed_coef(B, -1.0 / (cfg.beta * B), free[-1])
     grads = net.phi_param_grads(inputs.repeat(2), stack_states(nudged, free), coef)
@@ -111,7 +109,6 @@ def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
         tol=cfg.nudge_tol, residual=_residual(cfg),
     )
     if inputs.lowp is not None:
-        net.release_low_precision()  # the weights are about to move: free the bf16 copies before the update
         grads = net.symmetric_contrast(inputs2, nudged, -1.0 / (2 * cfg.beta * B))
     else:
         coef = signed_coef(B, -1.0 / (2 * cfg.beta * B), free[-1])
@@ -134,9 +131,9 @@ def cep(
 
     `lrs` is η per parameter name (or one float). The returned `grads` are the equivalent descent
     direction −Δθ/η, for logging and for the GDU comparison; the weights have already moved.
+    C-EP always runs the exact path (`cfg.precision` and `cfg.nudge_tol` are ignored).
     """
-    if cfg.precision != "fp32":
-        raise ValueError("cep takes differences of consecutive states at every step: use precision='fp32'")
+    cfg = replace(cfg, precision="fp32", nudge_tol=None)  # per-step differences of states: the exact path only
     inputs, target, state, trace = _free(net, x, labels, cfg)
     B = x.shape[0]
     etas = {n: (lrs if isinstance(lrs, float) else lrs[n]) for n, _ in net.named_parameters()}

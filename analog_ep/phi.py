@@ -15,6 +15,7 @@ layers `(B, n_k)`; the last one is the output.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -282,18 +283,42 @@ class EPNet(nn.Module):
 
     # ------------------------------------------------------------------ low precision (bf16 products)
     def low_precision_weights(self, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor | None]:
-        """Low-precision copies of the large FC weights (None for small synapses), cached.
+        """Low-precision copies of the large FC weights (None for small synapses), refreshed on every call.
 
-        The cache is keyed on each weight's storage and version counter, so in-place optimizer steps
-        invalidate it; `release_low_precision()` frees it (the estimators do, before the update).
+        Refreshed in place in buffers kept on the net (no new allocation: on a VM a fresh 360 MB buffer
+        costs more than the conversion itself). Not cached across calls: optimizers update parameters
+        in place without always bumping their version counters (fused Adam does not), so a cache could
+        silently serve stale weights. `release_low_precision()` frees the buffers.
         """
-        key = (dtype, tuple((w.data_ptr(), w._version) for w in self.weights))
         cache = getattr(self, "_lowp_cache", None)
-        if cache is None or cache[0] != key:
-            self._lowp_cache = None  # free the stale copy before making the new one
-            lows = [w.detach().to(dtype) if w.numel() >= LOWP_MIN_WEIGHTS else None for w in self.weights]
-            self._lowp_cache = (key, lows)
-        return self._lowp_cache[1]
+        old = cache if cache is not None else [None] * len(self.weights)
+        lows: list[torch.Tensor | None] = []
+        for w, buf in zip(self.weights, old):
+            if w.numel() < LOWP_MIN_WEIGHTS:
+                lows.append(None)
+            elif buf is not None and buf.shape == w.shape and buf.dtype == dtype:
+                lows.append(buf.copy_(w.detach()))
+            else:
+                lows.append(w.detach().to(dtype))
+        self._lowp_cache = lows
+        return lows
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable buffer that nobody else references (checked), else a new one kept for next time.
+
+        For the fast path's largest per-batch outputs (the FC-1 gradient): reusing memory the process
+        already owns avoids first-touch page faults that cost as much as the product itself on this VM.
+        Up to two buffers per name (the caller may still hold the previous batch's result).
+        """
+        pool = self.__dict__.setdefault("_scratch_pool", {}).setdefault(name, [])
+        for buf in pool:
+            # free iff no C++ holder (e.g. as a .grad) and no Python holder besides the pool, `buf`, the call
+            if buf.shape == shape and buf.dtype == dtype and buf._use_count() == 1 and sys.getrefcount(buf) <= 3:
+                return buf
+        buf = torch.empty(shape, dtype=dtype, device=self.weights[0].device)
+        if len(pool) < 2:
+            pool.append(buf)
+        return buf
 
     def release_low_precision(self) -> None:
         """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
@@ -314,6 +339,7 @@ class EPNet(nn.Module):
             flat_x = inputs.flat_x.to(dtype)
         return LowPrecision(dtype, weights, keys, scaled, scores, qd, flat_x)
 
+    @torch.no_grad()
     def _low_precision_retrieve(self, inputs: Inputs, top_down: torch.Tensor) -> torch.Tensor:
         """Attention weights softmax(γ (X W₀ᵀ + W₁ᵀh¹) Kᵀ) from the top-down half of the query."""
         lp = inputs.lowp
@@ -376,41 +402,6 @@ class EPNet(nn.Module):
             return state
         dtype = self.biases[0].dtype
         return [lp.base.states[0].to(dtype) + state[0].to(dtype), *state[1:]]
-
-    def _fusable(self, inputs: Inputs) -> bool:
-        lp = inputs.lowp
-        return (lp is not None and FUSE_CHUNK > 0 and bool(self.spec.num_projections) and lp.weights[0] is not None
-                and lp.weights[0].numel() * lp.weights[0].element_size() >= FUSE_MIN_BYTES)
-
-    def _fused_low_precision_drives(self, inputs: Inputs, state: State) -> State:
-        """All drives of a synchronous step, with both products of the projection → FC-1 synapse in one pass.
-
-        The synchronous schedule takes W₁ flat(s¹) (into FC-1) and W₁ᵀ h¹ (into the projection) from the
-        same state, so W₁ is swept once per step in column blocks of FUSE_CHUNK that stay in cache for
-        both products: half the memory traffic of two separate products on a matrix that does not fit in
-        cache. FC-1's drive is accumulated over the blocks in fp32 (finer than one bf16-rounded product).
-        """
-        lp, base = inputs.lowp, inputs.lowp.base
-        proj, h1 = state[0], state[1]
-        rows = h1.shape[0]
-        if base is not None:
-            h1 = h1 - base.states[1]
-        up, down = fused_synapse_products(proj.reshape(rows, -1).to(lp.dtype), h1.to(lp.dtype), lp.weights[0])
-        q = down.view(proj.shape)
-        if base is None and lp.query_drive is not None:  # no attention: σ needs the whole query
-            q = q.add_(lp.query_drive)
-        if base is not None:
-            up = up.add_(base.up[0])
-        up = up.to(self.biases[0].dtype).add_(self.biases[0])
-        if len(state) > 2:  # top-down into FC-1 from FC-2
-            above, w_low = state[2], lp.weights[1]
-            if w_low is None:
-                up = torch.addmm(up, above, self.weights[1])
-            elif base is not None:
-                up = up.add_(torch.mm((above - base.states[2]).to(lp.dtype), w_low).to(up.dtype)).add_(base.down[1])
-            else:
-                up = up.add_(torch.mm(above.to(lp.dtype), w_low).to(up.dtype))
-        return [q, up, *(self._low_precision_drive(inputs, state, n) for n in range(2, len(state)))]
 
     def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor) -> torch.Tensor:
         """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
@@ -561,10 +552,7 @@ class EPNet(nn.Module):
         same fixed points, same cost. `beta` may be a float or a (B, 1) tensor (batched ±β phases).
         """
         if self.spec.schedule == "synchronous":
-            if self._fusable(inputs):
-                drives = self._fused_low_precision_drives(inputs, state)
-            else:
-                drives = self.drives(inputs, state)
+            drives = self.drives(inputs, state)
             return [self.update_layer(inputs, state, n, u, beta, target) for n, u in enumerate(drives)]
         new = list(state)
         for parity in (0, 1):
@@ -636,9 +624,12 @@ class EPNet(nn.Module):
                 a_star = lp.base.states[0][:half].reshape(half, -1)
                 deltas = nudged[0].reshape(rows, -1)
                 if lp.weights[k] is not None:
-                    left = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype)
+                    left_t = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype).t().contiguous()
                     right = torch.cat([a_star.to(lp.dtype), deltas.to(lp.dtype)])
-                    grads[f"weights.{k}"] = torch.mm(left.t(), right).to(dtype)
+                    out = self._scratch(f"weights.{k}", (left_t.shape[0], right.shape[1]), dtype)
+                    for lo in range(0, right.shape[1], CONTRAST_BLOCK):  # bf16 product, fp32 result in place
+                        out[:, lo:lo + CONTRAST_BLOCK].copy_(torch.mm(left_t, right[:, lo:lo + CONTRAST_BLOCK]))
+                    grads[f"weights.{k}"] = out
                 else:
                     a_full = torch.cat([a_star, a_star]).to(dtype) + deltas.to(dtype)
                     signed = torch.cat([hp, -hm]).mul_(scale)
@@ -653,32 +644,15 @@ class EPNet(nn.Module):
         return dict(self.named_parameters())
 
 
-FUSE_CHUNK = 2048  # column block of the fused two-product sweep over a large synapse (0: do not fuse)
-FUSE_MIN_BYTES = 64 << 20  # fuse only synapses that do not fit in cache (the IMDB paper shape's 360 MB)
-
-
-def fused_synapse_products(
-    a: torch.Tensor, h: torch.Tensor, w: torch.Tensor, chunk: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a Wᵀ in fp32, h W) for W (O, A) in one sweep over W's column blocks: each block is read from
-    memory once and used for both products while it is in cache. a: (R, A), h: (R, O), same dtype as W.
-    """
-    chunk = chunk or FUSE_CHUNK
-    rows, width = a.shape
-    up = torch.zeros(rows, w.shape[0], dtype=torch.float32, device=w.device)
-    downs = []
-    for lo in range(0, width, chunk):
-        block = w[:, lo:lo + chunk]
-        up.add_(torch.mm(a[:, lo:lo + chunk], block.t()))
-        downs.append(torch.mm(h, block))
-    return up, torch.cat(downs, 1)
+CONTRAST_BLOCK = 8192  # columns per block of the fast path's bf16 gradient product (fp32 output in place)
 
 
 def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
     a = attention.to(torch.float32)
     ds = delta_scores.to(torch.float32)
-    log_z = (torch.exp(ds) * a).sum(-1, keepdim=True).clamp_min_(1e-30).log_()
-    return ds.sub_(log_z).expm1_().mul_(a).to(attention.dtype)
+    z_star = a.sum(-1, keepdim=True).clamp_min_(1e-30)
+    log_ratio = (torch.exp(ds) * a).sum(-1, keepdim=True).clamp_min_(1e-30).div_(z_star).log_()
+    return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
 
 
 _COMPILED: dict[str, object] = {}
@@ -717,13 +691,15 @@ def _attention_fused(const: torch.Tensor, partial: torch.Tensor, mask: torch.Ten
     return torch.softmax(scores, dim=-1).to(partial.dtype)
 
 
+@torch.no_grad()
 def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
     """softmax(S* + δS) − softmax(S*) from A* = softmax(S*) and δS, exactly, without cancellation.
 
-    With z = Σ_u A*_u exp(δS_u) (per row): softmax(S* + δS) = A* ⊙ exp(δS) / z, so the difference is
-    A* ⊙ expm1(δS − log z): computed in fp32 from the small δS it is accurate relative to itself, however
-    coarse A* (bf16) is. Rows whose keys are all masked (A* = 0) give 0. Compiled, it is one pass that
-    costs what a softmax costs (`enable_compiled_kernels`).
+    With z = Σ_u A*_u exp(δS_u) and z* = Σ_u A*_u (per row): softmax(S* + δS) = A* ⊙ exp(δS) / z, so
+    the difference is (A*/z*) ⊙ expm1(δS − log(z/z*)): computed in fp32 from the small δS it is accurate
+    relative to itself, however coarse A* (bf16) is, and exactly 0 at δS = 0 even though bf16 rows of A*
+    do not sum to exactly 1. Rows whose keys are all masked (A* = 0) give 0. Compiled, it is one pass
+    that costs what a softmax costs (`enable_compiled_kernels`).
     """
     kernel = _COMPILED.get("delta_attention", _delta_attention_eager)
     return kernel(attention, delta_scores)

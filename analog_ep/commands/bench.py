@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=1, help="epochs for --accuracy")
     p.add_argument("--data-dir", help="data directory for --accuracy (default: $SEQEP_DATA_DIR)")
     p.add_argument("--repeats", type=int, default=1, help="timed batches per measurement, best kept (default 1)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed full batches before timing, every mode (default 2)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, = cores)")
     p.add_argument("--compile", dest="compile_kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the bf16 path's fused elementwise kernel (first run compiles ~30 s)")
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = bench(shapes, batch=args.batch, precision=args.precision, early_exit=args.early_exit, tol=args.tol,
                    reference=args.reference, inference=args.inference, fidelity=args.check_fidelity,
-                   fidelity_batch=args.fidelity_batch, repeats=args.repeats, threads=args.threads,
+                   fidelity_batch=args.fidelity_batch, repeats=args.repeats, warmup=args.warmup,
+                   threads=args.threads,
                    compile_kernels=args.compile_kernels, subprocesses=not args.in_process,
                    wait_idle=args.wait_idle, wait_timeout=args.wait_timeout,
                    peak_sizes=tuple(args.peak_sizes or (2048, 4096)), log=log, on_result=save)
