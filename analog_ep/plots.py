@@ -72,3 +72,43 @@ def plot_run(run_dir: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_frontier(runs: dict[str, list[str | Path]], out: str | Path, title: str = "") -> Path:
+    """Validation accuracy vs training minutes, one colour per variant (several seeds each): the frontier.
+
+    `runs` maps a variant label to its run directories; ● marks each run's chosen (best-validation)
+    epoch and ✕ its test accuracy, where report.json has one.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, a = plt.subplots(figsize=(8, 5))
+    for i, (label, dirs) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        for j, run_dir in enumerate(dirs):
+            run_dir = Path(run_dir)
+            epochs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+            if not epochs:
+                continue
+            minutes = [r["elapsed_minutes"] for r in epochs]
+            val = [r["val_accuracy"] for r in epochs]
+            a.plot(minutes, val, "-", color=color, alpha=0.8, lw=1.2, label=label if j == 0 else None)
+            best = max(range(len(val)), key=val.__getitem__)
+            a.plot(minutes[best], val[best], "o", color=color, ms=5)
+            report_path = run_dir / "report.json"
+            report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+            if "test_accuracy" in report:
+                a.plot(minutes[best], report["test_accuracy"], "x", color=color, ms=7)
+    a.set(xlabel="training minutes (wall, this machine)", ylabel="validation accuracy",
+          title=title or "accuracy vs training time (● best validation, ✕ test at that checkpoint)")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -187,6 +187,27 @@ def test_train_backend_maps_the_analog_train_flags(monkeypatch, tmp_path):
         train_backend(args)
 
 
+def test_seqep_train_dispatches_to_the_spiking_backend(monkeypatch, tmp_path, capsys):
+    """`seqep train --backend spiking --init RUN` reaches the spiking fine-tuning through the entry point."""
+    import spiking_ep.training as training
+    from analog_ep.cli import main
+
+    calls = []
+    fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
+            "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
+            "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
+    monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append((a, k)) or fake)
+    assert main(["train", "--backend", "spiking", "--init", str(tmp_path), "--timesteps", "8",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    (a, k), = calls
+    assert a[0] == str(tmp_path) and k["cfg"].timesteps == 8
+    capsys.readouterr()
+    assert main(["train", "--task", "imdb", "--timesteps", "8", "--out", str(tmp_path / "p")]) == 2
+    assert "--timesteps only apply with --backend spiking" in capsys.readouterr().err
+    assert main(["train", "--backend", "loihi", "--out", str(tmp_path / "q")]) == 2
+    assert "unknown backend 'loihi'" in capsys.readouterr().err
+
+
 @pytest.mark.realdata
 def test_cli_from_scratch_then_finetune_on_imdb(tmp_path, capsys):
     """End to end on real IMDB (a tiny subset): the from-scratch run is itself a run directory to fine-tune."""

@@ -18,9 +18,13 @@ examples:
   seqep train --task snli --preset cpu --estimator bptt --out runs/snli-bptt
   seqep train --task imdb --preset smoke --set ep.beta=0.2 --set train.lrs=[1e-3] --out runs/b02
   seqep train --out runs/imdb-cpu --resume                            # continue an interrupted run
+  seqep train --backend spiking --init runs/imdb-smoke --out runs/spk-ft --timesteps 16   # spiking EP fine-tuning
+  seqep train --backend spiking --task imdb --preset smoke --set data.train_limit=2000 --out runs/spk  # from scratch
 
 Presets are TOML files in experiments/presets/ (TASK-PRESET.toml); --config FILE uses your own.
 A run directory holds config.json, metrics.jsonl, checkpoints/{best,last}.pt, report.json, plots/.
+--backend spiking hands the run to the spiking backend (spike-driven EP; --estimator cep = spiking C-EP):
+the same as `seqep spiking-train`, which has the full set of spiking options (see its --help).
 """
 
 
@@ -42,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backend", default="analog",
+                   help="analog (default), or an installed training backend such as spiking (spiking_ep)")
+    spiking = p.add_argument_group("spiking backend (--backend spiking)")
+    spiking.add_argument("--init", metavar="RUN_DIR", help="an analog run to convert and fine-tune "
+                         "(absent: train a spiking network from scratch from --task/--preset)")
+    spiking.add_argument("--timesteps", type=int, help="T of the spiking free phase (default 16)")
+    spiking.add_argument("--coding", help="spiking unit model (default if)")
+    spiking.add_argument("--limit", type=int, help="training samples per epoch")
+    spiking.add_argument("--json", action="store_true", help="print the spiking report as JSON")
     p.set_defaults(handler=run_train)
 
     e = subparsers.add_parser("evaluate", help="accuracy of a trained run on a split",
@@ -81,6 +94,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def run_train(args: argparse.Namespace) -> int:
     from analog_ep.training import train_run
 
+    if args.backend != "analog":
+        return other_backend(args.backend, group="seqep.train_backends")(args)
+    spiking_only = [f"--{f}" for f in ("init", "timesteps", "coding", "limit") if getattr(args, f) is not None]
+    if spiking_only:
+        from analog_ep.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(spiking_only)} only apply with --backend spiking")
     cfg = resolve_config(args)
     command = "seqep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -95,13 +115,14 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def other_backend(name: str):
-    """An evaluation backend registered by another package (entry-point group `seqep.backends`)."""
+def other_backend(name: str, group: str = "seqep.backends"):
+    """A backend registered by another package: evaluation (`seqep.backends`) or training
+    (`seqep.train_backends`) entry points, each a function of the parsed arguments returning an exit code."""
     from importlib.metadata import entry_points
 
     from analog_ep.errors import ConfigError
 
-    found = {e.name: e for e in entry_points(group="seqep.backends")}
+    found = {e.name: e for e in entry_points(group=group)}
     if name not in found:
         raise ConfigError(f"unknown backend {name!r}; installed: analog, {', '.join(sorted(found)) or 'none'}")
     return found[name].load()
