@@ -106,7 +106,7 @@ def load_run_data(run_dir: str | Path, progress: bool = True) -> tuple[RunConfig
 
 
 def ep_config(cfg: RunConfig) -> EPConfig:
-    return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol)
+    return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol, precision=cfg.ep.precision)
 
 
 def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:

@@ -372,79 +372,106 @@ examples:
   seqep spiking-train runs/imdb --out runs/imdb-cep-ft --estimator spiking_cep --timesteps 16
   seqep spiking-train --from-scratch --task imdb --preset smoke --set data.train_limit=2000 \\
       --set model.hidden=[40,10] --out runs/imdb-spiking-scratch --epochs 3 --timesteps 32
+  seqep spiking-train --out runs/imdb-spiking-scratch --resume --epochs 5   # continue it, 2 more epochs
 
 Fine-tunes RUN_DIR's best checkpoint (or, with --from-scratch, a fresh network from a preset) with
 spike-driven EP: IF units, free phase T = --timesteps (also the readout step it is evaluated at), nudged
 phases T/2. Test accuracy at T (and --eval-timesteps) before and after; OUT is a run directory
 (config.json, spiking.json, metrics.jsonl, checkpoints/, report.json, plots/) that `seqep spiking-eval`
-and `seqep evaluate` read. docs/spiking.md, "Training with spikes".
+and `seqep evaluate` read. --resume continues OUT after its last completed epoch (checkpoints/last.pt:
+weights, optimiser, progress) with OUT's own configuration: only --epochs may change. docs/spiking.md,
+"Training with spikes".
 """
 
 
 def _register_training(subparsers: argparse._SubParsersAction) -> None:
     from spiking_ep.training import CONTROL_ESTIMATOR, LEARNING_CODINGS, SPIKING_ESTIMATORS
 
+    # the options that shape the learning problem default to None, so that --resume can tell a flag given
+    # (checked against the run being resumed) from one left out (the run's own value); defaults in the help
     t = subparsers.add_parser("spiking-train", help="fine-tune a run (or train from scratch) with spike-driven EP",
                               description="Train with spike-driven EP / C-EP and write a run directory.",
                               epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="analog run to fine-tune (not with --from-scratch)")
-    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--out", required=True, help="run directory to write (with --resume: to continue)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last completed epoch, with its own configuration "
+                        "(RUN_DIR / --from-scratch optional; only --epochs may change)")
     t.add_argument("--from-scratch", action="store_true", help="a fresh network from --task/--preset (or --config)")
-    t.add_argument("--task", choices=["imdb", "snli"], default="imdb", help="--from-scratch: data set")
-    t.add_argument("--preset", default="smoke", help="--from-scratch: experiments/presets/TASK-PRESET.toml")
+    t.add_argument("--task", choices=["imdb", "snli"], help="--from-scratch: data set (default imdb)")
+    t.add_argument("--preset", help="--from-scratch: experiments/presets/TASK-PRESET.toml (default smoke)")
     t.add_argument("--config", metavar="FILE.toml", help="--from-scratch: a config file instead of a preset")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="--from-scratch: override a config value, e.g. data.train_limit=2000 (repeatable)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--timesteps", type=int, default=16, help="T: free phase and readout step (default %(default)s)")
-    t.add_argument("--eval-timesteps", default="", help="more T values for the before/after test table, e.g. 8,32")
-    t.add_argument("--estimator", choices=(*SPIKING_ESTIMATORS, CONTROL_ESTIMATOR), default="spiking_ep",
-                   help="spike-driven EP / C-EP, or analog_ep: the control (analog EP, spiking evaluation)")
-    t.add_argument("--coding", choices=LEARNING_CODINGS, default="if", help="unit model (default %(default)s)")
-    t.add_argument("--tau", type=float, default=8.0, help="trace time constant in steps (default %(default)s)")
+    t.add_argument("--epochs", type=int, help="epochs in all (default 1; with --resume: the run's, or more)")
+    t.add_argument("--timesteps", type=int, help="T: free phase and readout step (default 16)")
+    t.add_argument("--eval-timesteps", help="more T values for the before/after test table, e.g. 8,32")
+    t.add_argument("--estimator", choices=(*SPIKING_ESTIMATORS, CONTROL_ESTIMATOR),
+                   help="spiking_ep (default) / spiking_cep: spike-driven EP / C-EP, or analog_ep: the control "
+                        "(analog EP, spiking evaluation)")
+    t.add_argument("--coding", choices=LEARNING_CODINGS, help="unit model (default if)")
+    t.add_argument("--tau", type=float, help="trace time constant in steps (default 8)")
     t.add_argument("--attention", choices=ATTENTION_MODES,
                    help="winner rule of the Hopfield layer (default herd; dense with --from-scratch)")
-    t.add_argument("--beta", type=float, default=0.2, help="nudging strength (default %(default)s)")
+    t.add_argument("--beta", type=float, help="nudging strength (default 0.2)")
     t.add_argument("--nudge-steps", type=int, help="nudged phase length (default T/2)")
     t.add_argument("--lr-scale", type=float, help="× the run's learning rates (0.1 fine-tuning, 1 scratch)")
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, help="default 32")
     t.add_argument("--limit", type=int, help="training samples per epoch (default: the whole train split)")
-    t.add_argument("--eval-limit", type=int, default=1000, help="random N val/test samples (default %(default)s)")
-    t.add_argument("--analog-steps", type=int, default=100,
-                   help="analog free phase of the evaluations' reference and of --estimator analog_ep")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-limit", type=int, help="random N val/test samples (default 1000)")
+    t.add_argument("--analog-steps", type=int,
+                   help="analog free phase of the evaluations' reference and of --estimator analog_ep (default 100)")
+    t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.set_defaults(handler=run_spiking_train)
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from spiking_ep.training import SpikingTrainConfig
+# SpikingTrainConfig fields with a spiking-train flag of the same name
+_TRAIN_FLAGS = ("timesteps", "nudge_steps", "beta", "estimator", "coding", "tau", "attention", "epochs",
+                "batch_size", "lr_scale", "analog_steps", "seed")
 
-    try:
-        extra = tuple(int(t) for t in args.eval_timesteps.split(",") if t.strip())
-    except ValueError:
-        raise ConfigError(f"--eval-timesteps must be comma-separated integers, got {args.eval_timesteps!r}") from None
-    lr_scale = args.lr_scale if args.lr_scale is not None else (1.0 if args.from_scratch else 0.1)
-    return SpikingTrainConfig(timesteps=args.timesteps, nudge_steps=args.nudge_steps, beta=args.beta,
-                              estimator=args.estimator, coding=args.coding, tau=args.tau, attention=args.attention,
-                              epochs=args.epochs, batch_size=args.batch_size, lr_scale=lr_scale, eval_timesteps=extra,
-                              analog_steps=args.analog_steps, seed=args.seed)
+
+def _train_config(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
+    """(SpikingTrainConfig, {"limit", "eval_limit"}) from the flags given; with --resume, the run's own,
+    the flags given checked against them (`resume_options`: a ConfigError names the one that differs)."""
+    from spiking_ep.training import LIMIT_DEFAULTS, SpikingTrainConfig, resume_options
+
+    given: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.eval_timesteps is not None:
+        try:
+            given["eval_timesteps"] = tuple(int(t) for t in args.eval_timesteps.split(",") if t.strip())
+        except ValueError:
+            raise ConfigError(f"--eval-timesteps must be comma-separated integers, got {args.eval_timesteps!r}") \
+                from None
+    limits = {k: getattr(args, k) for k in LIMIT_DEFAULTS if getattr(args, k) is not None}
+    if args.resume:
+        return resume_options(args.out, **given, **limits)
+    given.setdefault("lr_scale", 1.0 if args.from_scratch else 0.1)
+    return SpikingTrainConfig(**given), {**LIMIT_DEFAULTS, **limits}
 
 
 def run_spiking_train(args: argparse.Namespace) -> int:
-    from spiking_ep.training import finetune_spiking, train_spiking_from_scratch
+    from spiking_ep.training import finetune_spiking, read_resumable, train_spiking_from_scratch
 
-    if args.from_scratch == bool(args.run_dir):
-        raise ConfigError("give RUN_DIR (fine-tune an analog run) or --from-scratch (a fresh network), not both")
-    cfg, progress, command = _train_config(args), not args.no_progress, _command_line(args)
-    if args.from_scratch:
-        report = train_spiking_from_scratch(args.out, args.task, args.preset, args.overrides, limit=args.limit,
-                                            eval_limit=args.eval_limit, cfg=cfg, progress=progress,
-                                            command=command, config=args.config)
-    else:
-        report = finetune_spiking(args.run_dir, args.out, limit=args.limit, eval_limit=args.eval_limit, cfg=cfg,
-                                  progress=progress, command=command)
+    if (args.from_scratch and args.run_dir) or not (args.resume or args.from_scratch or args.run_dir):
+        raise ConfigError("give RUN_DIR (fine-tune an analog run) or --from-scratch (a fresh network), not both"
+                          " (with --resume, either or neither: the run in --out says which it is)")
+    from_scratch = args.from_scratch or (args.resume and not args.run_dir
+                                         and "source_run" not in read_resumable(args.out))
+    (cfg, limits), progress, command = _train_config(args), not args.no_progress, _command_line(args)
+    options = dict(limit=limits["limit"], eval_limit=limits["eval_limit"], cfg=cfg, progress=progress,
+                   command=command, resume=args.resume)
+    try:
+        if from_scratch:
+            report = train_spiking_from_scratch(args.out, args.task, args.preset, args.overrides, config=args.config,
+                                                **options)
+        else:
+            report = finetune_spiking(args.run_dir, args.out, **options)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last completed epoch is in {args.out}/checkpoints/last.pt; continue with "
+              f"`seqep spiking-train --out {args.out} --resume`", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(report))
         return 0
@@ -463,19 +490,21 @@ def train_backend(args: argparse.Namespace) -> int:
     """`seqep train ... --backend spiking`: the same as `seqep spiking-train`, from the analog train flags.
 
     Reads `out`; `init` (an analog run to fine-tune; absent: from scratch with `task`/`preset`/`config`/
-    `overrides`); `epochs`, `seed`, `estimator` (ep_symmetric → spiking_ep, cep → spiking_cep),
-    `no_progress`; and, when the caller defines them, `timesteps`, `coding`, `limit`, `json`.
+    `overrides`); `resume` (as `seqep train --resume`: without `task` or `config` the run in `out` says
+    what it is, and `preset` is ignored); `epochs`, `seed`, `estimator` (ep_symmetric → spiking_ep,
+    cep → spiking_cep), `no_progress`; and, when the caller defines them, `timesteps`, `coding`, `limit`, `json`.
     """
     from spiking_ep.training import ANALOG_TO_SPIKING
 
-    if getattr(args, "resume", False):
-        raise ConfigError("--resume is not supported by the spiking backend: start a new --out")
-    init = getattr(args, "init", None)
-    argv = ["spiking-train", *([init] if init else []), "--out", args.out]
+    resume = bool(getattr(args, "resume", False))
+    init, task, config = getattr(args, "init", None), getattr(args, "task", None), getattr(args, "config", None)
+    argv = ["spiking-train", *([init] if init else []), "--out", args.out, *(["--resume"] if resume else [])]
     if not init:
-        argv += ["--from-scratch", "--task", getattr(args, "task", None) or "imdb",
-                 "--preset", getattr(args, "preset", None) or "smoke"]
-        argv += ["--config", args.config] if getattr(args, "config", None) else []
+        if not resume or task or config:
+            argv += ["--from-scratch"]
+        if not resume or task:
+            argv += ["--task", task or "imdb", "--preset", getattr(args, "preset", None) or "smoke"]
+        argv += ["--config", config] if config else []
         argv += [a for o in getattr(args, "overrides", None) or [] for a in ("--set", o)]
     estimator = getattr(args, "estimator", None)
     if estimator:

@@ -14,6 +14,12 @@ Layers, inside out:
 - `finetune_spiking(run_dir, out_dir, ...)`: a converted analog run, its own data and learning rates.
 - `train_spiking_from_scratch(out_dir, task, preset, ...)`: a fresh network from a preset.
 
+Resume (`resume=True`, `seqep spiking-train --out DIR --resume`): `last.pt` is written after the initial
+evaluation and after every epoch with the weights, the optimiser state, the progress (epochs, steps, best
+validation so far, the initial test evaluation, the curve) and the best weights, so a resumed run continues
+after its last completed epoch exactly as the uninterrupted run would have (batch order is a function of
+(seed, epoch)). Its configuration is config.json's; only `epochs` may be raised (`resume_options`).
+
     RUN_DIR/config.json      the analog RunConfig (data, model) + "spiking_train" (this module's config)
     RUN_DIR/spiking.json     the coding it was trained with (read by `seqep spiking-eval`)
     RUN_DIR/metrics.jsonl    "step" rows (loss, batch accuracy at T, spikes) and "epoch" rows
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,11 +42,11 @@ from typing import Any
 
 import torch
 
-from analog_ep.checkpoint import BEST, LAST, load_model, save_model
+from analog_ep.checkpoint import BEST, LAST, load_checkpoint, load_model, save_model
 from analog_ep.config import RunConfig
 from analog_ep.errors import ConfigError
 from analog_ep.phi import EPNet
-from analog_ep.runs import append_jsonl, software_versions, write_json
+from analog_ep.runs import append_jsonl, read_jsonl, software_versions, write_json
 from analog_ep.training_core import param_lrs, train_step
 from spiking_ep.convert import SpikingNet, save_spiking_config, to_spiking
 from spiking_ep.evaluate import evaluate_spiking
@@ -52,6 +60,8 @@ CONTROL_ESTIMATOR = "analog_ep"
 # sigma-delta cannot resolve nudge-induced changes below θ/2 (docs/spiking.md §5): learn with IF units
 LEARNING_CODINGS = ("if", "bernoulli")
 ANALOG_TO_SPIKING = {"ep_symmetric": "spiking_ep", "cep": "spiking_cep"}
+# what a resumed run may change (as `analog_ep.training.RESUMABLE_CHANGES`): more epochs, nothing else
+RESUMABLE_CHANGES = ("epochs",)
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,14 @@ class SpikingTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SpikingTrainConfig:
+        """From `to_dict` / config.json's "spiking_train" (JSON turns the tuple into a list)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names}
+        values["eval_timesteps"] = tuple(values.get("eval_timesteps") or ())
+        return cls(**values)
 
 
 # ---------------------------------------------------------------- data
@@ -193,16 +211,38 @@ def spiking_accuracy(snet: SpikingNet, split: Split, timesteps: Sequence[int], a
 
 # ---------------------------------------------------------------- run files
 class RunFiles:
-    """The files of a spiking run, written with the analog run's atomic helpers (None: write nothing)."""
+    """The files of a spiking run, written with the analog run's atomic helpers (None: write nothing).
 
-    def __init__(self, out_dir: str | Path | None, overwrite: bool = False) -> None:
+    As `seqep train`: a directory that holds a run (checkpoints/last.pt) is refused unless `resume`
+    (continue it; then last.pt must exist) or `overwrite` (the edges check first, then write config.json)."""
+
+    def __init__(self, out_dir: str | Path | None, overwrite: bool = False, resume: bool = False) -> None:
         self.dir = Path(out_dir) if out_dir is not None else None
         if self.dir is None:
+            if resume:
+                raise ConfigError("resuming needs the run directory (out_dir) whose checkpoints/last.pt to continue")
             return
-        if (self.dir / "checkpoints" / LAST).exists() and not overwrite:
-            raise ConfigError(f"{self.dir} already holds a run: pick another --out")
+        has_run = (self.dir / "checkpoints" / LAST).exists()
+        if resume and not has_run:
+            raise ConfigError(f"nothing to resume in {self.dir} (no checkpoints/{LAST}): run without --resume to "
+                              "start a run there")
+        if has_run and not (resume or overwrite):
+            raise ConfigError(f"{self.dir} already holds a run: add --resume to continue it, or pick another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        if not resume:
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def truncate_metrics(self, progress: Progress) -> None:
+        """Drop the rows logged after `last.pt` (an interrupted epoch's): the resumed run logs them again."""
+        if self.dir is None:
+            return
+        path = self.dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path)
+                if not (r.get("kind") == "step" and r.get("step", 0) > progress.step
+                        or r.get("kind") == "epoch" and r.get("epoch", 0) > progress.epoch)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        os.replace(tmp, path)
 
     def log(self, row: dict[str, Any]) -> None:
         if self.dir is not None:
@@ -274,26 +314,85 @@ def train_epoch(snet: SpikingNet, optimizer: torch.optim.Optimizer, split: Split
     return stats, step
 
 
+@dataclass
+class Progress:
+    """What `last.pt` carries besides weights and optimiser, so that a resumed run goes on as the
+    uninterrupted one would: `before` is the initial weights' test evaluation, which it cannot redo."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimiser steps (the "step" rows' counter)
+    best_val: float = -1.0
+    best_epoch: int = 0
+    seconds: float = 0.0  # wall time before this process
+    before: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _data_sizes(data: Splits) -> dict[str, int]:
+    return {"train": data.train.size, "val": data.val.size, "test": data.test.size}
+
+
+def _save_last(files: RunFiles, snet: SpikingNet, optimizer: torch.optim.Optimizer, cfg: SpikingTrainConfig,
+               data: Splits, state: Progress, best_state: dict[str, torch.Tensor]) -> None:
+    files.checkpoint(LAST, snet.net, epoch=state.epoch, spiking=snet.config(), optimizer=optimizer.state_dict(),
+                     spiking_train=cfg.to_dict(), progress=dataclasses.asdict(state), data_sizes=_data_sizes(data),
+                     best_model={k: v.detach().cpu() for k, v in best_state.items()}, rng=torch.get_rng_state())
+
+
+def _load_last(files: RunFiles, snet: SpikingNet, optimizer: torch.optim.Optimizer, cfg: SpikingTrainConfig,
+               data: Splits) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """Restore weights, optimiser, progress and best weights from `last.pt`, refusing another problem."""
+    assert files.dir is not None
+    ckpt = load_checkpoint(files.dir / "checkpoints" / LAST)
+    if "progress" not in ckpt:
+        raise ConfigError(f"{files.dir}: its {LAST} predates resumable spiking runs (no progress record); "
+                          "start a new --out")
+    refuse_changes(ckpt["spiking_train"], cfg.to_dict(), files.dir)
+    for split, then in ckpt["data_sizes"].items():
+        if _data_sizes(data)[split] != then:
+            raise ConfigError(f"{files.dir}: the {split} split has {_data_sizes(data)[split]} samples here and "
+                              f"{then} in the run being resumed (--limit / --eval-limit differ): resume with the "
+                              "run's own data options, or start a new --out")
+    state = Progress(**ckpt["progress"])
+    if cfg.epochs < state.epoch:
+        raise ConfigError(f"{files.dir} has {state.epoch} completed epochs: resume with --epochs ≥ {state.epoch}")
+    snet.net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    files.truncate_metrics(state)
+    return state, ckpt["best_model"]
+
+
 def fit_spiking(snet: SpikingNet, optimizer: torch.optim.Optimizer, data: Splits, cfg: SpikingTrainConfig,
                 out_dir: str | Path | None = None, meta: dict[str, Any] | None = None, progress: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train `snet.net` with spike-driven EP for `cfg.epochs`; evaluate on test before and after.
 
     Validation spiking accuracy at T after every epoch (epoch 0: before training) picks `best.pt`
     among the trained epochs; the test split is evaluated at `cfg.all_eval_timesteps` on the initial
     weights and on the best ones, with the same units and T. Returns the report (also report.json).
+    `resume`: continue the run in `out_dir` from its `last.pt` (weights, optimiser, progress; `snet`'s
+    weights and `optimizer`'s state are replaced); `cfg` may differ from the run's only in `epochs`.
     """
-    files = RunFiles(out_dir, overwrite)
+    files = RunFiles(out_dir, overwrite, resume)
     T, t_start = cfg.timesteps, time.perf_counter()
-    if files.dir is not None:
-        save_spiking_config(snet, files.dir)
-    before = spiking_accuracy(snet, data.test, cfg.all_eval_timesteps, cfg.analog_steps)
-    val = spiking_accuracy(snet, data.val, [T], cfg.analog_steps)
-    curve = [_epoch_row(0, None, val, T, 0.0, 0.0)]
-    files.log(curve[0])
-    best_val, best_epoch, best_state, step = -1.0, 0, copy.deepcopy(snet.net.state_dict()), 0
-    for epoch in range(cfg.epochs):
-        stats, step = train_epoch(snet, optimizer, data.train, cfg, epoch, files, step, progress)
+    if resume:
+        state, best_state = _load_last(files, snet, optimizer, cfg, data)
+        seconds_before = state.seconds
+    else:
+        if files.dir is not None:
+            save_spiking_config(snet, files.dir)
+        before = spiking_accuracy(snet, data.test, cfg.all_eval_timesteps, cfg.analog_steps)
+        val = spiking_accuracy(snet, data.val, [T], cfg.analog_steps)
+        state = Progress(before=before, curve=[_epoch_row(0, None, val, T, 0.0, 0.0)])
+        files.log(state.curve[0])
+        best_state = copy.deepcopy(snet.net.state_dict())
+        state.seconds = time.perf_counter() - t_start
+        _save_last(files, snet, optimizer, cfg, data, state, best_state)  # resumable from the first epoch on
+        seconds_before = 0.0
+    curve = state.curve
+    for epoch in range(state.epoch, cfg.epochs):
+        stats, state.step = train_epoch(snet, optimizer, data.train, cfg, epoch, files, state.step, progress)
         v0 = time.perf_counter()
         val = spiking_accuracy(snet, data.val, [T], cfg.analog_steps)
         curve.append(_epoch_row(epoch + 1, stats, val, T, stats.seconds, time.perf_counter() - v0))
@@ -301,16 +400,18 @@ def fit_spiking(snet: SpikingNet, optimizer: torch.optim.Optimizer, data: Splits
         if progress:
             print(f"epoch {epoch + 1}: train acc@T={T} {stats.summary()['train_accuracy']:.4f}  val acc@T "
                   f"{curve[-1]['val_accuracy']:.4f}  (analog {val['analog_accuracy']:.4f})", file=sys.stderr)
-        if curve[-1]["val_accuracy"] > best_val:
-            best_val, best_epoch = curve[-1]["val_accuracy"], epoch + 1
+        if curve[-1]["val_accuracy"] > state.best_val:
+            state.best_val, state.best_epoch = curve[-1]["val_accuracy"], epoch + 1
             best_state = copy.deepcopy(snet.net.state_dict())
-            files.checkpoint(BEST, snet.net, epoch=epoch + 1, val_accuracy=best_val, spiking=snet.config())
-        files.checkpoint(LAST, snet.net, epoch=epoch + 1, spiking=snet.config(), optimizer=optimizer.state_dict())
+            files.checkpoint(BEST, snet.net, epoch=epoch + 1, val_accuracy=state.best_val, spiking=snet.config())
+        state.epoch, state.seconds = epoch + 1, seconds_before + time.perf_counter() - t_start
+        _save_last(files, snet, optimizer, cfg, data, state, best_state)
     if cfg.epochs == 0:
         files.checkpoint(BEST, snet.net, epoch=0, spiking=snet.config())
     snet.net.load_state_dict(best_state)
     after = spiking_accuracy(snet, data.test, cfg.all_eval_timesteps, cfg.analog_steps)
-    report = _report(cfg, snet, before, after, curve, best_epoch, time.perf_counter() - t_start, meta or {})
+    report = _report(cfg, snet, state.before, after, curve, state.best_epoch,
+                     seconds_before + time.perf_counter() - t_start, meta or {})
     report["free_phase_trace"] = analog_free_phase_trace(snet.net, data.val, cfg.analog_steps)
     files.json("report.json", report)
     if files.dir is not None:
@@ -381,6 +482,70 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- resume
+LIMIT_DEFAULTS: dict[str, int | None] = {"limit": None, "eval_limit": 1000}
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "(none)"
+    return "(default)" if value is None else str(value)
+
+
+def refuse_changes(saved: dict[str, Any], given: dict[str, Any], run_dir: str | Path) -> None:
+    """A ConfigError naming the first of `given` that differs from the resumed run's `saved` option: another
+    T, estimator, coding, β, batch or data subset is another learning problem, not a continuation."""
+    for key, value in given.items():
+        if key in RESUMABLE_CHANGES or key not in saved:
+            continue
+        old = saved[key]
+        if key == "eval_timesteps":
+            value, old = sorted(set(value or ())), sorted(set(old or ()))
+        if value != old:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{run_dir}: cannot resume with {flag} {_flag_value(value)}: the run was trained with "
+                              f"{flag} {_flag_value(old)}. Drop {flag} to continue the run as it was (only --epochs "
+                              f"may change), or start a new --out to train with {flag} {_flag_value(value)}")
+
+
+def read_resumable(out_dir: str | Path) -> dict[str, Any]:
+    """config.json of the spiking run in `out_dir` that `--resume` continues; a ConfigError saying what is missing."""
+    out = Path(out_dir)
+    missing = [name for name in ("config.json", f"checkpoints/{LAST}") if not (out / name).is_file()]
+    if missing:
+        raise ConfigError(f"nothing to resume in {out} (no {' and no '.join(missing)}): point --out at the run to "
+                          "continue, or run without --resume to start a new one there")
+    saved = json.loads((out / "config.json").read_text())
+    if "spiking_train" not in saved:
+        raise ConfigError(f"{out} is not a spiking run (config.json has no \"spiking_train\"): continue an analog "
+                          f"run with `seqep train --out {out} --resume`")
+    return saved
+
+
+def resume_options(out_dir: str | Path, **given: Any) -> tuple[SpikingTrainConfig, dict[str, int | None]]:
+    """What `--resume` continues with: config.json's `SpikingTrainConfig` and data limits ("limit",
+    "eval_limit"), the explicitly `given` values checked against them (`refuse_changes`). Only `epochs`
+    may change, and not below the epochs already completed."""
+    saved = read_resumable(out_dir)
+    cfg = SpikingTrainConfig.from_dict(saved["spiking_train"])
+    limits = {k: saved[k] if k in saved else given.get(k, default) for k, default in LIMIT_DEFAULTS.items()}
+    refuse_changes({**cfg.to_dict(), **limits}, given, out_dir)
+    done = load_checkpoint(Path(out_dir) / "checkpoints" / LAST).get("progress", {}).get("epoch", 0)
+    epochs = given.get("epochs", max(cfg.epochs, done))
+    if epochs < done:
+        raise ConfigError(f"{out_dir} has {done} completed epochs: resume with --epochs ≥ {done} (or without --epochs)")
+    return dataclasses.replace(cfg, epochs=epochs), limits
+
+
+def _note_resume(out_dir: str | Path, cfg: SpikingTrainConfig, command: str) -> None:
+    """config.json stays the run's own; a resume records its command and a raised epoch count."""
+    path = Path(out_dir) / "config.json"
+    saved = json.loads(path.read_text())
+    saved["spiking_train"] = cfg.to_dict()
+    saved["resumed"] = [*saved.get("resumed", []), command]
+    write_json(path, saved)
+
+
 # ---------------------------------------------------------------- edges: run directories
 def _scaled_optimizer(run_cfg: RunConfig, net: EPNet, lr_scale: float) -> torch.optim.Optimizer:
     """The run's own optimiser and layer-wise learning rates (`make_optimizer`), times `lr_scale`."""
@@ -410,59 +575,110 @@ def _spiking(net: EPNet, cfg: SpikingTrainConfig) -> SpikingNet:
     return to_spiking(net, cfg.coding, tau=cfg.tau, attention=cfg.attention, seed=cfg.seed)
 
 
-def finetune_spiking(run_dir: str | Path, out_dir: str | Path, epochs: int = 1, timesteps: int = 16,
+def finetune_spiking(run_dir: str | Path | None, out_dir: str | Path, epochs: int = 1, timesteps: int = 16,
                      coding: str = "if", limit: int | None = None, eval_limit: int | None = 1000,
                      cfg: SpikingTrainConfig | None = None, progress: bool = True, command: str = "",
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Fine-tune an analog run's best checkpoint with spike-driven EP at T = `timesteps`.
 
     `limit`: training samples per epoch (drawn from the whole train split); `eval_limit`: first N val
     and test samples. `cfg` overrides everything else (its epochs/timesteps/coding win when given).
+    `resume`: continue the fine-tuning in `out_dir` with its own config and limits (`cfg`, if given, may
+    only raise the epochs; `run_dir`, if given, must be the run it fine-tunes). Data and weights then come
+    from `out_dir` itself, so the source run need not be there any more.
     """
     from analog_ep.training import load_run_data, seed_everything
 
+    if resume:
+        source = read_resumable(out_dir).get("source_run")
+        if source is None:
+            raise ConfigError(f"{out_dir} was trained from scratch, not fine-tuned: resume it with --from-scratch "
+                              "(or without RUN_DIR)")
+        if run_dir is not None and Path(run_dir).resolve() != Path(source).resolve():
+            raise ConfigError(f"{out_dir} fine-tunes {source}, not {run_dir}: resume without RUN_DIR (or with "
+                              f"{source}), or start a new --out to fine-tune {run_dir}")
+        run_dir = source
+        cfg, limits = resume_options(out_dir, **(cfg.to_dict() if cfg else {}))
+        limit, eval_limit = limits["limit"], limits["eval_limit"]
+    elif run_dir is None:
+        raise ConfigError("fine-tuning needs RUN_DIR, the analog run to fine-tune")
     cfg = cfg or SpikingTrainConfig(timesteps=timesteps, epochs=epochs, coding=coding, lr_scale=0.1)
     seed_everything(cfg.seed)
-    run_cfg, task, embedding = load_run_data(run_dir, progress=progress)
-    net = load_model(run_dir)[0].to(getattr(torch, run_cfg.train.dtype))
+    run_cfg, task, embedding = load_run_data(out_dir if resume else run_dir, progress=progress)
+    net = load_model(out_dir if resume else run_dir, LAST if resume else BEST)[0]
+    net = net.to(getattr(torch, run_cfg.train.dtype))
     run_cfg.train.device = "cpu"  # the spiking simulation runs on the CPU (a CUDA run converts there)
     data = _run_splits(run_cfg, task, embedding, cfg, limit, eval_limit, net.weights[0].dtype)
-    RunFiles(out_dir, overwrite)  # refuse an existing run before writing anything
-    _write_config(out_dir, run_cfg, cfg, net, command, source_run=str(run_dir), data_info=task.info)
+    if resume:
+        _note_resume(out_dir, cfg, command)
+    else:
+        RunFiles(out_dir, overwrite)  # refuse an existing run before writing anything
+        _write_config(out_dir, run_cfg, cfg, net, command, source_run=str(run_dir), data_info=task.info,
+                      mode="finetune", limit=limit, eval_limit=eval_limit)
     meta = {"task": run_cfg.data.task, "mode": "finetune", "source_run": str(run_dir), "n_train": data.train.size,
             "command": command}
     return fit_spiking(_spiking(net, cfg), _scaled_optimizer(run_cfg, net, cfg.lr_scale), data, cfg, out_dir, meta,
-                       progress, overwrite=True)
+                       progress, overwrite=True, resume=resume)
 
 
-def train_spiking_from_scratch(out_dir: str | Path, task: str = "imdb", preset: str = "smoke",
+def _plain(run_cfg: RunConfig) -> Any:
+    """A RunConfig as JSON would give it back (tuples → lists), to compare with a saved one."""
+    return json.loads(json.dumps(run_cfg.to_dict(), default=str))
+
+
+def train_spiking_from_scratch(out_dir: str | Path, task: str | None = "imdb", preset: str | None = "smoke",
                                overrides: Sequence[str] = (), epochs: int = 1, timesteps: int = 16,
                                coding: str = "if", limit: int | None = None, eval_limit: int | None = 1000,
                                cfg: SpikingTrainConfig | None = None, progress: bool = True, command: str = "",
-                               overwrite: bool = False, config: str | Path | None = None) -> dict[str, Any]:
+                               overwrite: bool = False, config: str | Path | None = None,
+                               resume: bool = False) -> dict[str, Any]:
     """A fresh network from `experiments/presets/TASK-PRESET.toml` or a `config` TOML file (+ `--set`
     overrides), trained with spikes.
 
     The data and model come from the preset exactly as `seqep train` builds them (`load_task_for`,
     `build_model`); spiking EP replaces the analog estimator. Attention defaults to "dense" here: from a
     random start the herding winner sequences of the ±β phases diverge and the first two layers' updates
-    are noise (measured: chance level after 3 epochs, docs/spiking.md §8); pass attention="herd" to try."""
+    are noise (measured: chance level after 3 epochs, docs/spiking.md §8); pass attention="herd" to try.
+    `resume`: continue the run in `out_dir` with its own config and limits, as `seqep train --resume`:
+    `task` (None: the run's; then `preset` is ignored) or `config`, and `overrides`, must give the run's
+    data and model again; `cfg`, if given, may only raise the epochs."""
     from analog_ep.config import apply_overrides, load_preset, load_toml
     from analog_ep.training import build_model, load_task_for, model_embedding, seed_everything
 
-    run_cfg = apply_overrides(load_toml(config) if config else load_preset(task, preset), list(overrides))
-    run_cfg.train.device = "cpu"
-    cfg = cfg or SpikingTrainConfig(timesteps=timesteps, epochs=epochs, coding=coding, seed=run_cfg.train.seed)
-    if cfg.attention is None:
-        cfg = dataclasses.replace(cfg, attention="dense")
+    if resume:
+        saved = read_resumable(out_dir)
+        if "source_run" in saved:
+            raise ConfigError(f"{out_dir} fine-tunes {saved['source_run']}: resume it without --from-scratch")
+        base = (load_toml(config) if config else load_preset(task, preset or "smoke") if task
+                else RunConfig.from_dict(saved["config"], source=str(Path(out_dir) / "config.json")))
+        run_cfg = apply_overrides(base, list(overrides))
+        run_cfg.train.device = "cpu"
+        if _plain(run_cfg) != _plain(RunConfig.from_dict(saved["config"])):
+            raise ConfigError(f"{out_dir}: --task/--preset/--config/--set give another data set or model than the "
+                              "run being resumed (its config.json): resume without them, or start a new --out")
+        cfg, limits = resume_options(out_dir, **(cfg.to_dict() if cfg else {}))
+        limit, eval_limit = limits["limit"], limits["eval_limit"]
+        preset_name, overrides = saved.get("preset", str(config or preset)), saved.get("overrides", overrides)
+    else:
+        run_cfg = apply_overrides(load_toml(config) if config else load_preset(task or "imdb", preset or "smoke"),
+                                  list(overrides))
+        run_cfg.train.device = "cpu"
+        cfg = cfg or SpikingTrainConfig(timesteps=timesteps, epochs=epochs, coding=coding, seed=run_cfg.train.seed)
+        if cfg.attention is None:
+            cfg = dataclasses.replace(cfg, attention="dense")
+        preset_name = str(config or preset)
     seed_everything(run_cfg.train.seed)
     data_set = load_task_for(run_cfg, progress)
     embedding = model_embedding(run_cfg, data_set)
     net = build_model(run_cfg, data_set)
     data = _run_splits(run_cfg, data_set, embedding, cfg, limit, eval_limit, net.weights[0].dtype)
-    RunFiles(out_dir, overwrite)
-    _write_config(out_dir, run_cfg, cfg, net, command, data_info=data_set.info)
-    meta = {"task": run_cfg.data.task, "mode": "from_scratch", "preset": str(config or preset),
+    if resume:
+        _note_resume(out_dir, cfg, command)
+    else:
+        RunFiles(out_dir, overwrite)
+        _write_config(out_dir, run_cfg, cfg, net, command, data_info=data_set.info, mode="from_scratch",
+                      preset=preset_name, overrides=list(overrides), limit=limit, eval_limit=eval_limit)
+    meta = {"task": run_cfg.data.task, "mode": "from_scratch", "preset": preset_name,
             "overrides": list(overrides), "n_train": data.train.size, "command": command}
     return fit_spiking(_spiking(net, cfg), _scaled_optimizer(run_cfg, net, cfg.lr_scale), data, cfg, out_dir, meta,
-                       progress, overwrite=True)
+                       progress, overwrite=True, resume=resume)

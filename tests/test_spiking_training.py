@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,134 @@ def test_cli_from_scratch_then_finetune_on_imdb(tmp_path, capsys):
     config = json.loads((tuned / "config.json").read_text())
     assert config["source_run"] == str(scratch) and config["spiking_train"]["coding"] == "if"
     assert (tuned / "checkpoints" / "best.pt").is_file() and (tuned / "report.json").is_file()
+
+
+# ---------------------------------------------------------------- resume (seqep spiking-train --resume)
+def small_splits() -> Splits:
+    x, y = gaussian_clusters(120, seed=1)
+    xt, yt = gaussian_clusters(200, seed=2)
+    return Splits(tensor_split(x, y, 20), tensor_split(xt[:100], yt[:100], 100), tensor_split(xt[100:], yt[100:], 100))
+
+
+def small_fit(out_dir: Path, epochs: int, resume: bool = False, **options) -> tuple[EPNet, dict]:
+    """A fresh network and optimiser each call, as a new process has: resuming must restore both.
+
+    Measured: val accuracy at T = 8 after epochs 0…4 is 0.52, 0.87, 0.99, 1.0, 1.0, so epoch 3 stays the best."""
+    net = EPNet(build_spec("mlp", tiny=True, bias_offset=1.0), seed=0)
+    cfg = SpikingTrainConfig(**{"timesteps": 8, "beta": 0.5, "epochs": epochs, "batch_size": 20, "analog_steps": 30,
+                                "log_every": 1, **options})
+    report = fit_spiking(to_spiking(net, "if", tau=cfg.tau), torch.optim.Adam(layer_param_groups(net, 3e-2)),
+                         small_splits(), cfg, out_dir, resume=resume)
+    return net, report
+
+
+def _rows(run: Path) -> list[tuple]:
+    return [(r["kind"], r.get("step"), r["epoch"]) for r in map(json.loads, (run / "metrics.jsonl").open())]
+
+
+def _last(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A 1-epoch run with the config.json a from-scratch `spiking-train` writes (read-only for the tests)."""
+    from analog_ep.runs import write_json
+
+    run = tmp_path_factory.mktemp("spiking") / "run"
+    _, report = small_fit(run, 1)
+    write_json(run / "config.json", {"config": {}, "spiking_train": report["spiking_train"], "mode": "from_scratch",
+                                     "limit": None, "eval_limit": 1000})
+    return run
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    """4 epochs straight = 3 epochs, a fresh process, resume to 4: same weights, optimiser, curve, best epoch
+    (the 3rd: the resumed run must remember that epoch 4 only ties it), metrics."""
+    straight, a = small_fit(tmp_path / "a", 4)
+    small_fit(tmp_path / "b", 3)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # rows of an epoch interrupted after last.pt
+        f.write(json.dumps({"kind": "step", "step": 999, "epoch": 3.5}) + "\n")
+        f.write(json.dumps({"kind": "epoch", "epoch": 4, "val_accuracy": 0.0}) + "\n")
+    resumed, b = small_fit(tmp_path / "b", 4, resume=True)
+    for name, p in straight.state_dict().items():  # the best weights the report evaluates
+        assert torch.equal(p, resumed.state_dict()[name]), name
+    last_a, last_b = _last(tmp_path / "a"), _last(tmp_path / "b")
+    assert all(torch.equal(v, last_b["model"][k]) for k, v in last_a["model"].items())
+    adam_a, adam_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert adam_a.keys() == adam_b.keys() and all(
+        torch.equal(adam_a[i][k], adam_b[i][k]) for i in adam_a for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert [r["val_accuracy"] for r in a["curve"]] == [r["val_accuracy"] for r in b["curve"]]
+    assert (a["best_epoch"], a["before"], a["after"]) == (b["best_epoch"], b["before"], b["after"])
+    assert last_b["progress"]["epoch"] == 4 and last_b["progress"]["best_epoch"] == a["best_epoch"]
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")  # the interrupted epoch's rows are gone, none doubled
+    assert [r[2] for r in _rows(tmp_path / "b") if r[0] != "step"] == [0, 1, 2, 3, 4]
+    again, c = small_fit(tmp_path / "b", 4, resume=True)  # a finished run: re-evaluated, nothing trained
+    assert (c["test_accuracy"], c["curve"]) == (b["test_accuracy"], b["curve"])
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
+
+
+def test_resume_refuses_another_learning_problem(one_epoch_run, tmp_path):
+    """Only --epochs may change; a flag that changes what is learned names itself and says how to go on."""
+    from spiking_ep.cli import run_spiking_train
+    from spiking_ep.training import resume_options
+
+    cfg, limits = resume_options(one_epoch_run, epochs=3, timesteps=8, beta=0.5)
+    assert (cfg.epochs, cfg.timesteps, limits) == (3, 8, {"limit": None, "eval_limit": 1000})
+    assert resume_options(one_epoch_run)[0].epochs == 1
+    for flags, match in ((["--timesteps", "16"], "--timesteps 16: the run was trained with --timesteps 8"),
+                         (["--estimator", "spiking_cep"], "--estimator"), (["--coding", "bernoulli"], "--coding"),
+                         (["--beta", "0.2"], "--beta"), (["--limit", "64"], "--limit"),
+                         (["--epochs", "0"], "1 completed epochs")):
+        with pytest.raises(ConfigError, match=match) as err:
+            run_spiking_train(_parse(["spiking-train", "--out", str(one_epoch_run), "--resume", *flags]))
+        assert "--epochs" in str(err.value) or "new --out" in str(err.value)
+    with pytest.raises(ConfigError, match="--timesteps"):  # the core checks last.pt itself
+        small_fit(one_epoch_run, 2, resume=True, timesteps=16)
+    with pytest.raises(ConfigError, match="from scratch"):  # the source run is part of the problem too
+        run_spiking_train(_parse(["spiking-train", str(tmp_path), "--out", str(one_epoch_run), "--resume"]))
+    finetuned = tmp_path / "ft"
+    shutil.copytree(one_epoch_run, finetuned)
+    config = json.loads((finetuned / "config.json").read_text())
+    (finetuned / "config.json").write_text(json.dumps({**config, "source_run": str(tmp_path / "analog")}))
+    with pytest.raises(ConfigError, match="fine-tunes .*analog, not .*other: resume without RUN_DIR"):
+        run_spiking_train(_parse(["spiking-train", str(tmp_path / "other"), "--out", str(finetuned), "--resume"]))
+    with pytest.raises(ConfigError, match="without --from-scratch"):
+        run_spiking_train(_parse(["spiking-train", "--from-scratch", "--out", str(finetuned), "--resume"]))
+
+
+def test_resume_needs_a_run_and_a_run_needs_resume(one_epoch_run, tmp_path):
+    from spiking_ep.cli import run_spiking_train
+
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        small_fit(tmp_path / "empty", 1, resume=True)
+    with pytest.raises(ConfigError, match=r"nothing to resume .*config.json"):
+        run_spiking_train(_parse(["spiking-train", "--out", str(tmp_path / "empty"), "--resume"]))
+    with pytest.raises(ConfigError, match="already holds a run: add --resume"):
+        small_fit(one_epoch_run, 1)
+
+
+def test_train_backend_passes_resume_through(one_epoch_run, monkeypatch):
+    """`seqep train --backend spiking --out DIR --resume`: the run in DIR says what it is (as `seqep train
+    --resume`), the flags given are checked against it."""
+    import spiking_ep.training as training
+    from analog_ep.cli import main
+    from spiking_ep.cli import train_backend
+
+    calls = []
+    fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
+            "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
+            "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
+    monkeypatch.setattr(training, "train_spiking_from_scratch", lambda *a, **k: calls.append(("scratch", a, k)) or fake)
+    monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append(("finetune", a, k)) or fake)
+    args = argparse.Namespace(out=str(one_epoch_run), task=None, preset="smoke", config=None, overrides=[], epochs=3,
+                              seed=None, estimator=None, no_progress=True, resume=True)
+    assert train_backend(args) == 0
+    kind, a, k = calls[-1]
+    assert kind == "scratch" and a[:3] == (str(one_epoch_run), None, None) and k["resume"]
+    assert k["cfg"].epochs == 3 and k["cfg"].timesteps == 8 and k["cfg"].beta == 0.5
+    assert main(["train", "--backend", "spiking", "--out", str(one_epoch_run), "--resume", "--no-progress"]) == 0
+    assert calls[-1][2]["resume"] and calls[-1][2]["cfg"].epochs == 1
+    args.estimator = "cep"
+    with pytest.raises(ConfigError, match="--estimator spiking_cep"):
+        train_backend(args)

@@ -39,6 +39,7 @@ def test_paper_presets_hold_the_paper_settings():
     ({"optim": {}}, "unknown section"),
     ({"ep": {"beta": "big"}}, "wrong type"),
     ({"ep": {"estimator": "magic"}}, "choose one of"),
+    ({"ep": {"precision": "fp16"}}, "choose one of"),
     ({"ep": {"beta": 0}}, "must be > 0"),
     ({"model": {"hidden": [10, -1]}}, "hidden sizes"),
 ])
@@ -53,6 +54,9 @@ def test_overrides_parse_toml_literals_and_find_unique_keys():
     assert (cfg.ep.beta, cfg.train.lrs, cfg.data.vectors, cfg.train.max_minutes, cfg.train.epochs) == (
         0.2, [1e-3, 5e-4], "w2v:300", None, 7)
     assert parse_override("model.attention=false") == ("model", "attention", False)
+    from analog_ep.training import ep_config
+
+    assert ep_config(apply_overrides(RunConfig(), ["ep.precision=bf16"])).precision == "bf16"
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides(RunConfig(), ["beta"])
     with pytest.raises(ConfigError, match="unknown"):
