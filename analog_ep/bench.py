@@ -513,7 +513,7 @@ def bench(
     shapes: list[str],
     batch: int | None = None,
     precision: str = "bf16",
-    early_exit: bool = True,
+    early_exit: bool = False,
     tol: float | None = None,
     reference: bool = True,
     inference: bool = True,
