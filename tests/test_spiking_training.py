@@ -161,17 +161,24 @@ def test_cli_needs_a_run_or_from_scratch(tmp_path):
         run_spiking_train(_parse(["spiking-train", str(tmp_path), "--from-scratch", "--out", str(tmp_path / "o")]))
 
 
-def test_train_backend_maps_the_analog_train_flags(monkeypatch, tmp_path):
-    """`seqep train --backend spiking` → `spiking-train`: fine-tune with `init`, else from the preset."""
+def fake_spiking_training(monkeypatch) -> list:
+    """Replace the two spiking training entry points by recorders: calls are (kind, args, kwargs)."""
     import spiking_ep.training as training
-    from spiking_ep.cli import train_backend
 
-    calls = []
-    fake = {"mode": "x", "estimator": "spiking_cep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
-            "before": {"accuracy": {"16": 0.5}, "analog_accuracy": 0.5},
-            "after": {"accuracy": {"16": 0.6}, "analog_accuracy": 0.5}}
+    calls: list = []
+    fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
+            "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
+            "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
     monkeypatch.setattr(training, "train_spiking_from_scratch", lambda *a, **k: calls.append(("scratch", a, k)) or fake)
     monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append(("finetune", a, k)) or fake)
+    return calls
+
+
+def test_train_backend_maps_the_analog_train_flags(monkeypatch, tmp_path):
+    """`seqep train --backend spiking` → `spiking-train`: fine-tune with `init`, else from the preset."""
+    from spiking_ep.cli import train_backend
+
+    calls = fake_spiking_training(monkeypatch)
     args = argparse.Namespace(out=str(tmp_path / "o"), task="imdb", preset="smoke", config=None,
                               overrides=["data.train_limit=100"], epochs=2, seed=None, estimator="cep",
                               no_progress=True, resume=False)
@@ -190,18 +197,13 @@ def test_train_backend_maps_the_analog_train_flags(monkeypatch, tmp_path):
 
 def test_seqep_train_dispatches_to_the_spiking_backend(monkeypatch, tmp_path, capsys):
     """`seqep train --backend spiking --init RUN` reaches the spiking fine-tuning through the entry point."""
-    import spiking_ep.training as training
     from analog_ep.cli import main
 
-    calls = []
-    fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
-            "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
-            "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
-    monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append((a, k)) or fake)
+    calls = fake_spiking_training(monkeypatch)
     assert main(["train", "--backend", "spiking", "--init", str(tmp_path), "--timesteps", "8",
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 0
-    (a, k), = calls
-    assert a[0] == str(tmp_path) and k["cfg"].timesteps == 8
+    (kind, a, k), = calls
+    assert kind == "finetune" and a[0] == str(tmp_path) and k["cfg"].timesteps == 8
     capsys.readouterr()
     assert main(["train", "--task", "imdb", "--timesteps", "8", "--out", str(tmp_path / "p")]) == 2
     assert "--timesteps only apply with --backend spiking" in capsys.readouterr().err
@@ -339,16 +341,10 @@ def test_resume_needs_a_run_and_a_run_needs_resume(one_epoch_run, tmp_path):
 def test_train_backend_passes_resume_through(one_epoch_run, monkeypatch):
     """`seqep train --backend spiking --out DIR --resume`: the run in DIR says what it is (as `seqep train
     --resume`), the flags given are checked against it."""
-    import spiking_ep.training as training
     from analog_ep.cli import main
     from spiking_ep.cli import train_backend
 
-    calls = []
-    fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
-            "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
-            "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
-    monkeypatch.setattr(training, "train_spiking_from_scratch", lambda *a, **k: calls.append(("scratch", a, k)) or fake)
-    monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append(("finetune", a, k)) or fake)
+    calls = fake_spiking_training(monkeypatch)
     args = argparse.Namespace(out=str(one_epoch_run), task=None, preset="smoke", config=None, overrides=[], epochs=3,
                               seed=None, estimator=None, no_progress=True, resume=True)
     assert train_backend(args) == 0
