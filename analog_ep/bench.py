@@ -38,10 +38,11 @@ import torch
 
 from analog_ep import dynamics, estimators
 from analog_ep.config import load_preset
-from analog_ep.estimators import EPConfig, ep_symmetric
+from analog_ep.estimators import EPConfig, ep_symmetric, make_estimator
+from analog_ep.gdu import angle_deg
 from analog_ep.models import build_spec
 from analog_ep.phi import PRECISIONS, EPNet, GraphSpec, enable_compiled_kernels
-from analog_ep.training_core import layer_param_groups
+from analog_ep.training_core import layer_param_groups, train_step
 
 PAPER_SHAPES = ("imdb-paper", "snli-paper")
 CPU_SHAPES = ("imdb-cpu", "snli-cpu")
@@ -302,9 +303,7 @@ def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_a
     opt = _optimizer(net, shape, fused_adam)
     x, y = random_batch(shape.spec, batch)
     for _ in range(warmup):  # compile, oneDNN primitives, and the heap's working set
-        opt.zero_grad(set_to_none=True)
-        ep_symmetric(net, x, y, cfg)
-        opt.step()
+        train_step(net, make_estimator("ep_symmetric", cfg), x, y, opt)
     times, phases = [], []
     with LoadMeter() as load:
         for _ in range(repeats):
@@ -376,14 +375,6 @@ def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([grads[k].flatten().double() for k in sorted(grads)])
 
 
-def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    denom = float(a.norm() * b.norm())
-    if denom == 0:
-        return float("nan")
-    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b) / denom))))
-
-
 def check_fidelity(shape: Shape, batch: int, cfg: EPConfig, seed: int = 0) -> dict:
     """Angle between the fast path's EP update and the float64 EP update (same net, batch, steps).
 
@@ -445,15 +436,13 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
         seed_everything(cfg.train.seed)
         net = build_model(cfg, data)
         opt = make_optimizer(cfg, net)
-        ep = EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, tol=out["tol"], precision=precision)
+        estimator = make_estimator("ep_symmetric", EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps,
+                                                            tol=out["tol"], precision=precision))
         t0, steps = time.perf_counter(), []
         for epoch in range(epochs):
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
             for x, y in batches(data.train, embedding, cfg.train.batch_size, "cpu", torch.float32, order):
-                opt.zero_grad(set_to_none=True)
-                est = ep_symmetric(net, x, y, ep)
-                opt.step()
-                steps.append(est.free_trace.steps)
+                steps.append(train_step(net, estimator, x, y, opt).free_trace.steps)
         seconds = time.perf_counter() - t0
         val = evaluate_split(net, data.val, embedding, cfg)
         out[precision] = {"val_accuracy": val["accuracy"], "train_seconds": seconds,

@@ -66,7 +66,7 @@ def relax(
     trace = RelaxTrace()
     nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
     refine = (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
-    refined, best, stalled = None, float("inf"), 0
+    best, stalled = float("inf"), 0
     for _ in range(steps):
         if record_phi:
             trace.phi.append(float(net.phi(inputs, state).mean()))
@@ -78,15 +78,14 @@ def relax(
         trace.steps += 1
         if tol is not None and trace.residuals[-1] < tol:
             break
-        if refine and refined is None:
+        if refine and trace.refined_at is None:
             res = trace.residuals[-1]
             stalled = 0 if res < 0.5 * best else stalled + 1
             best = min(best, res)
             if (stalled >= REFINE_PATIENCE and res < REFINE_BELOW) or trace.steps == steps - REFINE_LAST:
-                refined = inputs
                 inputs, state = net.nudge_start(inputs, state)
                 trace.refined_at = trace.steps
-    if refined is not None:
+    if trace.refined_at is not None:
         state = net.full_state(inputs, state)
     return state, trace
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from analog_ep.dynamics import RelaxTrace, free_phase, relax
-from analog_ep.phi import PRECISIONS, EPNet, Inputs, State, mse_loss, one_hot_target
+from analog_ep.phi import PRECISIONS, EPNet, Inputs, State, mse_loss, one_hot_target, signed_coef
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,6 @@ class Estimate:
 
 def stack_states(a: State, b: State) -> State:
     return [torch.cat([sa, sb]) for sa, sb in zip(a, b)]
-
-
-def signed_coef(batch: int, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """(+scale … , −scale …): the contrast of two stacked half-batches."""
-    c = torch.full((2 * batch,), scale, dtype=like.dtype, device=like.device)
-    c[batch:] = -scale
-    return c
 
 
 def write_grads(net: EPNet, grads: dict[str, torch.Tensor]) -> None:
@@ -108,11 +101,7 @@ def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
         net, inputs2, start, cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
         tol=cfg.nudge_tol, residual=_residual(cfg),
     )
-    if inputs.lowp is not None:
-        grads = net.symmetric_contrast(inputs2, nudged, -1.0 / (2 * cfg.beta * B))
-    else:
-        coef = signed_coef(B, -1.0 / (2 * cfg.beta * B), free[-1])
-        grads = net.phi_param_grads(inputs2, nudged, coef)
+    grads = net.symmetric_contrast(inputs2, nudged, -1.0 / (2 * cfg.beta * B))
     if set_grad:
         write_grads(net, grads)
     return Estimate(grads, free[-1], float(mse_loss(free[-1], target)), trace)

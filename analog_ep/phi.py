@@ -365,9 +365,9 @@ class EPNet(nn.Module):
             return rep, [s.repeat(times, *([1] * (s.dim() - 1))) if times > 1 else s for s in free]
 
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None or times == 1 else torch.cat([t] * times)
+            return t if t is None or times == 1 else torch.cat([t] * times)
 
-        stacked = [rep(s) if times > 1 else s for s in free]
+        stacked = [rep(s) for s in free]
         P = 1 if self.spec.num_projections else 0
         dtype = self.biases[0].dtype
         up: list[torch.Tensor | None] = [None] * len(self.weights)
@@ -386,9 +386,9 @@ class EPNet(nn.Module):
         if P:
             q = self._low_precision_drive(inputs, free, 0)  # the query at s*, as the free phase computes it
             retrieval = self._low_precision_retrieve(inputs, q) if self.spec.attention else q
-            retrieval = rep(retrieval) if times > 1 else retrieval
+            retrieval = rep(retrieval)
             stacked[0] = torch.zeros(stacked[0].shape, dtype=lp.dtype, device=stacked[0].device)
-        base = DeltaBase([rep(s) if times > 1 else s for s in free], up, down, retrieval)
+        base = DeltaBase([rep(s) for s in free], up, down, retrieval)
         if times == 1:
             return replace(inputs, lowp=replace(lp, base=base)), stacked
         lowp = LowPrecision(lp.dtype, lp.weights, rep(lp.keys), rep(lp.scaled_keys_t), None, None, rep(lp.flat_x), base)
@@ -600,9 +600,7 @@ class EPNet(nn.Module):
         rows = nudged[-1].shape[0]
         half = rows // 2
         if lp is None or lp.base is None:
-            coef = torch.full((rows,), scale, dtype=nudged[-1].dtype, device=nudged[-1].device)
-            coef[half:] = -scale
-            return self.phi_param_grads(inputs, nudged, coef)
+            return self.phi_param_grads(inputs, nudged, signed_coef(half, scale, nudged[-1]))
         dtype = self.biases[0].dtype
         P = 1 if self.spec.num_projections else 0
         grads: dict[str, torch.Tensor] = {}
@@ -703,6 +701,13 @@ def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torc
     """
     kernel = _COMPILED.get("delta_attention", _delta_attention_eager)
     return kernel(attention, delta_scores)
+
+
+def signed_coef(batch: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """(+scale … , −scale …): the contrast of two stacked half-batches."""
+    c = torch.full((2 * batch,), scale, dtype=like.dtype, device=like.device)
+    c[batch:] = -scale
+    return c
 
 
 def one_hot_target(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
