@@ -49,7 +49,7 @@ class ModelConfig:
     gamma: float | None = None  # None: 1/sqrt(d) for IMDB, 0.16 for SNLI
     mask_padding: bool = False
     pool_queries: int = 0
-    input_norm: str = "none"  # "standardize": centre and scale each dimension (train-token-frequency weighted)
+    input_norm: str = "none"  # "standardize" each dimension or "whiten" (ZCA), train-token-frequency weighted
     input_scale: float | None = None  # None: auto, word-vector entries scaled to RMS 0.6 (GloVe-50's own)
     bias_offset: float = 1.0
     init_gain: float = 1.0
@@ -115,7 +115,7 @@ CHOICES = {
     ("data", "task"): ("imdb", "snli"),
     ("data", "oov"): ("drop", "unk"),
     ("model", "schedule"): ("alternating", "synchronous"),
-    ("model", "input_norm"): ("none", "standardize"),
+    ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
     ("ep", "precision"): ("fp32", "bf16"),
     ("train", "optimizer"): ("adam", "sgd"),

@@ -59,6 +59,7 @@ def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
 
 
 TARGET_INPUT_RMS = 0.6
+WHITEN_FLOOR = 1e-6  # eigenvalues below this fraction of the largest are not amplified further ("whiten")
 
 
 def auto_input_scale(embedding: torch.Tensor) -> float:
@@ -75,9 +76,12 @@ def auto_input_scale(embedding: torch.Tensor) -> float:
 def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
     """The frozen word vectors as the model sees them (`model.input_norm`); PAD and UNK stay zero.
 
-    "standardize" centres and scales each dimension with statistics weighted by train-token counts:
-    word2vec trained on IMDB has a large component shared by all words, so mean-pooled reviews are
-    nearly parallel and the hard-sigmoid units see almost no review-to-review variation.
+    Statistics are weighted by train-token counts (what the network actually reads). "standardize"
+    centres and scales each dimension: word2vec trained on IMDB has a large component shared by all
+    words, so mean-pooled reviews are nearly parallel and the hard-sigmoid units see almost no
+    review-to-review variation. "whiten" (ZCA) also decorrelates the dimensions: every direction of
+    the token distribution gets unit variance, so the informative low-variance directions of
+    correlated 300-d vectors are not drowned by a few dominant ones (a linear probe is unchanged).
     """
     emb = task.embedding.float()
     if cfg.model.input_norm == "none":
@@ -86,8 +90,14 @@ def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
     counts[:2] = 0  # PAD, UNK
     w = counts / counts.sum().clamp(min=1)
     mean = w @ emb
-    std = (w @ (emb - mean).pow(2)).sqrt().clamp(min=1e-6)
-    out = (emb - mean) / std
+    centred = emb - mean
+    if cfg.model.input_norm == "whiten":
+        cov = (centred * w[:, None]).t().double() @ centred.double()
+        evals, evecs = torch.linalg.eigh(cov)
+        scale = evals.clamp(min=evals.max() * WHITEN_FLOOR).rsqrt()
+        out = (centred.double() @ (evecs * scale) @ evecs.t()).float()
+    else:
+        out = centred / (w @ centred.pow(2)).sqrt().clamp(min=1e-6)
     out[:2] = 0
     return out
 

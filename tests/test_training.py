@@ -144,3 +144,29 @@ def test_unknown_evaluation_backend_is_a_clear_error(tmp_path, capsys):
 def test_train_without_task_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r")]) == 2
     assert "--task is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("norm", ["standardize", "whiten"])
+def test_input_norms_give_unit_variance_over_train_tokens(norm):
+    """Weighted by how often the training split uses each word: standardize → unit diagonal, whiten → identity."""
+    from types import SimpleNamespace
+
+    from analog_ep.training import model_embedding
+
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=g)
+    emb = torch.cat([torch.zeros(2, 6), torch.randn(40, 6, generator=g) @ mixing + 3.0])  # correlated, offset
+    ids = torch.randint(2, 42, (50, 1, 30), generator=g, dtype=torch.int32)
+    task = SimpleNamespace(embedding=emb, train=SimpleNamespace(ids=ids))
+    cfg = SimpleNamespace(model=SimpleNamespace(input_norm=norm))
+    out = model_embedding(cfg, task).double()
+    assert torch.equal(out[:2], torch.zeros(2, 6, dtype=out.dtype))  # PAD and UNK stay zero
+    tokens = out[ids.flatten().long()]
+    cov = torch.cov(tokens.t(), correction=0)
+    assert tokens.mean(0).abs().max() < 1e-5
+    expected = torch.eye(6, dtype=cov.dtype)
+    if norm == "standardize":
+        assert torch.allclose(cov.diagonal(), expected.diagonal(), atol=1e-4)
+        assert (cov - torch.diag(cov.diagonal())).abs().max() > 0.1  # correlations left in place
+    else:
+        assert torch.allclose(cov, expected, atol=1e-4)
