@@ -1,9 +1,13 @@
 """How fast this machine streams the IMDB paper shape's FC-1 matrix (180 M weights, bf16, 360 MB).
 
 The figure behind docs/benchmarks.md's byte count: a plain sum over the matrix (streaming bandwidth)
-and one bf16 product W·a at batch 32 and 64 (bytes of weights per second and GFLOP/s).
+and one bf16 product W·a at batch 32 and 64 (bytes of weights per second and GFLOP/s). `--kernels`
+adds the other ways to take the two FC-1 products of a relaxation step (h·W in both layouts, and
+int8 × int8 → int32 through `torch._int_mm`), so a lever can be judged before it is built. Run it
+at `--threads 1` and `--threads 2`: a product that halves its time with the second core is bound by
+compute, not by memory bandwidth.
 
-    python experiments/memory_bandwidth.py [--threads 2] [--repeats 10]
+    python experiments/memory_bandwidth.py [--threads 2] [--repeats 10] [--kernels]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--kernels", action="store_true", help="also time layout and int8 variants of both products")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     w = torch.randn(1000, 180_000).to(torch.bfloat16)
@@ -37,8 +42,35 @@ def main(argv: list[str] | None = None) -> int:
         t = seconds(lambda a=a: torch.mm(a, w.t()), args.repeats)
         print(f"W·a at batch {batch}: {t * 1e3:.1f} ms, {gb / t:.1f} GB/s of weights, "
               f"{2 * batch * w.numel() / t / 1e9:.0f} GFLOP/s")
+    if args.kernels:
+        time_kernels(w, args.repeats)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def kernel_cases(w: torch.Tensor, w_t: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor, batch: int) -> dict:
+    """The candidate ways to take one step's two FC-1 products at this batch size."""
+    a = torch.randn(batch, w.shape[1]).to(torch.bfloat16)
+    h = torch.rand(batch, w.shape[0]).to(torch.bfloat16)
+    h_t = h.t().contiguous()
+    a8 = torch.randint(-127, 128, a.shape, dtype=torch.int8)
+    h8_t = torch.randint(-127, 128, h_t.shape, dtype=torch.int8)
+    return {
+        "up   bf16 a·Wᵀ": lambda: torch.mm(a, w.t()),
+        "up   int8 a·Wᵀ (_int_mm)": lambda: torch._int_mm(a8, q.t()),
+        "up   quantise a to int8 (per row)": lambda: torch.round(
+            a.float() * (127 / a.float().abs().amax(1, keepdim=True))).to(torch.int8),
+        "down bf16 h·W": lambda: torch.mm(h, w),
+        "down bf16 (W_t·hᵀ), result transposed": lambda: torch.mm(w_t, h_t),
+        "down bf16 (W_t·hᵀ)ᵀ made contiguous": lambda: torch.mm(w_t, h_t).t().contiguous(),
+        "down int8 (W_t·hᵀ) (_int_mm)": lambda: torch._int_mm(q_t, h8_t),
+    }
+
+
+def time_kernels(w: torch.Tensor, repeats: int) -> None:
+    """Each product of one step in several layouts/precisions (ms), so the fastest one can be chosen."""
+    w_t = w.t().contiguous()  # (180k, 1000): h·W taken as W_t·hᵀ
+    q = torch.randint(-127, 128, w.shape, dtype=torch.int8)
+    q_t = q.t().contiguous()
+    for batch in (32, 64):
+        for name, fn in kernel_cases(w, w_t, q, q_t, batch).items():
+            print(f"batch {batch}: {name}: {seconds(fn, repeats) * 1e3:.1f} ms", flush=True)
