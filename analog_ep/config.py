@@ -65,8 +65,7 @@ class EPSection:
     tol: float | None = None
     eval_free_steps: int | None = None  # None: free_steps
     eval_tol: float | None = None
-    # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md); "int8": + int8 a·Wᵀ
-    precision: str = "fp32"
+    precision: str = "fp32"  # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md)
 
 
 @dataclass
@@ -118,7 +117,7 @@ CHOICES = {
     ("model", "schedule"): ("alternating", "synchronous"),
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
-    ("ep", "precision"): ("fp32", "bf16", "int8"),
+    ("ep", "precision"): ("fp32", "bf16"),
     ("train", "optimizer"): ("adam", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("float32", "float64", "bfloat16"),

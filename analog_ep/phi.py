@@ -118,9 +118,8 @@ class GraphSpec:
         return cls(**d)
 
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16")
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype in the bf16 path
-STORE_PROJECTION_TRANSPOSED = True  # see EPNet._stored_transposed
 
 
 @dataclass
@@ -145,7 +144,6 @@ class LowPrecision:
     query_drive: torch.Tensor | None  # (B,P,Lq,d) X W₀ᵀ (no attention only)
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
     base: DeltaBase | None = None  # set for the nudged phases (`EPNet.nudge_start`)
-    int8: list[Int8Weight | None] | None = None  # precision "int8": the bottom-up products a·Wᵀ of big synapses
 
     def repeat(self, times: int) -> LowPrecision:
         if self.base is not None:
@@ -155,7 +153,7 @@ class LowPrecision:
             return None if t is None else torch.cat([t] * times)
 
         return LowPrecision(self.dtype, self.weights, rep(self.keys), rep(self.scaled_keys_t), rep(self.query_scores),
-                            rep(self.query_drive), rep(self.flat_x), int8=self.int8)
+                            rep(self.query_drive), rep(self.flat_x))
 
 
 @dataclass
@@ -171,51 +169,6 @@ class DeltaBase:
     up: list[torch.Tensor | None]
     down: list[torch.Tensor | None]
     retrieval: torch.Tensor | None
-
-
-@dataclass
-class Int8Weight:
-    """W ≈ q · scale[:, None]: symmetric int8 per output row, for `a·Wᵀ` as int8 × int8 → int32 products.
-
-    At the IMDB paper shape the FC-1 products run at batch 32 to 64, where oneDNN's bf16 kernel is
-    compute-bound well below the machine's peak; int8 AMX products take about half the time
-    (`experiments/memory_bandwidth.py --kernels`). The activation is quantised per row at each
-    product, relative to its own largest entry: in the nudged phases (and the refined end of the free
-    phase) the operand is the difference from s*, so rounding stays relative to the EP signal.
-    """
-
-    q: torch.Tensor  # (out, in) int8
-    scale: torch.Tensor  # (out,) float32
-
-    @classmethod
-    def quantise(cls, w: torch.Tensor) -> Int8Weight:
-        q, scale = _quantise_rows(w.detach())
-        return cls(q, scale.view(-1))
-
-    def product(self, a: torch.Tensor) -> torch.Tensor:
-        """a·Wᵀ in float32 for a (B, in): per-row int8 activations, int32 accumulation."""
-        aq, a_scale = _quantise_rows(a)
-        return torch._int_mm(aq, self.q.t()).float().mul_(a_scale).mul_(self.scale)
-
-
-def _contiguous_transpose(x: torch.Tensor) -> torch.Tensor:
-    """x.t() made contiguous; compiled (`enable_compiled_kernels`) it is ~8× faster than eager for bf16."""
-    kernel = _COMPILED.get("transpose")
-    return kernel(x) if kernel is not None else x.t().contiguous()
-
-
-def _transpose_eager(x: torch.Tensor) -> torch.Tensor:
-    return x.t().contiguous()
-
-
-def _quantise_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(1, keepdim=True).float().clamp_min(1e-30) / 127.0
-    return torch.round(x.float() / scale).to(torch.int8), scale
-
-
-def _quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x ≈ q · scale, scale (rows, 1). Compiled: one pass per operand."""
-    return _COMPILED.get("quantise_rows", _quantise_rows_eager)(x)
 
 
 @dataclass
@@ -301,17 +254,13 @@ class EPNet(nn.Module):
         """Per-batch constants from embedded tokens x: (B, S, L, d).
 
         precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
-        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`. "int8": as bf16, with
-        the big synapses' bottom-up products a·Wᵀ in int8 (`Int8Weight`).
+        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         inputs = self._prepare_exact(x)
-        if precision != "fp32":
+        if precision == "bf16":
             inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16)
-        if precision == "int8":
-            inputs.lowp.int8 = [None if low is None else Int8Weight.quantise(w)
-                                for low, w in zip(inputs.lowp.weights, self.weights)]
         return inputs
 
     def _prepare_exact(self, x: torch.Tensor) -> Inputs:
@@ -344,25 +293,15 @@ class EPNet(nn.Module):
         cache = getattr(self, "_lowp_cache", None)
         old = cache if cache is not None else [None] * len(self.weights)
         lows: list[torch.Tensor | None] = []
-        for k, (w, buf) in enumerate(zip(self.weights, old)):
-            src = w.detach().t() if self._stored_transposed(k) else w.detach()
+        for w, buf in zip(self.weights, old):
             if w.numel() < LOWP_MIN_WEIGHTS:
                 lows.append(None)
-            elif buf is not None and buf.shape == src.shape and buf.dtype == dtype:
-                lows.append(buf.copy_(src))
+            elif buf is not None and buf.shape == w.shape and buf.dtype == dtype:
+                lows.append(buf.copy_(w.detach()))
             else:
-                lows.append(src.to(dtype).contiguous())
+                lows.append(w.detach().to(dtype))
         self._lowp_cache = lows
         return lows
-
-    def _stored_transposed(self, k: int) -> bool:
-        """Whether synapse k's low-precision copy is stored as Wᵀ (in, out): the projection synapse's.
-
-        Its top-down product h·W has a (B, P·L·d) result (B × 180k at the IMDB paper shape); taken as
-        (Wᵀ)·hᵀ, a tall-skinny product, oneDNN runs it ~1.7× faster, and a·Wᵀ costs the same in either
-        layout (`python experiments/memory_bandwidth.py --kernels`).
-        """
-        return k == 0 and self.spec.num_projections > 0 and STORE_PROJECTION_TRANSPOSED
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reusable buffer that nobody else references (checked), else a new one kept for next time.
@@ -452,8 +391,7 @@ class EPNet(nn.Module):
         base = DeltaBase([rep(s) for s in free], up, down, retrieval)
         if times == 1:
             return replace(inputs, lowp=replace(lp, base=base)), stacked
-        lowp = LowPrecision(lp.dtype, lp.weights, rep(lp.keys), rep(lp.scaled_keys_t), None, None, rep(lp.flat_x), base,
-                            lp.int8)
+        lowp = LowPrecision(lp.dtype, lp.weights, rep(lp.keys), rep(lp.scaled_keys_t), None, None, rep(lp.flat_x), base)
         # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive
         return Inputs(rep(inputs.x_query), None, rep(inputs.key_mask), None, rep(inputs.flat_x), lowp), stacked
 
@@ -524,7 +462,7 @@ class EPNet(nn.Module):
         if P and n == 0:
             h = state[1] if base is None else state[1] - base.states[1]
             if lp.weights[0] is not None:
-                top_down = self._down_product(h.to(lp.dtype), lp.weights[0], 0).view(state[0].shape)
+                top_down = torch.mm(h.to(lp.dtype), lp.weights[0]).view(state[0].shape)
             else:
                 top_down = torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype)
             if base is None and lp.query_drive is not None:  # no attention: σ needs the whole query
@@ -542,9 +480,9 @@ class EPNet(nn.Module):
                 if not from_proj:  # FC state: full values, take the difference; projection: already δ
                     below = below - base.states[n - 1].reshape(below.shape)
                 w = w_low if w_low is not None else self.weights[k]
-                drive = self._up_product(lp, k, below, w).to(bias.dtype).add_(base.up[k]).add_(bias)
+                drive = torch.mm(below.to(w.dtype), w.t()).to(bias.dtype).add_(base.up[k]).add_(bias)
             elif w_low is not None:
-                drive = self._up_product(lp, k, below, w_low).to(bias.dtype).add_(bias)
+                drive = torch.mm(below.to(lp.dtype), w_low.t()).to(bias.dtype).add_(bias)
             else:
                 drive = torch.addmm(bias, below.to(bias.dtype), self.weights[k].t())
         if n + 1 < len(state):
@@ -557,20 +495,6 @@ class EPNet(nn.Module):
             else:
                 drive = drive.add_(torch.mm(above.to(lp.dtype), w_low).to(drive.dtype))
         return drive
-
-    def _up_product(self, lp: LowPrecision, k: int, below: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """below·W_kᵀ of the fast path: int8 where `lp.int8` holds synapse k, else on w's dtype."""
-        if lp.int8 is not None and lp.int8[k] is not None:
-            return lp.int8[k].product(below)
-        if w is lp.weights[k] and self._stored_transposed(k):
-            return torch.mm(below.to(w.dtype), w)
-        return torch.mm(below.to(w.dtype), w.t())
-
-    def _down_product(self, h: torch.Tensor, w_low: torch.Tensor, k: int) -> torch.Tensor:
-        """h·W_k on the low-precision copy, in the layout `_stored_transposed` chose (contiguous result)."""
-        if not self._stored_transposed(k):
-            return torch.mm(h, w_low)
-        return _contiguous_transpose(torch.mm(w_low, h.t()))
 
     def drives(self, inputs: Inputs, state: State) -> State:
         """∂Φ/∂s for every layer (no nudging), all from the same state."""
@@ -743,8 +667,6 @@ def enable_compiled_kernels(enabled: bool = True) -> None:
     if enabled and not _COMPILED:
         _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
         _COMPILED["attention"] = torch.compile(_attention_fused, dynamic=True)
-        _COMPILED["quantise_rows"] = torch.compile(_quantise_rows_eager, dynamic=True)
-        _COMPILED["transpose"] = torch.compile(_transpose_eager, dynamic=True)
     elif not enabled:
         _COMPILED.clear()
 

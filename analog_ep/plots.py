@@ -87,7 +87,7 @@ def plot_frontier(runs: dict[str, list[str | Path]], out: str | Path, title: str
 
     fig, a = plt.subplots(figsize=(8, 5))
     for i, (label, dirs) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+        color = f"C{i % 10}" if len(runs) <= 10 else plt.cm.tab20(i % 20)  # distinct colours beyond 10 variants
         for j, run_dir in enumerate(dirs):
             run_dir = Path(run_dir)
             epochs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]

@@ -74,3 +74,7 @@ def time_kernels(w: torch.Tensor, repeats: int) -> None:
     for batch in (32, 64):
         for name, fn in kernel_cases(w, w_t, q, q_t, batch).items():
             print(f"batch {batch}: {name}: {seconds(fn, repeats) * 1e3:.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -71,37 +71,16 @@ def test_flop_count_matches_torch_flop_counter_on_the_exact_path(model):
     assert counter.get_total_flops() == bench.count_flops(net.spec, 3, 6, 4)["total"]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("model", ["imdb", "snli"])
-def test_fast_update_is_within_a_few_degrees_of_float64(model, precision):
+def test_bf16_update_is_within_a_few_degrees_of_float64(model):
     net = small_net(model)
-    assert net.low_precision_weights()[0] is not None  # the big synapse really runs in low precision
+    assert net.low_precision_weights()[0] is not None  # the big synapse really runs in bf16
     x, y = random_inputs(net.spec, 8, dtype=torch.float32)
     beta = 0.1 if model == "imdb" else 0.5
     exact64 = ep_symmetric(small_net(model).double(), x.double(), y, EPConfig(beta, 40, 15), set_grad=False).grads
-    fast = ep_symmetric(net, x, y, EPConfig(beta, 40, 15, precision=precision), set_grad=False).grads
+    fast = ep_symmetric(net, x, y, EPConfig(beta, 40, 15, precision="bf16"), set_grad=False).grads
     assert bench.angle_deg(flat(fast), flat(exact64)) < 3.0
     net.release_low_precision()
-
-
-def test_int8_weights_and_products_are_close():
-    """Per-row int8: a·Wᵀ within 2 % of fp32 on Gaussian operands (≈ 1.1 % expected: max ≈ 3.5σ over 127 levels,
-    both operands), zero rows stay zero, and `prepare(..., "int8")` really quantises the big synapse only."""
-    from analog_ep.phi import Int8Weight
-
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 640, generator=g)
-    a = torch.randn(20, 640, generator=g)
-    a[3] = 0.0
-    q = Int8Weight.quantise(w)
-    assert q.q.dtype == torch.int8 and q.scale.shape == (48,)
-    out = q.product(a)
-    ref = a @ w.t()
-    assert torch.equal(out[3], torch.zeros(48))
-    assert (out - ref).norm() / ref.norm() < 0.02
-    net = small_net()
-    inputs = net.prepare(random_inputs(net.spec, 4, dtype=torch.float32)[0], "int8")
-    assert inputs.lowp.int8[0] is not None and all(t is None for t in inputs.lowp.int8[1:])
 
 
 def test_plain_bf16_nudged_phase_would_lose_the_contrast():
@@ -184,8 +163,7 @@ def test_low_precision_weights_follow_in_place_updates():
     opt.step()
     second = net.low_precision_weights()[0]
     assert second is first  # the same buffer, refreshed in place
-    assert net._stored_transposed(0)  # the projection synapse's copy is kept as Wᵀ
-    torch.testing.assert_close(second.float(), net.weights[0].detach().t(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(second.float(), net.weights[0].detach(), rtol=1e-2, atol=1e-3)
     net.release_low_precision()
     assert net._lowp_cache is None
 

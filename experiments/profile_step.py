@@ -1,0 +1,55 @@
+"""Where one relaxation step's time goes on the fast path, free and nudged, at a benchmark shape.
+
+Why: before building a lever, see which kernels own the step. Times 10 steps of each phase from
+random weights (as `seqep bench` builds them) and prints torch.profiler's table of the top operators.
+
+    python experiments/profile_step.py --shape imdb-paper --batch 32 [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from analog_ep.bench import SHAPES, _make_net, build_shape, keep_freed_memory, random_batch
+from analog_ep.dynamics import relax
+from analog_ep.phi import enable_compiled_kernels, one_hot_target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="imdb-paper", choices=SHAPES)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=12, help="operators shown per phase")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    enable_compiled_kernels(True)
+    shape = build_shape(args.shape)
+    net = _make_net(shape)
+    x, y = random_batch(shape.spec, args.batch)
+    b = args.batch
+    with torch.no_grad():
+        inputs = net.prepare(x, "bf16")
+        free, _ = relax(net, inputs, net.zero_state(b), 10, track=False)
+        nudged_inputs, start = net.nudge_start(inputs, free, times=2)
+        betas = torch.cat([torch.full((b, 1), shape.beta), torch.full((b, 1), -shape.beta)])
+        target = one_hot_target(torch.cat([y, y]), shape.spec.num_classes, torch.float32)
+        phases = {"free": (inputs, free, {}), "nudged (±β, 2B rows)": (nudged_inputs, start,
+                                                                       {"beta": betas, "target": target})}
+        for name, (inp, state, extra) in phases.items():
+            relax(net, inp, state, 3, track=False, **extra)  # compile and warm up
+            t = time.perf_counter()
+            relax(net, inp, state, 10, track=False, **extra)
+            print(f"\n{name}: {(time.perf_counter() - t) * 100:.1f} ms per step ({args.threads} threads)")
+            with torch.profiler.profile() as prof:
+                relax(net, inp, state, 5, track=False, **extra)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
