@@ -97,7 +97,8 @@ def build_shape(name: str) -> Shape:
     cfg = load_preset(task, preset)
     m = cfg.model
     options: dict[str, Any] = dict(
-        seq_len=cfg.data.max_len or (600 if task == "imdb" else 25), dim=vectors_dim(cfg.data.vectors),
+        seq_len=cfg.data.max_len or (600 if task == "imdb" else 25),
+        dim=vectors_dim(cfg.data.vectors) + int(cfg.data.exact_match),
         hidden=tuple(m.hidden), attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
         bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule,
     )
@@ -441,7 +442,8 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
         t0, steps = time.perf_counter(), []
         for epoch in range(epochs):
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-            for x, y in batches(data.train, embedding, cfg.train.batch_size, "cpu", torch.float32, order):
+            for x, y in batches(data.train, embedding, cfg.train.batch_size, "cpu", torch.float32, order,
+                                exact_match=cfg.data.exact_match):
                 steps.append(train_step(net, estimator, x, y, opt).free_trace.steps)
         seconds = time.perf_counter() - t0
         val = evaluate_split(net, data.val, embedding, cfg)

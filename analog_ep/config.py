@@ -40,6 +40,7 @@ class DataConfig:
     val_size: float = 0.1
     train_limit: int | None = None
     eval_limit: int | None = None
+    exact_match: bool = False  # sentence pairs: one more input channel, 1 where the word is in the other sentence
 
 
 @dataclass
@@ -164,6 +165,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for section, key in POSITIVE:
         if getattr(getattr(cfg, section), key) <= 0:
             raise ConfigError(f"{source}: {section}.{key} must be > 0")
+    if cfg.data.exact_match and cfg.data.task != "snli":
+        raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
     if any(n <= 0 for n in cfg.model.hidden):
         raise ConfigError(f"{source}: model.hidden sizes must be > 0, got {cfg.model.hidden}")
     if any(lr < 0 for lr in cfg.train.lrs) or not cfg.train.lrs:

@@ -47,7 +47,8 @@ def load_task_for(cfg: RunConfig, progress: bool = True) -> TaskData:
 
 def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
     m = cfg.model
-    options = dict(seq_len=task.max_len, dim=task.dim, hidden=tuple(m.hidden), num_classes=task.num_classes,
+    dim = task.dim + int(cfg.data.exact_match)  # the exact-match channel (data.exact_match_flags)
+    options = dict(seq_len=task.max_len, dim=dim, hidden=tuple(m.hidden), num_classes=task.num_classes,
                    attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
                    bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
     if m.gamma is not None:
@@ -131,14 +132,17 @@ def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
 
 
 def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, order: torch.Tensor | None = None,
-            start: int = 0):
-    """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats."""
+            start: int = 0, exact_match: bool = False):
+    """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.
+
+    `exact_match` (`data.exact_match`) appends the pair-overlap channel (`data.exact_match_flags`).
+    """
     n = len(dataset)
     index = order if order is not None else torch.arange(n)
     for i in range(start * batch_size, n, batch_size):
         idx = index[i:i + batch_size]
         ids = dataset.ids[idx].to(device)
-        yield embed_batch(ids, embedding).to(dtype), dataset.labels[idx].to(device)
+        yield embed_batch(ids, embedding, exact_match).to(dtype), dataset.labels[idx].to(device)
 
 
 @torch.no_grad()
@@ -149,7 +153,8 @@ def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig,
     dtype = net.weights[0].dtype
     correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
     predictions = []
-    it = batches(dataset, embedding, cfg.train.eval_batch_size, net.weights[0].device, dtype)
+    it = batches(dataset, embedding, cfg.train.eval_batch_size, net.weights[0].device, dtype,
+                 exact_match=cfg.data.exact_match)
     n_batches = math.ceil(len(dataset) / cfg.train.eval_batch_size)
     for x, y in tqdm(it, total=n_batches, desc=desc, disable=not progress, leave=False, file=sys.stderr):
         state, trace = free_phase(net, net.prepare(x), steps, tol=cfg.ep.eval_tol, track=True)
@@ -257,7 +262,7 @@ class Trainer:
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
             for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
-                                order, start=st.batch):
+                                order, start=st.batch, exact_match=cfg.data.exact_match):
                 b0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 est = self._estimator()(self.net, x, y)
@@ -321,7 +326,8 @@ class Trainer:
         best = best.to(getattr(torch, cfg.train.dtype))
         val = evaluate_split(best, self.task.val, self.embedding, cfg, self.progress, desc="val (best)")
         test = evaluate_split(best, self.task.test, self.embedding, cfg, self.progress, desc="test")
-        x, _ = next(batches(self.task.val, self.embedding, 64, cfg.train.device, best.weights[0].dtype))
+        x, _ = next(batches(self.task.val, self.embedding, 64, cfg.train.device, best.weights[0].dtype,
+                            exact_match=cfg.data.exact_match))
         _, trace = free_phase(best, best.prepare(x), max(cfg.ep.free_steps, cfg.ep.eval_free_steps or 0),
                               record_phi=True)
         report = {

@@ -122,7 +122,7 @@ def run_batches(run_dir: str | Path, split: str, limit: int | None, batch_size: 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, n, batch_size):
             j = min(i + batch_size, n)
-            yield embed_batch(dataset.ids[i:j], embedding), dataset.labels[i:j]
+            yield embed_batch(dataset.ids[i:j], embedding, cfg.data.exact_match), dataset.labels[i:j]
 
     info = {"task": cfg.data.task, "split": split, "samples": n, "split_size": len(dataset),
             "limit": limit, "source": task.info.get("source"), "vectors": cfg.data.vectors,

@@ -50,14 +50,14 @@ def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None
     from analog_ep.data import embed_batch
     from analog_ep.training import load_run_data
 
-    _, task, embedding = load_run_data(run_dir, progress=False)
+    cfg, task, embedding = load_run_data(run_dir, progress=False)
     dataset = task.splits[split]
     index = torch.arange(len(dataset))
     if limit is not None and limit < len(dataset):
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
     for i in range(0, len(index), batch_size):
         idx = index[i:i + batch_size]
-        yield embed_batch(dataset.ids[idx], embedding), dataset.labels[idx]
+        yield embed_batch(dataset.ids[idx], embedding, cfg.data.exact_match), dataset.labels[idx]
 
 
 class _Snapshots:

@@ -150,7 +150,7 @@ def tensor_split(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 
 
 
 def dataset_split(dataset: Any, embedding: torch.Tensor, batch_size: int, dtype: torch.dtype, seed: int = 0,
-                  limit: int | None = None) -> Split:
+                  limit: int | None = None, exact_match: bool = False) -> Split:
     """A `SequenceDataset` split through `analog_ep.training.batches`. `limit`: N samples drawn afresh each
     epoch (training) or one fixed random subset of N (evaluation, `epoch=None`), never the first N: the
     IMDB splits are sorted by label, so their first N reviews are all negative."""
@@ -162,7 +162,8 @@ def dataset_split(dataset: Any, embedding: torch.Tensor, batch_size: int, dtype:
     def make(epoch: int | None) -> Iterable[Batch]:
         order = epoch_order(len(dataset), seed, epoch)[:n] if epoch is not None else subset
         # `batches` walks the whole data set's length: stop after the batches `order` fills
-        return islice(batches(dataset, embedding, batch_size, embedding.device, dtype, order), -(-n // batch_size))
+        return islice(batches(dataset, embedding, batch_size, embedding.device, dtype, order, exact_match=exact_match),
+                      -(-n // batch_size))
 
     return Split(make, n)
 
@@ -558,10 +559,10 @@ def _scaled_optimizer(run_cfg: RunConfig, net: EPNet, lr_scale: float) -> torch.
 
 def _run_splits(run_cfg: RunConfig, task: Any, embedding: torch.Tensor, cfg: SpikingTrainConfig,
                 limit: int | None, eval_limit: int | None, dtype: torch.dtype) -> Splits:
-    seed = run_cfg.train.seed
-    return Splits(dataset_split(task.train, embedding, cfg.batch_size, dtype, seed, limit),
-                  dataset_split(task.val, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit),
-                  dataset_split(task.test, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit))
+    seed, match = run_cfg.train.seed, run_cfg.data.exact_match
+    return Splits(dataset_split(task.train, embedding, cfg.batch_size, dtype, seed, limit, match),
+                  dataset_split(task.val, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit, match),
+                  dataset_split(task.test, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit, match))
 
 
 def _write_config(out_dir: str | Path, run_cfg: RunConfig, cfg: SpikingTrainConfig, net: EPNet, command: str,

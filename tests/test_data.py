@@ -741,3 +741,20 @@ def test_real_imdb_w2v300_memory(tmp_path: Path) -> None:
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["dim"] == 300 and result["rss_mb"] < 1500
+
+
+def test_exact_match_flags_mark_words_shared_by_the_pair():
+    from analog_ep.data import embed_batch, exact_match_flags
+
+    ids = torch.tensor([[[5, 6, 7, 0], [7, 8, 5, 5]],  # premise 5 6 7, hypothesis 7 8 5 5
+                        [[9, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.int32)  # empty hypothesis: nothing matches
+    flags = exact_match_flags(ids.long()).squeeze(-1)
+    assert flags.tolist() == [[[True, False, True, False], [True, False, True, True]],
+                              [[False, False, False, False], [False, False, False, False]]]
+    embedding = torch.randn(10, 3)
+    x = embed_batch(ids, embedding, exact_match=True)
+    assert x.shape == (2, 2, 4, 4)
+    assert torch.equal(x[..., :3], embed_batch(ids, embedding))
+    assert torch.equal(x[..., 3], flags.float())
+    with pytest.raises(ValueError, match="sentence pairs"):
+        embed_batch(ids[:, :1], embedding, exact_match=True)

@@ -42,6 +42,7 @@ def test_paper_presets_hold_the_paper_settings():
     ({"ep": {"precision": "fp16"}}, "choose one of"),
     ({"ep": {"beta": 0}}, "must be > 0"),
     ({"model": {"hidden": [10, -1]}}, "hidden sizes"),
+    ({"data": {"task": "imdb", "exact_match": True}}, "needs sentence pairs"),
 ])
 def test_bad_configs_are_clear_errors(raw, match):
     with pytest.raises(ConfigError, match=match):

@@ -7,8 +7,8 @@
 See docs/data.md for sources, the cache and every field of ``TaskData.info``.
 """
 
-from analog_ep.data.dataset import SequenceDataset, TaskData, embed_batch
+from analog_ep.data.dataset import SequenceDataset, TaskData, embed_batch, exact_match_flags
 from analog_ep.data.sources import resolve_data_dir
 from analog_ep.data.task import load_task
 
-__all__ = ["SequenceDataset", "TaskData", "embed_batch", "load_task", "resolve_data_dir"]
+__all__ = ["SequenceDataset", "TaskData", "embed_batch", "exact_match_flags", "load_task", "resolve_data_dir"]

@@ -78,13 +78,31 @@ class TaskData:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
-def embed_batch(ids: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+def embed_batch(ids: torch.Tensor, embedding: torch.Tensor, exact_match: bool = False) -> torch.Tensor:
     """``(B, S, L)`` ids -> ``(B, S, L, d)`` vectors in ``embedding``'s dtype and device.
 
     Padding positions are exactly zero even if row 0 of ``embedding`` is not (e.g. after a careless update).
+    ``exact_match`` (sentence pairs, S = 2) appends one channel, d + 1: see `exact_match_flags`.
     """
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
     ids = ids.to(device=embedding.device, dtype=torch.long)
-    out = torch.nn.functional.embedding(ids, embedding)
-    return out.masked_fill((ids == PAD_ID).unsqueeze(-1), 0)
+    out = torch.nn.functional.embedding(ids, embedding).masked_fill((ids == PAD_ID).unsqueeze(-1), 0)
+    if exact_match:
+        out = torch.cat([out, exact_match_flags(ids).to(out.dtype)], dim=-1)
+    return out
+
+
+def exact_match_flags(ids: torch.Tensor) -> torch.Tensor:
+    """(B, 2, L) ids -> (B, 2, L, 1): 1 where a real token's word also occurs in the pair's other sentence.
+
+    Why: whether the hypothesis repeats the premise is the strongest cheap SNLI signal (a logistic
+    regression on mean GloVe vectors goes from 55.8 % to 62.8 % test with overlap features,
+    docs/results.md), and word vectors alone cannot express "the same word": a per-token flag can.
+    """
+    if ids.dim() != 3 or ids.shape[1] != 2:
+        raise ValueError(f"exact-match flags need sentence pairs, ids of shape (B, 2, L); got {tuple(ids.shape)}")
+    first, second = ids[:, 0], ids[:, 1]
+    in_second = (first.unsqueeze(-1) == second.unsqueeze(-2)).any(-1)
+    in_first = (second.unsqueeze(-1) == first.unsqueeze(-2)).any(-1)
+    return (torch.stack([in_second, in_first], dim=1) & (ids != PAD_ID)).unsqueeze(-1)
