@@ -6,6 +6,7 @@ embeds them (same tokeniser, vocabulary, OOV rule, optional standardisation) and
 accuracy and the OOV rate, so a vector source can be judged before an EP run is spent on it.
 
     python experiments/linear_probe.py --task imdb --vectors glove50 --vectors w2v:300
+    python experiments/linear_probe.py --task snli [--overlap]     # pairs: [p, h, p⊙h, |p − h|] (+ overlap)
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ def pooled_features(ids: torch.Tensor, embedding: torch.Tensor, chunk: int = 102
     return torch.cat(out)
 
 
+def pair_features(ids: torch.Tensor, embedding: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """Sentence pairs (N, 2, L): [p, h, p⊙h, |p − h|] of the mean vectors, and with `overlap` the share of
+    each sentence's tokens found in the other, "hypothesis fully inside the premise", and the mean vector
+    of the hypothesis tokens that are not in the premise (the words the hypothesis adds)."""
+    from analog_ep.data import exact_match_flags
+
+    d = embedding.shape[1]
+    pooled = pooled_features(ids, embedding)
+    p, h = pooled[:, :d], pooled[:, d:]
+    parts = [p, h, p * h, (p - h).abs()]
+    if overlap:
+        ids = ids.long()
+        real = ids != PAD_ID
+        match = exact_match_flags(ids).squeeze(-1)
+        share = match.sum(-1) / real.sum(-1).clamp_min(1)  # (N, 2)
+        contained = (match[:, 1] == real[:, 1]).all(-1, keepdim=True)
+        new = (real[:, 1] & ~match[:, 1]).unsqueeze(-1).float()
+        added = (embedding[ids[:, 1]] * new).sum(1) / new.sum(1).clamp_min(1)
+        parts += [share.float(), contained.float(), added]
+    return torch.cat(parts, 1)
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, iters: int = 200) -> torch.nn.Linear:
     """Multinomial logistic regression, L2-penalised, by full-batch L-BFGS on standardised features."""
     model = torch.nn.Linear(x.shape[1], classes)
@@ -46,10 +69,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, iter
     return model
 
 
-def probe(task: str, vectors: str, max_len: int, l2: float, train_limit: int | None = None) -> dict:
+def probe(task: str, vectors: str, max_len: int | None, l2: float, train_limit: int | None = None,
+          overlap: bool = False) -> dict:
     data = load_task(task, max_len=max_len, vectors=vectors, train_limit=train_limit, progress=False)
     emb = data.embedding.float()
-    feats = {name: pooled_features(split.ids, emb) for name, split in data.splits.items()}
+    if data.num_streams == 2:
+        feats = {name: pair_features(split.ids, emb, overlap) for name, split in data.splits.items()}
+    else:
+        feats = {name: pooled_features(split.ids, emb) for name, split in data.splits.items()}
     mean, std = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-8)
     feats = {k: (v - mean) / std for k, v in feats.items()}
     model = fit_logistic(feats["train"], data.train.labels, data.num_classes, l2)
@@ -58,7 +85,8 @@ def probe(task: str, vectors: str, max_len: int, l2: float, train_limit: int | N
                for name, f in feats.items()}
     ids = data.train.ids
     return {
-        "vectors": vectors, "train_sequences": len(data.train), "dim": data.dim, "vocab": emb.shape[0],
+        "task": task, "vectors": vectors, "overlap": overlap, "train_sequences": len(data.train), "dim": data.dim,
+        "vocab": emb.shape[0],
         "train_unk_rate": float((ids == UNK_ID).sum()) / float((ids != PAD_ID).sum()),
         "zero_rows": float((emb.abs().sum(1) == 0).float().mean()), **acc,
     }
@@ -68,13 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="imdb", choices=["imdb", "snli"])
     parser.add_argument("--vectors", action="append", help="vector source (repeatable); default glove50")
-    parser.add_argument("--max-len", type=int, default=600)
+    parser.add_argument("--max-len", type=int, help="tokens per sequence (default: the task's, 600 / 25)")
+    parser.add_argument("--overlap", action="store_true", help="SNLI: add premise-hypothesis overlap features")
     parser.add_argument("--train-limit", type=int, help="use only this many training sequences (also the "
                         "word2vec corpus for w2v:DIM vectors)")
     parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights")
     args = parser.parse_args()
     for v in args.vectors or ["glove50"]:
-        print(json.dumps(probe(args.task, v, args.max_len, args.l2, args.train_limit)), flush=True)
+        print(json.dumps(probe(args.task, v, args.max_len, args.l2, args.train_limit, args.overlap)), flush=True)
 
 
 if __name__ == "__main__":
