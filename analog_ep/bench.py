@@ -98,7 +98,7 @@ def build_shape(name: str) -> Shape:
     m = cfg.model
     options: dict[str, Any] = dict(
         seq_len=cfg.data.max_len or (600 if task == "imdb" else 25),
-        dim=vectors_dim(cfg.data.vectors) + int(cfg.data.exact_match),
+        dim=vectors_dim(cfg.data.vectors) + cfg.data.extra_channels,
         hidden=tuple(m.hidden), attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
         bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule,
     )

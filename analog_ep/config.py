@@ -42,6 +42,11 @@ class DataConfig:
     eval_limit: int | None = None
     exact_match: bool = False  # sentence pairs: one more input channel, 1 where the word is in the other sentence
 
+    @property
+    def extra_channels(self) -> int:
+        """Input channels per token beyond the word vector (the exact-match flag)."""
+        return int(self.exact_match)
+
 
 @dataclass
 class ModelConfig:

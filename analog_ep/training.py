@@ -47,8 +47,8 @@ def load_task_for(cfg: RunConfig, progress: bool = True) -> TaskData:
 
 def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
     m = cfg.model
-    dim = task.dim + int(cfg.data.exact_match)  # the exact-match channel (data.exact_match_flags)
-    options = dict(seq_len=task.max_len, dim=dim, hidden=tuple(m.hidden), num_classes=task.num_classes,
+    options = dict(seq_len=task.max_len, dim=task.dim + cfg.data.extra_channels, hidden=tuple(m.hidden),
+                   num_classes=task.num_classes,
                    attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
                    bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
     if m.gamma is not None:

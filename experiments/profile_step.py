@@ -15,7 +15,7 @@ import torch
 
 from analog_ep.bench import SHAPES, _make_net, build_shape, keep_freed_memory, random_batch
 from analog_ep.dynamics import relax
-from analog_ep.phi import enable_compiled_kernels, one_hot_target
+from analog_ep.phi import enable_compiled_kernels, one_hot_target, signed_coef
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = net.prepare(x, "bf16")
         free, _ = relax(net, inputs, net.zero_state(b), 10, track=False)
         nudged_inputs, start = net.nudge_start(inputs, free, times=2)
-        betas = torch.cat([torch.full((b, 1), shape.beta), torch.full((b, 1), -shape.beta)])
+        betas = signed_coef(b, shape.beta, free[-1]).view(-1, 1)  # +β rows then −β rows, as ep_symmetric
         target = one_hot_target(torch.cat([y, y]), shape.spec.num_classes, torch.float32)
         phases = {"free": (inputs, free, {}), "nudged (±β, 2B rows)": (nudged_inputs, start,
                                                                        {"beta": betas, "target": target})}

@@ -102,7 +102,5 @@ def exact_match_flags(ids: torch.Tensor) -> torch.Tensor:
     """
     if ids.dim() != 3 or ids.shape[1] != 2:
         raise ValueError(f"exact-match flags need sentence pairs, ids of shape (B, 2, L); got {tuple(ids.shape)}")
-    first, second = ids[:, 0], ids[:, 1]
-    in_second = (first.unsqueeze(-1) == second.unsqueeze(-2)).any(-1)
-    in_first = (second.unsqueeze(-1) == first.unsqueeze(-2)).any(-1)
-    return (torch.stack([in_second, in_first], dim=1) & (ids != PAD_ID)).unsqueeze(-1)
+    same = ids[:, 0].unsqueeze(-1) == ids[:, 1].unsqueeze(-2)  # (B, L, L): token i of the first = token j of the second
+    return (torch.stack([same.any(-1), same.any(-2)], dim=1) & (ids != PAD_ID)).unsqueeze(-1)
