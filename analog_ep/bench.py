@@ -534,7 +534,7 @@ def bench(
         if wait_idle is not None:
             wait_for_idle(wait_idle, wait_timeout, note)
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
-                    compile=compile_kernels and precision == "bf16", precision=precision)
+                    compile=compile_kernels and precision != "fp32", precision=precision)
         spec.update(extra)
         if early_exit:
             spec.update(tol=tol if tol is not None else shape.tol, nudge_tol=tol if tol is not None else shape.tol)
@@ -548,14 +548,14 @@ def bench(
         "machine": machine_info(),
         "settings": {"precision": precision, "early_exit": early_exit, "tol": tol, "reference": reference,
                      "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
-                     "compiled_kernels": compile_kernels and precision == "bf16", "input_rms": INPUT_RMS},
+                     "compiled_kernels": compile_kernels and precision != "fp32", "input_rms": INPUT_RMS},
         "flop_formula": FLOP_FORMULA,
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }
     peaks = job("peaks", build_shape(shapes[0]), 0, peak_sizes=list(peak_sizes))
     report["peaks"] = {"fp32_gflops": peaks["fp32"]["gflops"], "bf16_gflops": peaks["bf16"]["gflops"],
                        "by_size": {"fp32": peaks["fp32"]["by_size"], "bf16": peaks["bf16"]["by_size"]}}
-    peak = report["peaks"]["bf16_gflops" if precision == "bf16" else "fp32_gflops"]
+    peak = report["peaks"]["fp32_gflops" if precision == "fp32" else "bf16_gflops"]
     results: list[dict] = []
     report["results"] = results
     for name in shapes:

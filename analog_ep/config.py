@@ -18,6 +18,7 @@ from typing import Any
 
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import ESTIMATORS
+from analog_ep.phi import PRECISIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,7 +72,8 @@ class EPSection:
     tol: float | None = None
     eval_free_steps: int | None = None  # None: free_steps
     eval_tol: float | None = None
-    precision: str = "fp32"  # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md)
+    precision: str = "fp32"  # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md);
+    # "int8": the fast path with the large FC products in int8 (CPU with oneDNN; pays off at the paper IMDB shape)
 
 
 @dataclass
@@ -123,7 +125,7 @@ CHOICES = {
     ("model", "schedule"): ("alternating", "synchronous"),
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
-    ("ep", "precision"): ("fp32", "bf16"),
+    ("ep", "precision"): PRECISIONS,
     ("train", "optimizer"): ("adam", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("float32", "float64", "bfloat16"),

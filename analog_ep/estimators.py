@@ -30,7 +30,7 @@ class EPConfig:
     free_steps: int = 50
     nudge_steps: int = 25
     tol: float | None = None  # early exit of the free phase when the residual falls below tol
-    precision: str = "fp32"  # "bf16": large products on bf16 operands (phi.LowPrecision); "fp32": exact path
+    precision: str = "fp32"  # "bf16"/"int8": large products in low precision (phi.LowPrecision); "fp32": exact
     nudge_tol: float | None = None  # early exit of the nudged phase(s) when the residual falls below nudge_tol
 
     def __post_init__(self) -> None:

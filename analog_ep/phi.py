@@ -23,8 +23,10 @@ from torch import nn
 
 from analog_ep.activations import get_activation
 from analog_ep.hopfield import hopfield_retrieve
+from analog_ep.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
 
 State = list[torch.Tensor]
+LowPrecisionWeight = Bf16Weight | Int8Weight
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class GraphSpec:
         return cls(**d)
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")  # int8: bf16 path with the large FC products in int8
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype in the bf16 path
 
 
@@ -137,7 +139,7 @@ class LowPrecision:
     """
 
     dtype: torch.dtype
-    weights: list[torch.Tensor | None]  # W_k in low precision, None where the synapse is small
+    weights: list[LowPrecisionWeight | None]  # W_k in low precision (`lowp_weights`), None where small
     keys: torch.Tensor | None  # (B,P,Lk,d) values of the retrieval
     scaled_keys_t: torch.Tensor | None  # (B,P,d,Lk) γ·Kᵀ, stored transposed (contiguous operand of the scores)
     query_scores: torch.Tensor | None  # (B,P,Lq,Lk) γ X W₀ᵀ Kᵀ in the params' dtype (attention only)
@@ -254,13 +256,14 @@ class EPNet(nn.Module):
         """Per-batch constants from embedded tokens x: (B, S, L, d).
 
         precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
-        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`.
+        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`. "int8": the same, with the
+        large FC products in int8 (`lowp_weights.Int8Weight`; CPU builds with oneDNN only).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         inputs = self._prepare_exact(x)
-        if precision == "bf16":
-            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16)
+        if precision != "fp32":
+            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16, precision)
         return inputs
 
     def _prepare_exact(self, x: torch.Tensor) -> Inputs:
@@ -282,24 +285,24 @@ class EPNet(nn.Module):
         return Inputs(x_query, keys, key_mask, query_drive, None)
 
     # ------------------------------------------------------------------ low precision (bf16 products)
-    def low_precision_weights(self, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor | None]:
-        """Low-precision copies of the large FC weights (None for small synapses), refreshed on every call.
+    def low_precision_weights(self, kind: str = "bf16") -> list[LowPrecisionWeight | None]:
+        """Low-precision copies of the large FC weights (None for small synapses), rebuilt on every call.
 
-        Refreshed in place in buffers kept on the net (no new allocation: on a VM a fresh 360 MB buffer
-        costs more than the conversion itself). Not cached across calls: optimizers update parameters
-        in place without always bumping their version counters (fused Adam does not), so a cache could
-        silently serve stale weights. `release_low_precision()` frees the buffers.
+        kind "bf16": refreshed in place in buffers kept on the net (no new allocation: on a VM a fresh
+        360 MB buffer costs more than the conversion itself); "int8": quantised and pre-packed anew
+        (`lowp_weights.Int8Weight`). Not cached across calls: optimizers update parameters in place
+        without always bumping their version counters (fused Adam does not), so a cache could silently
+        serve stale weights. `release_low_precision()` frees them.
         """
-        cache = getattr(self, "_lowp_cache", None)
-        old = cache if cache is not None else [None] * len(self.weights)
-        lows: list[torch.Tensor | None] = []
-        for w, buf in zip(self.weights, old):
-            if w.numel() < LOWP_MIN_WEIGHTS:
-                lows.append(None)
-            elif buf is not None and buf.shape == w.shape and buf.dtype == dtype:
-                lows.append(buf.copy_(w.detach()))
-            else:
-                lows.append(w.detach().to(dtype))
+        big = [w.numel() >= LOWP_MIN_WEIGHTS for w in self.weights]
+        if kind == "int8":
+            self._lowp_cache = None  # free the previous batch's packed copies before building new ones
+            lows: list[LowPrecisionWeight | None] = [Int8Weight(w) if b else None for w, b in zip(self.weights, big)]
+        elif kind == "bf16":
+            old = getattr(self, "_lowp_cache", None) or [None] * len(self.weights)
+            lows = [Bf16Weight(w, prev) if b else None for w, prev, b in zip(self.weights, old, big)]
+        else:
+            raise ValueError(f"low-precision kind must be 'bf16' or 'int8', got {kind!r}")
         self._lowp_cache = lows
         return lows
 
@@ -324,8 +327,8 @@ class EPNet(nn.Module):
         """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
         self._lowp_cache = None
 
-    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype) -> LowPrecision:
-        weights = self.low_precision_weights(dtype)
+    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype, kind: str) -> LowPrecision:
+        weights = self.low_precision_weights(kind)
         keys = scaled = scores = qd = flat_x = None
         if inputs.keys is not None:
             keys = inputs.keys.to(dtype)
@@ -462,7 +465,7 @@ class EPNet(nn.Module):
         if P and n == 0:
             h = state[1] if base is None else state[1] - base.states[1]
             if lp.weights[0] is not None:
-                top_down = torch.mm(h.to(lp.dtype), lp.weights[0]).view(state[0].shape)
+                top_down = lp.weights[0].down(h).view(state[0].shape)
             else:
                 top_down = torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype)
             if base is None and lp.query_drive is not None:  # no attention: σ needs the whole query
@@ -471,7 +474,7 @@ class EPNet(nn.Module):
         k = n - P
         bias, w_low = self.biases[k], lp.weights[k]
         if n == 0:  # the flattened input (no projection layer): constant, no delta needed
-            drive = (torch.mm(lp.flat_x, w_low.t()).to(bias.dtype).add_(bias) if w_low is not None
+            drive = (w_low.up(lp.flat_x).to(bias.dtype).add_(bias) if w_low is not None
                      else torch.addmm(bias, inputs.flat_x, self.weights[k].t()))
         else:
             below = state[n - 1].reshape(state[n - 1].shape[0], -1)
@@ -479,10 +482,10 @@ class EPNet(nn.Module):
             if base is not None and (w_low is not None or from_proj):
                 if not from_proj:  # FC state: full values, take the difference; projection: already δ
                     below = below - base.states[n - 1].reshape(below.shape)
-                w = w_low if w_low is not None else self.weights[k]
-                drive = torch.mm(below.to(w.dtype), w.t()).to(bias.dtype).add_(base.up[k]).add_(bias)
+                product = w_low.up(below) if w_low is not None else torch.mm(below.to(bias.dtype), self.weights[k].t())
+                drive = product.to(bias.dtype).add_(base.up[k]).add_(bias)
             elif w_low is not None:
-                drive = torch.mm(below.to(lp.dtype), w_low.t()).to(bias.dtype).add_(bias)
+                drive = w_low.up(below).to(bias.dtype).add_(bias)
             else:
                 drive = torch.addmm(bias, below.to(bias.dtype), self.weights[k].t())
         if n + 1 < len(state):
@@ -490,10 +493,9 @@ class EPNet(nn.Module):
             if w_low is None:
                 drive = torch.addmm(drive, above, self.weights[k + 1])
             elif base is not None:
-                delta = (above - base.states[n + 1]).to(lp.dtype)
-                drive = drive.add_(torch.mm(delta, w_low).to(drive.dtype)).add_(base.down[k + 1])
+                drive = drive.add_(w_low.down(above - base.states[n + 1]).to(drive.dtype)).add_(base.down[k + 1])
             else:
-                drive = drive.add_(torch.mm(above.to(lp.dtype), w_low).to(drive.dtype))
+                drive = drive.add_(w_low.down(above).to(drive.dtype))
         return drive
 
     def drives(self, inputs: Inputs, state: State) -> State:
@@ -663,12 +665,14 @@ def enable_compiled_kernels(enabled: bool = True) -> None:
     each become one pass over the (B, P, L, L) scores, about 2× (IMDB rows) to 4× (SNLI's short rows)
     faster than torch's bf16 softmax. Off by default: the first call compiles (~10-40 s, then cached on
     disk by inductor); `seqep bench` turns it on. Results equal the eager kernels' up to fp32 rounding.
+    Also fuses the int8 path's quantisers (`lowp_weights.enable_compiled_quantizers`).
     """
     if enabled and not _COMPILED:
         _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
         _COMPILED["attention"] = torch.compile(_attention_fused, dynamic=True)
     elif not enabled:
         _COMPILED.clear()
+    enable_compiled_quantizers(enabled)
 
 
 def _attention_eager(

@@ -13,6 +13,7 @@ from analog_ep.cli import main
 from analog_ep.config import load_preset
 from analog_ep.dynamics import free_phase, predict
 from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
+from analog_ep.lowp_weights import Int8Weight, int8_available
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
 
@@ -71,16 +72,38 @@ def test_flop_count_matches_torch_flop_counter_on_the_exact_path(model):
     assert counter.get_total_flops() == bench.count_flops(net.spec, 3, 6, 4)["total"]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("model", ["imdb", "snli"])
-def test_bf16_update_is_within_a_few_degrees_of_float64(model):
+def test_low_precision_update_is_within_a_few_degrees_of_float64(model, precision):
+    if precision == "int8" and not int8_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
     net = small_net(model)
-    assert net.low_precision_weights()[0] is not None  # the big synapse really runs in bf16
+    assert net.low_precision_weights(precision)[0] is not None  # the big synapse really runs in low precision
     x, y = random_inputs(net.spec, 8, dtype=torch.float32)
     beta = 0.1 if model == "imdb" else 0.5
     exact64 = ep_symmetric(small_net(model).double(), x.double(), y, EPConfig(beta, 40, 15), set_grad=False).grads
-    fast = ep_symmetric(net, x, y, EPConfig(beta, 40, 15, precision="bf16"), set_grad=False).grads
+    fast = ep_symmetric(net, x, y, EPConfig(beta, 40, 15, precision=precision), set_grad=False).grads
     assert bench.angle_deg(flat(fast), flat(exact64)) < 3.0
     net.release_low_precision()
+
+
+@pytest.mark.skipif(not int8_available(), reason="this torch build has no oneDNN int8 linear")
+def test_int8_weight_products_match_fp32_in_both_orientations():
+    """Both pre-packed orientations (x Wᵀ and h W) against fp32, including an all-zero row. The transposed
+    one is packed from a contiguous copy: packed from a transposed view it came out as noise (rel. error 1.4)."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.rand(48, 520, generator=gen) * 2 - 1) / 520 ** 0.5
+    int8 = Int8Weight(w)
+    x, h = torch.randn(5, 520, generator=gen), torch.rand(5, 48, generator=gen)
+    x[2], h[3] = 0.0, 0.0
+    for got, want in ((int8.up(x).float(), x @ w.t()), (int8.down(h).float(), h @ w)):
+        assert ((got - want).norm() / want.norm()).item() < 0.03
+        assert got[2 if got.shape[1] == 48 else 3].abs().max() == 0  # the zero row stays exactly zero
+
+
+def test_unknown_low_precision_kind_is_refused():
+    with pytest.raises(ValueError, match="bf16' or 'int8"):
+        small_net().low_precision_weights("fp8")
 
 
 def test_plain_bf16_nudged_phase_would_lose_the_contrast():
@@ -156,12 +179,12 @@ def test_early_exit_saves_nudged_steps_and_keeps_the_update():
 def test_low_precision_weights_follow_in_place_updates():
     """Fused Adam moves parameters without bumping their version: the bf16 copies must follow anyway."""
     net = small_net()
-    first = net.low_precision_weights()[0]
+    first = net.low_precision_weights()[0].w
     opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
     for p in net.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    second = net.low_precision_weights()[0]
+    second = net.low_precision_weights()[0].w
     assert second is first  # the same buffer, refreshed in place
     torch.testing.assert_close(second.float(), net.weights[0].detach(), rtol=1e-2, atol=1e-3)
     net.release_low_precision()

@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", choices=SHAPE_CHOICES, default="all",
                    help="a shape, or paper / cpu / all (default all = paper + cpu shapes)")
     p.add_argument("--batch", type=int, help="batch size (default: the shape's: 32 and 128 for imdb-paper, ...)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                   help="fast path products: bf16 operands (default) or fp32 (the exact path)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="bf16",
+                   help="fast path products: bf16 operands (default), int8 for the large FC weights (bf16 elsewhere), "
+                        "or fp32 (the exact path)")
     p.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=False,
                    help="stop each phase at the residual tolerance. Off by default: the benchmark's random-weight "
                         "networks settle in ~11 of 50 steps while trained ones mostly run to T1 "

@@ -1,0 +1,113 @@
+"""Low-precision copies of the large synapses and the two products EP takes with each of them.
+
+Every relaxation step multiplies each big weight matrix W twice: bottom-up `x Wᵀ` (into the layer
+above) and top-down `h W` (into the layer below). The weights are constant for a whole batch (free and
+nudged phases), so they are converted once per batch and the conversion is paid back over the ~75–90
+steps. Two kinds:
+
+- `Bf16Weight`: W in bf16, products by oneDNN with fp32 accumulation (the `bf16` fast path).
+- `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix) and pre-packed by oneDNN in
+  both orientations, activations quantised per row on the fly (int8 × int8 → int32 on AMX/VNNI). At
+  the paper's IMDB shape a bf16 product of the 180 M-weight matrix at batch 32 is bound by oneDNN
+  re-packing the weights on every call; the pre-packed int8 product reads a quarter of the bytes
+  once (docs/benchmarks.md, session 4). Each product carries ~1 % relative error; the nudged phases
+  take them on differences from the free fixed point (`phi.DeltaBase`), so that error scales with the
+  EP signal, and `seqep bench --check-fidelity` measures the update's angle to float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127.0
+
+
+class Bf16Weight:
+    """W in bf16, refreshed in place in a buffer kept across batches (a fresh 360 MB buffer costs more
+    than the conversion on a VM)."""
+
+    def __init__(self, weight: torch.Tensor, previous: Bf16Weight | None = None) -> None:
+        buf = previous.w if isinstance(previous, Bf16Weight) else None
+        w = weight.detach()
+        if buf is not None and buf.shape == w.shape:
+            self.w = buf.copy_(w)
+        else:
+            self.w = w.to(torch.bfloat16)
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ, bf16 result."""
+        return torch.mm(x.to(torch.bfloat16), self.w.t())
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """h W, bf16 result."""
+        return torch.mm(h.to(torch.bfloat16), self.w)
+
+
+def int8_available(device: torch.device | str = "cpu") -> bool:
+    """oneDNN's pre-packed int8 linear exists in this torch build and the tensors live on the CPU."""
+    ops = getattr(torch.ops, "onednn", None)
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available() and ops is not None
+            and hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise"))
+
+
+def _quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """round(W / scale) as int8, and its transpose made contiguous (oneDNN's int8 pre-packing reads its
+    input as row-major whatever the strides: a transposed view would be packed as garbage)."""
+    q = torch.round(w / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, q.t().contiguous()
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: x ≈ q · r, r = max|x_row| / 127 (rows of zeros get r = 1, q = 0)."""
+    x = x.to(torch.float32)
+    amax = x.abs().amax(1, keepdim=True)
+    r = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return torch.round(x / r).to(torch.int8), r
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def enable_compiled_quantizers(enabled: bool = True) -> None:
+    """Fuse the per-product row quantisation and the per-batch weight quantisation into one pass each."""
+    if enabled and not _KERNELS:
+        _KERNELS["rows"] = torch.compile(_quantize_rows, dynamic=True)
+        _KERNELS["weight"] = torch.compile(_quantize_weight, dynamic=False)
+    elif not enabled:
+        _KERNELS.clear()
+
+
+class Int8Weight:
+    """W as int8 (one scale), pre-packed for `x Wᵀ` and for `h W`; activations int8 per row."""
+
+    def __init__(self, weight: torch.Tensor, rows_hint: int = 32) -> None:
+        if not int8_available(weight.device):
+            raise RuntimeError("precision 'int8' needs a CPU torch build with oneDNN's quantised linear "
+                               "(torch.ops.onednn.qlinear_prepack); use precision 'bf16' on this device")
+        w = weight.detach().to(torch.float32)
+        lo, hi = torch.aminmax(w)
+        s = max(float(hi), -float(lo)) / INT8_MAX or 1.0
+        q, q_t = _KERNELS.get("weight", _quantize_weight)(w, torch.tensor(s))
+        out_f, in_f = q.shape
+        self.packed_up = torch.ops.onednn.qlinear_prepack(q, [rows_hint, in_f])
+        self.packed_down = torch.ops.onednn.qlinear_prepack(q_t, [rows_hint, out_f])
+        del q, q_t
+        self.scale_up = torch.full((out_f,), s)
+        self.scale_down = torch.full((in_f,), s)
+        self.zero_up = torch.zeros(out_f, dtype=torch.int64)
+        self.zero_down = torch.zeros(in_f, dtype=torch.int64)
+
+    def _product(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+        q, r = _KERNELS.get("rows", _quantize_rows)(x)
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scale, zero, None, 1.0, 0, out_dtype,
+                                               "none", [], "")
+        return y.mul_(r.to(out_dtype))
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
+        return self._product(x, self.packed_up, self.scale_up, self.zero_up, torch.float32)
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """h W, bf16 result."""
+        return self._product(h, self.packed_down, self.scale_down, self.zero_down, torch.bfloat16)
