@@ -184,6 +184,9 @@ def machine_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- allocator
+KEEP_FREED_BYTES = 2**31 - 1  # the largest trim threshold mallopt accepts (a C int)
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc never to give freed memory back to the OS (no mmap for big blocks, no heap trimming).
 
@@ -198,7 +201,9 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**62))
+        # mallopt's value is a C int: a larger Python int is silently truncated (2**62 became 0, i.e. trim on
+        # every free, so every large allocation faulted its pages in afresh: found in session 4)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, KEEP_FREED_BYTES))
     except (OSError, AttributeError):
         return False
 

@@ -65,10 +65,13 @@ def _residual(cfg: EPConfig) -> str:
     return "all" if cfg.precision == "fp32" else "fc"
 
 
-def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig):
+def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, exact_fixed_point: bool = True):
+    """Free phase of an estimator. `exact_fixed_point=False`: the fast path may end where bf16 dithers
+    (see `dynamics.relax`), unless early exit needs the sharper residual."""
     inputs = net.prepare(x, cfg.precision)
     target = one_hot_target(labels, net.spec.num_classes, inputs_dtype(net))
-    state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol, residual=_residual(cfg))
+    state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol, residual=_residual(cfg),
+                              refine=exact_fixed_point or cfg.tol is not None)
     return inputs, target, state, trace
 
 
@@ -93,7 +96,7 @@ def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
 
 @torch.no_grad()
 def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
-    inputs, target, free, trace = _free(net, x, labels, cfg)
+    inputs, target, free, trace = _free(net, x, labels, cfg, exact_fixed_point=False)
     B = x.shape[0]
     inputs2, start = net.nudge_start(inputs, free, times=2)  # +β rows then −β rows, one batch
     betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)

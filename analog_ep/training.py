@@ -22,8 +22,9 @@ from analog_ep.data import TaskData, embed_batch, load_task
 from analog_ep.dynamics import free_phase
 from analog_ep.errors import CheckpointError, ConfigError
 from analog_ep.estimators import EPConfig, Estimator, make_estimator
+from analog_ep.lowp_weights import int8_available
 from analog_ep.models import build_spec
-from analog_ep.phi import EPNet
+from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.runs import append_jsonl, software_versions, write_json
 from analog_ep.training_core import layer_param_groups, param_lrs
 
@@ -198,6 +199,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
+        if cfg.ep.precision == "int8" and not int8_available(cfg.train.device):
+            raise ConfigError(f"ep.precision = int8 needs a CPU torch build with oneDNN (train.device is "
+                              f"{cfg.train.device}); use ep.precision=bf16")
+        if cfg.ep.precision != "fp32":
+            enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
         seed_everything(cfg.train.seed)
         self.task = load_task_for(cfg, self.progress)
         self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)

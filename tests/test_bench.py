@@ -13,7 +13,7 @@ from analog_ep.cli import main
 from analog_ep.config import load_preset
 from analog_ep.dynamics import free_phase, predict
 from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
-from analog_ep.lowp_weights import Int8Weight, int8_available
+from analog_ep.lowp_weights import UP_MAX_ROWS, Bf16Weight, Int8Weight, int8_available
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
 
@@ -256,3 +256,43 @@ def test_fast_nudged_dynamics_start_at_a_fixed_point():
     after, _ = relax(net, nudge_inputs, start, 10)
     for a, b in zip(net.full_state(nudge_inputs, after), free):
         assert float((a.float() - b.float()).abs().max()) < 1e-5
+
+
+def test_symmetric_ep_skips_the_difference_form_ending_unless_early_exit_needs_it():
+    """±β contrasts cancel an offset of s*: without early exit the free phase need not end in the (costlier)
+    difference form; with a tolerance it must, or the bf16 residual never gets below it."""
+    net = small_net(schedule="synchronous")
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    plain = ep_symmetric(net, x, y, EPConfig(0.1, 40, 15, precision="bf16"), set_grad=False)
+    assert plain.free_trace.refined_at is None and plain.free_trace.steps == 40
+    early = ep_symmetric(net, x, y, EPConfig(0.1, 40, 15, precision="bf16", tol=1e-5), set_grad=False)
+    assert early.free_trace.refined_at is not None and early.free_trace.final_residual < 1e-5
+    assert bench.angle_deg(flat(plain.grads), flat(early.grads)) < 1.0
+
+
+def test_bf16_products_in_row_blocks_equal_one_product():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 300, generator=gen)
+    x = torch.randn(2 * UP_MAX_ROWS + 5, 300, generator=gen)  # three row blocks
+    blocked = Bf16Weight(w).up(x).float()
+    whole = torch.mm(x.to(torch.bfloat16), w.to(torch.bfloat16).t()).float()
+    torch.testing.assert_close(blocked, whole, rtol=1e-2, atol=1e-2)
+
+
+def test_keep_freed_memory_really_keeps_it():
+    """A freed 64 MB block is reused without faulting its pages in again (mallopt's value is a C int:
+    a trim threshold of 2**62 was silently truncated to 0, i.e. trim on every free)."""
+    code = (
+        "import resource, torch\n"
+        "from analog_ep.bench import keep_freed_memory\n"
+        "assert keep_freed_memory()\n"
+        "torch.empty(16_000_000).fill_(1.0)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "torch.empty(16_000_000).fill_(1.0)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 1000  # 64 MB faulted in afresh would be ~16,000 pages
