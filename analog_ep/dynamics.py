@@ -102,14 +102,17 @@ def free_phase(
                  residual=residual, refine=refine)
 
 
-def predict(net: EPNet, x: torch.Tensor, steps: int, tol: float | None = None, precision: str = "fp32") -> torch.Tensor:
+def predict(net: EPNet, x: torch.Tensor, steps: int, tol: float | None = None, precision: str = "fp32",
+            weights: list | None = None) -> torch.Tensor:
     """Class predictions (argmax of the free-phase output) for embedded inputs x: (B, S, L, d).
 
-    precision "bf16" runs the large products on bf16 operands (see `phi.LowPrecision`); the bf16 weight
-    copies stay cached on the net across calls until the weights change.
+    precision "bf16" / "int8" runs the large products in low precision (see `phi.LowPrecision`). The
+    low-precision weights are rebuilt on every call unless `weights` (from `net.low_precision_weights`,
+    built once while the parameters do not change) is given: worth it for int8, whose packing costs ~1 s
+    at the paper's IMDB shape.
     """
     fast = precision != "fp32"
     with torch.no_grad():
-        state, _ = free_phase(net, net.prepare(x, precision), steps, tol=tol, track=False,
+        state, _ = free_phase(net, net.prepare(x, precision, weights), steps, tol=tol, track=False,
                               residual="fc" if fast else "all")
     return state[-1].argmax(-1)

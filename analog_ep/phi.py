@@ -252,18 +252,21 @@ class EPNet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ inputs and states
-    def prepare(self, x: torch.Tensor, precision: str = "fp32") -> Inputs:
+    def prepare(self, x: torch.Tensor, precision: str = "fp32",
+                weights: list[LowPrecisionWeight | None] | None = None) -> Inputs:
         """Per-batch constants from embedded tokens x: (B, S, L, d).
 
         precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
         large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`. "int8": the same, with the
         large FC products in int8 (`lowp_weights.Int8Weight`; CPU builds with oneDNN only).
+        `weights`: low-precision weights built once by `low_precision_weights` for batches that share
+        the same parameters (inference); by default they are rebuilt here, as training needs.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         inputs = self._prepare_exact(x)
         if precision != "fp32":
-            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16, precision)
+            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16, precision, weights)
         return inputs
 
     def _prepare_exact(self, x: torch.Tensor) -> Inputs:
@@ -327,8 +330,9 @@ class EPNet(nn.Module):
         """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
         self._lowp_cache = None
 
-    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype, kind: str) -> LowPrecision:
-        weights = self.low_precision_weights(kind)
+    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype, kind: str,
+                              weights: list[LowPrecisionWeight | None] | None = None) -> LowPrecision:
+        weights = weights if weights is not None else self.low_precision_weights(kind)
         keys = scaled = scores = qd = flat_x = None
         if inputs.keys is not None:
             keys = inputs.keys.to(dtype)

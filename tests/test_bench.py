@@ -296,3 +296,15 @@ def test_keep_freed_memory_really_keeps_it():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) < 1000  # 64 MB faulted in afresh would be ~16,000 pages
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_inference_can_reuse_low_precision_weights_built_once(precision):
+    if precision == "int8" and not int8_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    net = small_net()
+    x, _ = random_inputs(net.spec, 6, dtype=torch.float32)
+    weights = net.low_precision_weights(precision)
+    first = predict(net, x, 20, precision=precision, weights=weights)
+    assert torch.equal(predict(net, x[:3], 20, precision=precision, weights=weights), first[:3])
+    assert torch.equal(predict(net, x, 20, precision=precision), first)  # rebuilt: the same numbers
