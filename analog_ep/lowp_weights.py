@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 
 INT8_MAX = 127.0
-# oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes 15.0 ms for 512 rows but 4.3 ms
-# for 256 and 6.3 ms for 384 (`python experiments/memory_bandwidth.py --fc1 snli --batches 256,384,512`): row blocks
-# avoid the cliff
+# oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
+# and ~5.5 ms for 384 (docs/bench/s4-kernels-snli.txt): row blocks avoid the cliff
 UP_MAX_ROWS = 384
 
 
