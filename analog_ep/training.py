@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from analog_ep.allocator import keep_freed_memory
 from analog_ep.checkpoint import BEST, LAST, load_checkpoint, save_model
 from analog_ep.config import RunConfig
 from analog_ep.data import TaskData, embed_batch, load_task
@@ -204,6 +205,8 @@ class Trainer:
                               f"{cfg.train.device}); use ep.precision=bf16")
         if cfg.ep.precision != "fp32":
             enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
+            if cfg.train.device == "cpu":
+                keep_freed_memory()  # its per-step tensors of tens of MB reuse the heap instead of faulting pages in
         seed_everything(cfg.train.seed)
         self.task = load_task_for(cfg, self.progress)
         self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)

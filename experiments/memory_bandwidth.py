@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from analog_ep.bench import keep_freed_memory
+from analog_ep.allocator import keep_freed_memory
 from analog_ep.lowp_weights import Int8Weight, enable_compiled_quantizers, int8_available
 
 FC1 = {"imdb": (1000, 180_000), "snli": (400, 30_000)}  # (out, in) of the paper shapes' first FC synapse

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from analog_ep.bench import SHAPES, _make_net, build_shape, keep_freed_memory, random_batch
+from analog_ep.allocator import keep_freed_memory
+from analog_ep.bench import SHAPES, _make_net, build_shape, random_batch
 from analog_ep.dynamics import relax
 from analog_ep.phi import enable_compiled_kernels, one_hot_target, signed_coef
 
