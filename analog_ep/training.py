@@ -27,7 +27,7 @@ from analog_ep.lowp_weights import int8_available
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.runs import append_jsonl, software_versions, write_json
-from analog_ep.training_core import layer_param_groups, param_lrs
+from analog_ep.training_core import layer_param_groups, param_lrs, train_step
 
 
 def seed_everything(seed: int) -> None:
@@ -273,10 +273,7 @@ class Trainer:
             for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
                                 order, start=st.batch, exact_match=cfg.data.exact_match):
                 b0 = time.perf_counter()
-                self.optimizer.zero_grad(set_to_none=True)
-                est = self._estimator()(self.net, x, y)
-                if not est.applied:
-                    self.optimizer.step()
+                est = train_step(self.net, self._estimator(), x, y, self.optimizer)
                 self.scheduler.step()
                 if not all(torch.isfinite(p).all() for p in self.net.parameters()):
                     raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
