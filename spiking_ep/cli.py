@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--data", metavar="FILE.pt", help='torch file with "x" (N,S,L,d) and "y" (N,)')
     e.add_argument("--synthetic", type=int, metavar="N", help="N Gaussian inputs, labels = analog predictions")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of the run's data")
-    e.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    e.add_argument("--limit", type=int, help="evaluate N samples only: a seeded random subset (splits are stored "
+                                             "by label)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--analog-steps", type=int, help="analog free-phase steps (default: config ep.free_steps×2, "
                                                      "else 100)")
@@ -241,7 +242,7 @@ def _register_reports(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--data", metavar="FILE.pt", help='torch file with "x" (N,S,L,d) and "y" (N,)')
     c.add_argument("--synthetic", type=int, metavar="N", help="N Gaussian inputs, labels = analog predictions")
     c.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of the run's data")
-    c.add_argument("--limit", type=int, help="the first N samples only")
+    c.add_argument("--limit", type=int, help="N samples only: a seeded random subset (splits are stored by label)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--probe-samples", type=int, default=16,
                    help="samples for firing-rate histograms, raster and the training-step spikes (default 16)")
@@ -270,7 +271,8 @@ def _register_reports(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="runs/demo", help="run directory (default %(default)s)")
     d.add_argument("--timesteps", default="8,16,32,64", help="spiking T values (default %(default)s)")
     d.add_argument("--fresh", action="store_true", help="delete OUT (a run directory) and train again")
-    d.add_argument("--limit", type=int, help="compare on the first N test reviews only (default: the preset's subset)")
+    d.add_argument("--limit", type=int, help="compare on N test reviews only, a seeded random subset (default: the "
+                                             "preset's subset)")
     d.add_argument("--skip", default="", help="comma-separated stages to skip: train,convert,compare,nir")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the smoke model's products are small, and two threads oversubscribe "
@@ -340,7 +342,7 @@ def run_export_nir(args: argparse.Namespace) -> int:
 
 def _nir_check_inputs(args: argparse.Namespace, net: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if (Path(args.run_dir) / "config.json").is_file():
-        from spiking_ep.compare import run_batches
+        from spiking_ep.evaluate import run_batches
 
         batches, _, _ = run_batches(args.run_dir, "test", args.check, args.check, progress=False)
         return next(batches)

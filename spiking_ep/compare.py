@@ -13,7 +13,6 @@ T₁ = the run's `ep.eval_free_steps` (else `ep.free_steps`) relaxation steps, e
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from spiking_ep.energy import (
     spiking_counts,
     spiking_training_counts,
 )
-from spiking_ep.evaluate import evaluate_spiking, read_run_config
+from spiking_ep.evaluate import evaluate_spiking, read_run_config, run_batches
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_TIMESTEPS = (8, 16, 32, 64)
@@ -107,27 +106,6 @@ def ep_settings(run_dir: str | Path) -> EPSection:
     raw = (read_run_config(run_dir).get("ep") or {})
     known = {k: v for k, v in raw.items() if k in EPSection.__dataclass_fields__}
     return EPSection(**known)
-
-
-def run_batches(run_dir: str | Path, split: str, limit: int | None, batch_size: int,
-                progress: bool = True) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int, dict[str, Any]]:
-    """Embedded batches of a run's data split (as the model was trained), their count, and a description."""
-    from analog_ep.data import embed_batch
-    from analog_ep.training import load_run_data
-
-    cfg, task, embedding = load_run_data(run_dir, progress=progress)
-    dataset = task.splits[split]
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-
-    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, n, batch_size):
-            j = min(i + batch_size, n)
-            yield embed_batch(dataset.ids[i:j], embedding, cfg.data.exact_match), dataset.labels[i:j]
-
-    info = {"task": cfg.data.task, "split": split, "samples": n, "split_size": len(dataset),
-            "limit": limit, "source": task.info.get("source"), "vectors": cfg.data.vectors,
-            "max_len": task.max_len, "seed": cfg.train.seed}
-    return gen(), math.ceil(n / batch_size), info
 
 
 # ---------------------------------------------------------------- probe: per-unit spikes of a few samples
@@ -268,7 +246,7 @@ def compare_run(run_dir: str | Path, snet: SpikingNet | None = None, split: str 
     options.label = options.label or str(run_dir)
     snet = snet or load_spiking(run_dir)
     if batches is None:
-        batches, total_batches, info = run_batches(run_dir, split, limit, batch_size, options.progress)
+        batches, total_batches, info = run_batches(run_dir, split, limit, batch_size, progress=options.progress)
         options.data = {**info, **options.data}
     with torch_threads(options.threads):
         return compare_spiking(snet, batches, ep_settings(run_dir), options, total_batches,

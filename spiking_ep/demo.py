@@ -94,7 +94,7 @@ def nir_stage(out: Path, progress: bool) -> dict[str, Any]:
     import torch
 
     from analog_ep.checkpoint import load_model
-    from spiking_ep.compare import run_batches
+    from spiking_ep.evaluate import run_batches
     from spiking_ep.nir_export import check_round_trip, export_nir
 
     net, _ = load_model(out)

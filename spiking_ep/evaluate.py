@@ -40,24 +40,41 @@ def batches_from_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> l
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
-def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None = None,
-                     batch_size: int = 128, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Embedded (x, y) batches of the run's data set, exactly as the analog model saw them in training.
+def run_batches(run_dir: str | Path, split: str = "test", limit: int | None = None, batch_size: int = 128,
+                seed: int = 0, progress: bool = False) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int, dict]:
+    """Embedded (x, y) batches of a run's data split, exactly as the analog model saw them in training;
+    their count; and a description of the data.
 
-    With `limit`, a seeded random subset: the stored splits are ordered by label, so "the first N"
-    would be one class only.
+    With `limit`, a seeded random subset (kept in stored order): the stored splits are ordered by label,
+    so "the first N" would be one class only.
     """
+    import math
+
     from analog_ep.data import embed_batch
     from analog_ep.training import load_run_data
 
-    cfg, task, embedding = load_run_data(run_dir, progress=False)
+    cfg, task, embedding = load_run_data(run_dir, progress=progress)
     dataset = task.splits[split]
     index = torch.arange(len(dataset))
     if limit is not None and limit < len(dataset):
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    for i in range(0, len(index), batch_size):
-        idx = index[i:i + batch_size]
-        yield embed_batch(dataset.ids[idx], embedding, cfg.data.exact_match), dataset.labels[idx]
+
+    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(index), batch_size):
+            idx = index[i:i + batch_size]
+            yield embed_batch(dataset.ids[idx], embedding, cfg.data.exact_match), dataset.labels[idx]
+
+    info = {"task": cfg.data.task, "split": split, "samples": len(index), "split_size": len(dataset),
+            "limit": limit, "subset_seed": seed if len(index) < len(dataset) else None,
+            "source": task.info.get("source"), "vectors": cfg.data.vectors, "max_len": task.max_len,
+            "seed": cfg.train.seed}
+    return gen(), math.ceil(len(index) / batch_size), info
+
+
+def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None = None,
+                     batch_size: int = 128, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Just the batches of `run_batches`."""
+    return run_batches(run_dir, split, limit, batch_size, seed)[0]
 
 
 class _Snapshots:

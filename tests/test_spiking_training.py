@@ -356,3 +356,25 @@ def test_train_backend_passes_resume_through(one_epoch_run, monkeypatch):
     args.estimator = "cep"
     with pytest.raises(ConfigError, match="--estimator spiking_cep"):
         train_backend(args)
+
+
+@pytest.mark.realdata
+def test_run_batches_subset_is_seeded_and_holds_both_classes(tmp_path):
+    """Stored splits are ordered by label: a --limit subset must be drawn at random (seeded), not the first N
+    (which made `seqep compare --limit` and the demo's NIR check one-class samples before session 4)."""
+    from analog_ep.cli import main
+    from analog_ep.data import resolve_data_dir
+    from spiking_ep.evaluate import batches_from_run, run_batches
+
+    if resolve_data_dir(None) is None:
+        pytest.skip("no shared data directory")
+    run = tmp_path / "run"
+    assert main(["train", "--task", "imdb", "--preset", "smoke", "--set", "data.train_limit=64", "--set",
+                 "data.eval_limit=200", "--set", "model.hidden=[8,4]", "--set", "train.epochs=1",
+                 "--out", str(run), "--no-progress"]) == 0
+    batches, count, info = run_batches(run, "test", limit=40, batch_size=16)
+    labels = torch.cat([y for _, y in batches])
+    assert count == 3 and info["samples"] == 40 and info["subset_seed"] == 0
+    assert 0 < labels.float().mean() < 1  # both classes (the first 40 stored are all negative)
+    again = torch.cat([y for _, y in batches_from_run(run, "test", 40, 16)])
+    assert torch.equal(labels, again)
