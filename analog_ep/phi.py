@@ -221,6 +221,14 @@ class EPNet(nn.Module):
         self.activation = get_activation(spec.activation)
         self.reset_parameters(seed)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the per-batch caches behind: low-precision weights are rebuilt on demand,
+        and int8 ones hold oneDNN's opaque packed tensors, which can be neither deep-copied nor pickled."""
+        state = dict(super().__getstate__())
+        state.pop("_lowp_cache", None)
+        state.pop("_scratch_pool", None)
+        return state
+
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self, seed: int | None = None) -> None:
         """nn.Linear's default init (uniform ±1/√fan_in, as the reference code), scaled by `init_gain`.

@@ -231,14 +231,17 @@ def test_symmetric_contrast_reads_the_difference_form():
         assert torch.equal(g, plain[name])
 
 
-def test_gdu_check_passes_on_the_fast_path():
-    """EP-vs-BPTT agreement (the GDU check) is as good with the bf16 path as with the exact path."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_gdu_check_passes_on_the_fast_path(precision):
+    """EP-vs-BPTT agreement (the GDU check) is as good with the fast path as with the exact path."""
     from analog_ep.gdu import gdu_report
 
+    if precision == "int8" and not int8_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
     net = small_net(schedule="synchronous").double()
     x, y = random_inputs(net.spec, 8)
     exact = gdu_report(net, x, y, EPConfig(0.01, 40, 15))
-    fast = gdu_report(net, x, y, EPConfig(0.01, 40, 15, precision="bf16"))
+    fast = gdu_report(net, x, y, EPConfig(0.01, 40, 15, precision=precision))
     for estimator in ("ep_symmetric", "ep_two_phase"):  # two-phase EP needs s* to be a fixed point of the
         assert fast[estimator]["angle_deg"] < exact[estimator]["angle_deg"] + 1.0  # nudged dynamics: no drift
 
@@ -316,3 +319,21 @@ def test_inference_can_reuse_low_precision_weights_built_once(precision):
     first = predict(net, x, 20, precision=precision, weights=weights)
     assert torch.equal(predict(net, x[:3], 20, precision=precision, weights=weights), first[:3])
     assert torch.equal(predict(net, x, 20, precision=precision), first)  # rebuilt: the same numbers
+
+
+def test_a_net_that_ran_the_fast_path_can_be_copied_and_pickled():
+    """The per-batch low-precision caches stay behind (int8 ones hold opaque oneDNN tensors)."""
+    import copy
+    import pickle
+
+    net = small_net()
+    x, y = random_inputs(net.spec, 4, dtype=torch.float32)
+    precision = "int8" if int8_available() else "bf16"
+    ep_symmetric(net, x, y, EPConfig(0.1, 10, 5, precision=precision), set_grad=False)
+    assert net._lowp_cache is not None
+    clone = copy.deepcopy(net)
+    assert getattr(clone, "_lowp_cache", None) is None
+    for a, b in zip(clone.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    again = pickle.loads(pickle.dumps(net))
+    assert torch.equal(predict(again, x, 10, precision=precision), predict(net, x, 10, precision=precision))
