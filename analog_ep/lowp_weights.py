@@ -9,8 +9,8 @@ steps. Two kinds:
 - `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix) and pre-packed by oneDNN in
   both orientations, activations quantised per row on the fly (int8 × int8 → int32 on AMX/VNNI). At
   the paper's IMDB shape a bf16 product of the 180 M-weight matrix at batch 32 is bound by oneDNN
-  re-packing the weights on every call; the pre-packed int8 product reads a quarter of the bytes
-  once (docs/benchmarks.md, session 4). Each product carries ~1 % relative error; the nudged phases
+  re-packing the weights on every call; the pre-packed int8 product skips that and reads half the
+  bytes (docs/benchmarks.md, session 4). Each product carries ~1 % relative error; the nudged phases
   take them on differences from the free fixed point (`phi.DeltaBase`), so that error scales with the
   EP signal, and `seqep bench --check-fidelity` measures the update's angle to float64.
 """
