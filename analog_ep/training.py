@@ -133,6 +133,14 @@ def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
+def seeded_subset(size: int, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """Indices of a seeded random `limit` of `size` samples, in stored order (all of them without a limit).
+
+    Never "the first N": the stored IMDB/SNLI splits are sorted by label, so those would be one class."""
+    n = size if limit is None else min(limit, size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, order: torch.Tensor | None = None,
             start: int = 0, exact_match: bool = False):
     """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +49,20 @@ def run_batches(run_dir: str | Path, split: str = "test", limit: int | None = No
     With `limit`, a seeded random subset (kept in stored order): the stored splits are ordered by label,
     so "the first N" would be one class only.
     """
-    import math
-
-    from analog_ep.data import embed_batch
-    from analog_ep.training import load_run_data
+    from analog_ep.training import batches, load_run_data, seeded_subset
 
     cfg, task, embedding = load_run_data(run_dir, progress=progress)
     dataset = task.splits[split]
-    index = torch.arange(len(dataset))
-    if limit is not None and limit < len(dataset):
-        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-
-    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(index), batch_size):
-            idx = index[i:i + batch_size]
-            yield embed_batch(dataset.ids[idx], embedding, cfg.data.exact_match), dataset.labels[idx]
-
+    index = seeded_subset(len(dataset), limit, seed)
+    count = -(-len(index) // batch_size)
+    # `batches` walks the whole split's length: stop after the batches `index` fills
+    gen = islice(batches(dataset, embedding, batch_size, embedding.device, embedding.dtype, index,
+                         exact_match=cfg.data.exact_match), count)
     info = {"task": cfg.data.task, "split": split, "samples": len(index), "split_size": len(dataset),
             "limit": limit, "subset_seed": seed if len(index) < len(dataset) else None,
             "source": task.info.get("source"), "vectors": cfg.data.vectors, "max_len": task.max_len,
             "seed": cfg.train.seed}
-    return gen(), math.ceil(len(index) / batch_size), info
+    return gen, count, info
 
 
 def batches_from_run(run_dir: str | Path, split: str = "test", limit: int | None = None,

@@ -154,10 +154,10 @@ def dataset_split(dataset: Any, embedding: torch.Tensor, batch_size: int, dtype:
     """A `SequenceDataset` split through `analog_ep.training.batches`. `limit`: N samples drawn afresh each
     epoch (training) or one fixed random subset of N (evaluation, `epoch=None`), never the first N: the
     IMDB splits are sorted by label, so their first N reviews are all negative."""
-    from analog_ep.training import batches
+    from analog_ep.training import batches, seeded_subset
 
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    subset = seeded_subset(len(dataset), limit, seed)
+    n = len(subset)
 
     def make(epoch: int | None) -> Iterable[Batch]:
         order = epoch_order(len(dataset), seed, epoch)[:n] if epoch is not None else subset
