@@ -98,7 +98,6 @@ class Int8Weight:
         out_f, in_f = q.shape
         self.packed_up = torch.ops.onednn.qlinear_prepack(q, [rows_hint, in_f])
         self.packed_down = torch.ops.onednn.qlinear_prepack(q_t, [rows_hint, out_f])
-        del q, q_t
         self.scale_up = torch.full((out_f,), s)
         self.scale_down = torch.full((in_f,), s)
         self.zero_up = torch.zeros(out_f, dtype=torch.int64)
