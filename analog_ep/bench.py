@@ -13,7 +13,13 @@ memory belongs to one mode alone):
 
 FLOPs are counted analytically (`count_flops`, matmul FLOPs of the algorithm, 2 per multiply-add) and set
 against this machine's fp32 and bf16 matmul peaks, measured in the same run on large square products.
-Inputs are random (Gaussian, RMS 0.6 per entry): speed does not depend on the data, only early exit does.
+
+Inputs (`--inputs`): "real" takes a seeded batch of the task's training split, embedded as training embeds
+it (the preset's vectors, length and normalisation; needs the data, `SEQEP_DATA_DIR`); "random" is Gaussian
+(RMS 0.6 per entry). Speed depends on the data in two ways: early exit, and the fast path's retrieval
+over distinct keys (`fast_retrieval`), which skips repeated words and padding. Random vectors never
+repeat: on them the fast path does the full L × L retrieval, the worst case. "auto" (default) is real
+where the shape's data is found, else random; every record says which it used.
 
 Timings taken while other processes use the CPU are meaningless on a 2-core machine: every record carries
 the load average and the CPU time other processes used while it ran (`foreign_cores`).
@@ -39,7 +45,9 @@ import torch
 from analog_ep import dynamics, estimators
 from analog_ep.allocator import keep_freed_memory
 from analog_ep.config import load_preset
+from analog_ep.errors import DataError
 from analog_ep.estimators import EPConfig, ep_symmetric, make_estimator
+from analog_ep.fast_retrieval import kept_fraction
 from analog_ep.gdu import angle_deg
 from analog_ep.models import build_spec
 from analog_ep.phi import PRECISIONS, EPNet, GraphSpec, enable_compiled_kernels
@@ -53,6 +61,7 @@ DEFAULT_BATCHES = {"imdb-paper": (32, 128), "snli-paper": (256,)}  # others: the
 DEFAULT_TOL = 1e-4  # early-exit residual tolerance where the preset sets none
 INPUT_RMS = 0.6
 WARMUP_BATCHES = 2  # untimed full batches before timing, in every mode (compile, oneDNN primitives, heap)
+INPUTS = ("auto", "real", "random")
 
 FLOP_FORMULA = (
     "per sample and relaxation step: Σ_k 2·m_k·2·a_k·o_k over FC synapses k (a_k inputs, o_k outputs; "
@@ -120,9 +129,66 @@ def random_batch(spec: GraphSpec, batch: int, seed: int = 0) -> tuple[torch.Tens
     return x, y
 
 
+def _preset_config(shape_name: str):
+    task, preset = shape_name.split("-")
+    cfg = load_preset(task, preset)
+    cfg.data.data_dir = os.environ.get("SEQEP_DATA_DIR") or cfg.data.data_dir
+    return cfg
+
+
+def real_data_available(shape_name: str) -> bool:
+    """Whether `--inputs real` can run for this shape here (a preset shape whose task data is found)."""
+    from analog_ep.data.sources import get_spec, locate_local_files, resolve_data_dir
+
+    if shape_name in TEST_SHAPES:
+        return False
+    cfg = _preset_config(shape_name)
+    data_dir = resolve_data_dir(cfg.data.data_dir)
+    if data_dir is None:
+        return False
+    try:
+        return bool(locate_local_files(get_spec(cfg.data.task), data_dir))
+    except DataError:  # a missing or malformed layout: the loader says what is wrong, at `--inputs real`
+        return False
+
+
+def real_batch(shape: Shape, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch of the task's training split, embedded as `seqep train` embeds it."""
+    from analog_ep.training import batches, load_task_for, model_embedding
+
+    if shape.name in TEST_SHAPES:
+        raise ValueError(f"shape {shape.name} has no real data (it is a test shape): use --inputs random")
+    cfg = _preset_config(shape.name)
+    data = load_task_for(cfg, progress=False)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:batch]
+    x, y = next(batches(data.train, model_embedding(cfg, data), batch, "cpu", torch.float32, order,
+                        exact_match=cfg.data.exact_match))
+    if tuple(x.shape[1:]) != (shape.spec.num_streams, shape.spec.seq_len, shape.spec.dim):
+        raise ValueError(f"real {shape.name} batch has shape {tuple(x.shape)}, the bench shape expects "
+                         f"(B, {shape.spec.num_streams}, {shape.spec.seq_len}, {shape.spec.dim})")
+    return x, y
+
+
+def bench_batch(shape: Shape, batch: int, inputs: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch a bench job times: real (see `real_batch`) or random (`random_batch`); `inputs` resolved."""
+    return real_batch(shape, batch, seed) if inputs == "real" else random_batch(shape.spec, batch, seed)
+
+
+def resolve_inputs(inputs: str, shape_name: str) -> str:
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+    if inputs == "auto":
+        return "real" if real_data_available(shape_name) else "random"
+    return inputs
+
+
 # ---------------------------------------------------------------------------------------------- FLOPs
-def count_flops(spec: GraphSpec, batch: int, free_steps: int, nudge_steps: int) -> dict[str, float]:
-    """Matmul FLOPs (2 per multiply-add) of one symmetric-EP training batch; see FLOP_FORMULA."""
+def count_flops(spec: GraphSpec, batch: int, free_steps: int, nudge_steps: int,
+                key_fraction: float = 1.0) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one symmetric-EP training batch; see FLOP_FORMULA.
+
+    `key_fraction`: share of the L keys per retrieval actually multiplied (the fast path's distinct keys,
+    `fast_retrieval.kept_fraction`); 1 counts the plain retrieval, as the algorithm defines it."""
     P = spec.num_projections
     sizes = [spec.fc_input_size, *spec.layers]
     step = 0
@@ -132,7 +198,7 @@ def count_flops(spec: GraphSpec, batch: int, free_steps: int, nudge_steps: int) 
         step += products * 2 * a * o
         grad += 2 * a * o
     if P and spec.attention:
-        step += 4 * P * spec.proj_len * spec.seq_len * spec.dim
+        step += round(4 * P * spec.proj_len * spec.seq_len * spec.dim * key_fraction)
     prep = 0
     if P and not spec.pool_queries:
         prep = 2 * P * spec.seq_len * spec.dim * spec.dim
@@ -279,11 +345,11 @@ def _optimizer(net: EPNet, shape: Shape, fused: bool) -> torch.optim.Optimizer:
 
 
 def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_adam: bool = True,
-              warmup: int = WARMUP_BATCHES) -> dict:
+              warmup: int = WARMUP_BATCHES, inputs: str = "random") -> dict:
     """Seconds for one training batch on the fast path (the real estimator + Adam), with phase times."""
     net = _make_net(shape)
     opt = _optimizer(net, shape, fused_adam)
-    x, y = random_batch(shape.spec, batch)
+    x, y = bench_batch(shape, batch, inputs)
     for _ in range(warmup):  # compile, oneDNN primitives, and the heap's working set
         train_step(net, make_estimator("ep_symmetric", cfg), x, y, opt)
     times, phases = [], []
@@ -302,16 +368,26 @@ def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_a
                            "update_s": t2 - t1, "free_steps": free_n, "nudge_steps": nudge_n})
     best = min(range(repeats), key=lambda i: times[i])
     return {"seconds_per_batch": times[best], "all_seconds": times, "phases": phases[best],
-            "free_residual": est.free_trace.final_residual, "peak_rss_mb": _rss_mb(), "load": load.report()}
+            "free_residual": est.free_trace.final_residual, "peak_rss_mb": _rss_mb(), "load": load.report(),
+            "key_fraction": _key_fraction(net, x, cfg)}
 
 
-def run_reference(shape: Shape, batch: int, repeats: int = 1, warmup: int = WARMUP_BATCHES) -> dict:
+def _key_fraction(net: EPNet, x: torch.Tensor, cfg: EPConfig) -> float:
+    """Share of the L × L retrieval scores the path computes: < 1 on the fast path when keys repeat."""
+    if cfg.precision == "fp32" or not (net.spec.num_projections and net.spec.attention):
+        return 1.0
+    inputs = net.prepare(x)
+    return kept_fraction(inputs.keys, inputs.key_mask)
+
+
+def run_reference(shape: Shape, batch: int, repeats: int = 1, warmup: int = WARMUP_BATCHES,
+                  inputs: str = "random") -> dict:
     """Seconds for one training batch as the paper's code runs it (autograd every step, fp32, phases in turn)."""
     from analog_ep.reference import reference_ep_symmetric
 
     net = _make_net(shape, reference=True)
     opt = _optimizer(net, shape, fused=False)
-    x, y = random_batch(shape.spec, batch)
+    x, y = bench_batch(shape, batch, inputs)
 
     def one(free: int, nudge: int) -> None:
         opt.zero_grad(set_to_none=True)
@@ -329,10 +405,11 @@ def run_reference(shape: Shape, batch: int, repeats: int = 1, warmup: int = WARM
     return {"seconds_per_batch": min(times), "all_seconds": times, "peak_rss_mb": _rss_mb(), "load": load.report()}
 
 
-def run_inference(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, warmup: int = WARMUP_BATCHES) -> dict:
+def run_inference(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, warmup: int = WARMUP_BATCHES,
+                  inputs: str = "random") -> dict:
     """Free phase only (prediction), weights fixed: samples per second."""
     net = _make_net(shape)
-    x, _ = random_batch(shape.spec, batch, seed=1)
+    x, _ = bench_batch(shape, batch, inputs, seed=1)
     residual = "all" if cfg.precision == "fp32" else "fc"
     weights = None if cfg.precision == "fp32" else net.low_precision_weights(cfg.precision)  # fixed: built once
 
@@ -358,14 +435,14 @@ def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([grads[k].flatten().double() for k in sorted(grads)])
 
 
-def check_fidelity(shape: Shape, batch: int, cfg: EPConfig, seed: int = 0) -> dict:
+def check_fidelity(shape: Shape, batch: int, cfg: EPConfig, seed: int = 0, inputs: str = "random") -> dict:
     """Angle between the fast path's EP update and the float64 EP update (same net, batch, steps).
 
     The float64 update is the exact path in float64 without early exit: the numbers EP defines.
     Also reported: the exact float32 path against the same float64 update (the floor fp32 itself sets).
     """
     net = _make_net(shape)
-    x, y = random_batch(shape.spec, batch, seed=seed + 2)
+    x, y = bench_batch(shape, batch, inputs, seed=seed + 2)
     exact = replace(cfg, precision="fp32", tol=None, nudge_tol=None)
     net64 = copy.deepcopy(net).double()
     g64 = ep_symmetric(net64, x.double(), y, exact, set_grad=False).grads
@@ -450,16 +527,17 @@ def worker(job: dict) -> dict:
     cfg = EPConfig(shape.beta, shape.free_steps, shape.nudge_steps, tol=job.get("tol"),
                    precision=job.get("precision", "fp32"), nudge_tol=job.get("nudge_tol"))
     kind, batch, repeats = job["kind"], int(job["batch"]), int(job.get("repeats", 1))
-    warmup = int(job.get("warmup", WARMUP_BATCHES))
+    warmup, inputs = int(job.get("warmup", WARMUP_BATCHES)), job.get("inputs", "random")
     with torch.no_grad():
         if kind == "train":
-            return run_train(shape, batch, cfg, repeats, fused_adam=job.get("fused_adam", True), warmup=warmup)
+            return run_train(shape, batch, cfg, repeats, fused_adam=job.get("fused_adam", True), warmup=warmup,
+                             inputs=inputs)
         if kind == "reference":
-            return run_reference(shape, batch, repeats, warmup)
+            return run_reference(shape, batch, repeats, warmup, inputs)
         if kind == "inference":
-            return run_inference(shape, batch, cfg, repeats, warmup)
+            return run_inference(shape, batch, cfg, repeats, warmup, inputs)
         if kind == "fidelity":
-            return check_fidelity(shape, batch, cfg)
+            return check_fidelity(shape, batch, cfg, inputs=inputs)
         if kind == "accuracy":
             return compare_training(job["shape"], job.get("train_limit"), int(job.get("epochs", 1)),
                                     job.get("data_dir"), job.get("tol"))
@@ -488,6 +566,7 @@ def bench(
     precision: str = "bf16",
     early_exit: bool = False,
     tol: float | None = None,
+    inputs: str = "auto",
     reference: bool = True,
     inference: bool = True,
     fidelity: bool = False,
@@ -507,6 +586,8 @@ def bench(
     """Run the benchmark; returns the JSON-able report (see docs/benchmarks.md for the fields)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}")
 
     def note(msg: str) -> None:
         if log:
@@ -516,7 +597,8 @@ def bench(
         if wait_idle is not None:
             wait_for_idle(wait_idle, wait_timeout, note)
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
-                    compile=compile_kernels and precision != "fp32", precision=precision)
+                    compile=compile_kernels and precision != "fp32", precision=precision,
+                    inputs=resolve_inputs(inputs, shape.name))
         spec.update(extra)
         if early_exit:
             spec.update(tol=tol if tol is not None else shape.tol, nudge_tol=tol if tol is not None else shape.tol)
@@ -530,7 +612,8 @@ def bench(
         "machine": machine_info(),
         "settings": {"precision": precision, "early_exit": early_exit, "tol": tol, "reference": reference,
                      "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
-                     "compiled_kernels": compile_kernels and precision != "fp32", "input_rms": INPUT_RMS},
+                     "compiled_kernels": compile_kernels and precision != "fp32", "input_rms": INPUT_RMS,
+                     "inputs": inputs},
         "flop_formula": FLOP_FORMULA,
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }
@@ -547,14 +630,14 @@ def bench(
         shape = build_shape(name)
         for i, b in enumerate([batch] if batch else list(shape.batches)):
             rec: dict[str, Any] = {
-                "shape": name, "batch": b, "spec": shape.spec.to_dict(),
+                "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": resolve_inputs(inputs, name),
                 "ep": {"beta": shape.beta, "free_steps": shape.free_steps, "nudge_steps": shape.nudge_steps,
                        "tol": (tol or shape.tol) if early_exit else None},
             }
             flops = count_flops(shape.spec, b, shape.free_steps, shape.nudge_steps)
             fast = job("train", shape, b)
             ph = fast["phases"]
-            executed = count_flops(shape.spec, b, ph["free_steps"], ph["nudge_steps"])
+            executed = count_flops(shape.spec, b, ph["free_steps"], ph["nudge_steps"], fast["key_fraction"])
             relax_s = ph["free_s"] + ph["nudge_s"]
             rec.update(
                 seconds_per_batch=fast["seconds_per_batch"], phases=ph, free_residual=fast["free_residual"],
@@ -562,6 +645,7 @@ def bench(
                 gflops=executed["total"] / fast["seconds_per_batch"] / 1e9,
                 relax_gflops=(executed["free"] + executed["nudge"]) / relax_s / 1e9 if relax_s > 0 else None,
                 peak_rss_mb=fast["peak_rss_mb"], load=fast["load"], all_seconds=fast["all_seconds"],
+                key_fraction=fast["key_fraction"],
             )
             rec["peak_fraction"] = rec["gflops"] / peak
             rec["relax_peak_fraction"] = rec["relax_gflops"] / peak if rec["relax_gflops"] else None

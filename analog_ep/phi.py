@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
+from analog_ep.fast_retrieval import DistinctKeys, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
 from analog_ep.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
 
@@ -133,16 +134,15 @@ class LowPrecision:
     layers' states and the EP contrast (∂Φ/∂θ) stay in the parameters' dtype; the projection states are
     bf16 in the free phase (they are outputs of a bf16 product, storing them wider adds no information).
 
-    With attention the constant half of the query, X W₀ᵀ, enters only through `query_scores` = γ X W₀ᵀ Kᵀ
-    (computed once per batch): the per-step scores are `query_scores + (W₁ᵀ h¹) (γK)ᵀ` in one product,
-    and the (B, P, L, d) query is never formed.
+    With attention the retrieval runs over each sequence's distinct keys (`fast_retrieval.DistinctKeys`,
+    exact), and the constant half of the query, X W₀ᵀ, enters only through scores γ X W₀ᵀ Kᵀ computed
+    once per batch: the per-step scores are those plus (W₁ᵀ h¹) (γK)ᵀ, and the (B, P, L, d) query is
+    never formed.
     """
 
     dtype: torch.dtype
     weights: list[LowPrecisionWeight | None]  # W_k in low precision (`lowp_weights`), None where small
-    keys: torch.Tensor | None  # (B,P,Lk,d) values of the retrieval
-    scaled_keys_t: torch.Tensor | None  # (B,P,d,Lk) γ·Kᵀ, stored transposed (contiguous operand of the scores)
-    query_scores: torch.Tensor | None  # (B,P,Lq,Lk) γ X W₀ᵀ Kᵀ in the params' dtype (attention only)
+    keys: DistinctKeys | None  # the retrieval's keys, deduplicated, with its constant scores (attention only)
     query_drive: torch.Tensor | None  # (B,P,Lq,d) X W₀ᵀ (no attention only)
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
     base: DeltaBase | None = None  # set for the nudged phases (`EPNet.nudge_start`)
@@ -154,8 +154,8 @@ class LowPrecision:
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.cat([t] * times)
 
-        return LowPrecision(self.dtype, self.weights, rep(self.keys), rep(self.scaled_keys_t), rep(self.query_scores),
-                            rep(self.query_drive), rep(self.flat_x))
+        keys = None if self.keys is None else self.keys.repeat(times)
+        return LowPrecision(self.dtype, self.weights, keys, rep(self.query_drive), rep(self.flat_x))
 
 
 @dataclass
@@ -163,14 +163,15 @@ class DeltaBase:
     """The free fixed point s* that the fast path's nudged phases are written relative to.
 
     `up[k]` = W_k a*_k and `down[k]` = W_kᵀ h*_{k+1} in the parameters' dtype, for the synapses whose
-    products the nudged steps take on differences; `retrieval` is softmax(γ Q* Kᵀ) (bf16) with attention,
-    Q* without. The EP signal lives in s − s*: everything differenced stays out of bf16 rounding.
+    products the nudged steps take on differences; `retrieval` is softmax(γ Q* Kᵀ) (bf16, one tensor
+    per group of `DistinctKeys`) with attention, Q* without. The EP signal lives in s − s*: everything
+    differenced stays out of bf16 rounding.
     """
 
     states: State  # s*, one row per nudged row: projection bf16 (as the free phase left it), FC params' dtype
     up: list[torch.Tensor | None]
     down: list[torch.Tensor | None]
-    retrieval: torch.Tensor | None
+    retrieval: list[torch.Tensor] | torch.Tensor | None
 
 
 @dataclass
@@ -192,7 +193,9 @@ class Inputs:
     def batch_size(self) -> int:
         t = self.keys if self.keys is not None else self.flat_x
         if t is None and self.lowp is not None:
-            t = self.lowp.keys if self.lowp.keys is not None else self.lowp.flat_x
+            if self.lowp.keys is not None:
+                return self.lowp.keys.batch
+            t = self.lowp.flat_x
         return t.shape[0]
 
     def repeat(self, times: int) -> Inputs:
@@ -341,30 +344,16 @@ class EPNet(nn.Module):
     def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype, kind: str,
                               weights: list[LowPrecisionWeight | None] | None = None) -> LowPrecision:
         weights = weights if weights is not None else self.low_precision_weights(kind)
-        keys = scaled = scores = qd = flat_x = None
+        keys = qd = flat_x = None
         if inputs.keys is not None:
-            keys = inputs.keys.to(dtype)
-            scaled32 = (inputs.keys * self.spec.hopfield_gamma).transpose(-1, -2).contiguous()
-            scaled = scaled32.to(dtype)
-            if self.spec.attention:  # kept in the params' dtype: these logits are large, their rounding is not
-                scores = torch.matmul(inputs.query_drive, scaled32)
+            if self.spec.attention:
+                keys = DistinctKeys.build(inputs.keys, inputs.key_mask, inputs.query_drive, self.spec.hopfield_gamma,
+                                          dtype)
             else:
                 qd = inputs.query_drive.to(dtype)
         if inputs.flat_x is not None and weights[0] is not None:
             flat_x = inputs.flat_x.to(dtype)
-        return LowPrecision(dtype, weights, keys, scaled, scores, qd, flat_x)
-
-    @torch.no_grad()
-    def _low_precision_retrieve(self, inputs: Inputs, top_down: torch.Tensor) -> torch.Tensor:
-        """Attention weights softmax(γ (X W₀ᵀ + W₁ᵀh¹) Kᵀ) from the top-down half of the query."""
-        lp = inputs.lowp
-        flat = top_down.reshape(-1, *top_down.shape[-2:])
-        keys_t = lp.scaled_keys_t.reshape(-1, *lp.scaled_keys_t.shape[-2:])
-        const = lp.query_scores.reshape(-1, *lp.query_scores.shape[-2:])
-        mask = None if inputs.key_mask is None else inputs.key_mask.reshape(-1, 1, inputs.key_mask.shape[-1])
-        if "attention" in _COMPILED:  # one fused pass: constant + per-step scores, mask, softmax (fp32 inside)
-            return _COMPILED["attention"](const, torch.bmm(flat, keys_t), mask).view(lp.query_scores.shape)
-        return _attention_eager(const, flat, keys_t, mask).view(lp.query_scores.shape)
+        return LowPrecision(dtype, weights, keys, qd, flat_x)
 
     def nudge_start(self, inputs: Inputs, free: State, times: int = 1) -> tuple[Inputs, State]:
         """Inputs and starting state of the nudged phase(s), `times` copies of the batch (2 for ±β).
@@ -400,13 +389,16 @@ class EPNet(nn.Module):
         retrieval = None
         if P:
             q = self._low_precision_drive(inputs, free, 0)  # the query at s*, as the free phase computes it
-            retrieval = self._low_precision_retrieve(inputs, q) if self.spec.attention else q
-            retrieval = rep(retrieval)
+            if self.spec.attention:
+                retrieval = DistinctKeys.repeat_weights(lp.keys.attention(q), times)
+            else:
+                retrieval = rep(q)
             stacked[0] = torch.zeros(stacked[0].shape, dtype=lp.dtype, device=stacked[0].device)
         base = DeltaBase([rep(s) for s in free], up, down, retrieval)
         if times == 1:
             return replace(inputs, lowp=replace(lp, base=base)), stacked
-        lowp = LowPrecision(lp.dtype, lp.weights, rep(lp.keys), rep(lp.scaled_keys_t), None, None, rep(lp.flat_x), base)
+        keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
+        lowp = LowPrecision(lp.dtype, lp.weights, keys, None, rep(lp.flat_x), base)
         # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive
         return Inputs(rep(inputs.x_query), None, rep(inputs.key_mask), None, rep(inputs.flat_x), lowp), stacked
 
@@ -421,8 +413,7 @@ class EPNet(nn.Module):
     def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor) -> torch.Tensor:
         """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
         if self.spec.attention:
-            delta_scores = torch.matmul(delta_q.to(lp.dtype), lp.scaled_keys_t)
-            return torch.matmul(delta_attention(lp.base.retrieval, delta_scores), lp.keys)
+            return lp.keys.delta_retrieve(lp.base.retrieval, delta_q.to(lp.dtype))
         q = lp.base.retrieval.to(torch.float32)
         return (self.activation(q + delta_q.to(torch.float32)) - self.activation(q)).to(lp.dtype)
 
@@ -465,8 +456,8 @@ class EPNet(nn.Module):
         """`layer_drive` of the fast path. Large products on bf16 operands, the rest in the params' dtype.
 
         With attention the projection "drive" returned here is only the top-down half of the query,
-        W₁ᵀh¹ (X W₀ᵀ enters through `LowPrecision.query_scores`). In the nudged phases (`lp.base` set, see
-        `nudge_start`) every bf16 product is taken on the difference from the free fixed point s*,
+        W₁ᵀh¹ (X W₀ᵀ enters through the constant scores of `LowPrecision.keys`). In the nudged phases
+        (`lp.base` set, see `nudge_start`) every bf16 product is taken on the difference from the free fixed point s*,
         `W a = W a* + W (a − a*)`, with `W a*` computed once in the params' dtype: rounding is then
         relative to the small EP signal, not to the state, and the contrast s⁺ − s⁻ survives. The
         projection state is then stored as its difference δ from s*, and the projection drive is
@@ -542,7 +533,7 @@ class EPNet(nn.Module):
             if lp is not None and lp.base is not None:  # nudged phase of the fast path: δs¹ from δQ
                 return self._delta_projection(lp, drive)
             if lp is not None and self.spec.attention:
-                return torch.matmul(self._low_precision_retrieve(inputs, drive.to(lp.dtype)), lp.keys)
+                return lp.keys.retrieve(drive.to(lp.dtype))
             if self.spec.attention:
                 return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
             return self.activation(drive)
@@ -659,64 +650,18 @@ class EPNet(nn.Module):
 CONTRAST_BLOCK = 8192  # columns per block of the fast path's bf16 gradient product (fp32 output in place)
 
 
-def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
-    a = attention.to(torch.float32)
-    ds = delta_scores.to(torch.float32)
-    z_star = a.sum(-1, keepdim=True).clamp_min_(1e-30)
-    log_ratio = (torch.exp(ds) * a).sum(-1, keepdim=True).clamp_min_(1e-30).div_(z_star).log_()
-    return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
-
-
-_COMPILED: dict[str, object] = {}
-
-
 def enable_compiled_kernels(enabled: bool = True) -> None:
-    """Use `torch.compile`d (fused, one pass) versions of the bf16 path's softmax kernels.
+    """Use `torch.compile`d (fused, one pass) versions of the fast path's softmax kernels.
 
-    The free phase's scores-plus-softmax and the nudged phases' softmax difference (`delta_attention`)
-    each become one pass over the (B, P, L, L) scores, about 2× (IMDB rows) to 4× (SNLI's short rows)
-    faster than torch's bf16 softmax. Off by default: the first call compiles (~10-40 s, then cached on
-    disk by inductor); `seqep bench` turns it on. Results equal the eager kernels' up to fp32 rounding.
-    Also fuses the int8 path's quantisers (`lowp_weights.enable_compiled_quantizers`).
+    The free phase's scores-plus-softmax and the nudged phases' softmax difference
+    (`fast_retrieval.delta_attention`) each become one pass over the scores, about 2× (IMDB rows) to 4×
+    (SNLI's short rows) faster than torch's bf16 softmax. Off by default: the first call compiles
+    (~10-40 s, then cached on disk by inductor); `seqep bench` and `seqep train` turn it on. Results
+    equal the eager kernels' up to fp32 rounding. Also fuses the int8 path's quantisers
+    (`lowp_weights.enable_compiled_quantizers`).
     """
-    if enabled and not _COMPILED:
-        _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
-        _COMPILED["attention"] = torch.compile(_attention_fused, dynamic=True)
-    elif not enabled:
-        _COMPILED.clear()
+    enable_compiled(enabled)
     enable_compiled_quantizers(enabled)
-
-
-def _attention_eager(
-    const: torch.Tensor, query: torch.Tensor, keys_t: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    scores = torch.bmm(query, keys_t).to(const.dtype).add_(const)
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(query.dtype)
-    return torch.softmax(scores, dim=-1).to(query.dtype)
-
-
-def _attention_fused(const: torch.Tensor, partial: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    scores = const.to(torch.float32) + partial.to(torch.float32)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(partial.dtype)
-    return torch.softmax(scores, dim=-1).to(partial.dtype)
-
-
-@torch.no_grad()
-def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
-    """softmax(S* + δS) − softmax(S*) from A* = softmax(S*) and δS, exactly, without cancellation.
-
-    With z = Σ_u A*_u exp(δS_u) and z* = Σ_u A*_u (per row): softmax(S* + δS) = A* ⊙ exp(δS) / z, so
-    the difference is (A*/z*) ⊙ expm1(δS − log(z/z*)): computed in fp32 from the small δS it is accurate
-    relative to itself, however coarse A* (bf16) is, and exactly 0 at δS = 0 even though bf16 rows of A*
-    do not sum to exactly 1. Rows whose keys are all masked (A* = 0) give 0. Compiled, it is one pass
-    that costs what a softmax costs (`enable_compiled_kernels`).
-    """
-    kernel = _COMPILED.get("delta_attention", _delta_attention_eager)
-    return kernel(attention, delta_scores)
 
 
 def signed_coef(batch: int, scale: float, like: torch.Tensor) -> torch.Tensor:

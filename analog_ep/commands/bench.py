@@ -16,10 +16,13 @@ examples:
   seqep bench --shape paper --early-exit                    # + stop phases at the residual tolerance
   seqep bench --shape all --check-fidelity --wait-idle 0.2  # everything, waiting for an idle machine
   seqep bench --shape snli-cpu --no-reference               # fast path only
+  seqep bench --shape imdb-paper --batch 32 --inputs random  # worst case: no word ever repeats
 
 Shapes: imdb-paper (L=600, d=300, FC 1000-40-2, T1=50, K=25; batches 32 and 128), snli-paper (L=25+25,
 d=300, FC 400-3, T1=60, K=30; batch 256), imdb-cpu and snli-cpu (experiments/presets/*-cpu.toml),
-imdb-tiny and snli-tiny (seconds, for checks). Inputs are random: speed does not depend on the data.
+imdb-tiny and snli-tiny (seconds, for checks). Inputs: a seeded batch of the real training split where
+its data is found (SEQEP_DATA_DIR), else random vectors; --inputs chooses. Speed depends on the data: the
+fast path's retrieval skips repeated words and padding (random vectors never repeat), and early exit.
 Each measurement runs in its own process; the paper shapes take minutes (the reference mode ~40 s a batch).
 On a shared machine, look at foreign_cores in the output: timings with other work running are not valid.
 """
@@ -41,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "networks settle in ~11 of 50 steps while trained ones mostly run to T1 "
                         "(docs/benchmarks.md), so early exit here would overstate the training speed-up")
     p.add_argument("--tol", type=float, help="early-exit residual tolerance (default: the preset's, else 1e-4)")
+    p.add_argument("--inputs", choices=["auto", "real", "random"], default="auto",
+                   help="real: a seeded batch of the task's training split (needs its data); random: Gaussian "
+                        "vectors, no repeated words (the fast path's worst case); auto (default): real where "
+                        "the shape's data is found, else random")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference-equivalent mode (autograd every step, fp32, phases in turn)")
     p.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 json.dump(partial, f, indent=2)
 
     report = bench(shapes, batch=args.batch, precision=args.precision, early_exit=args.early_exit, tol=args.tol,
-                   reference=args.reference, inference=args.inference, fidelity=args.check_fidelity,
+                   inputs=args.inputs, reference=args.reference, inference=args.inference, fidelity=args.check_fidelity,
                    fidelity_batch=args.fidelity_batch, repeats=args.repeats, warmup=args.warmup,
                    threads=args.threads,
                    compile_kernels=args.compile_kernels, subprocesses=not args.in_process,
