@@ -4,10 +4,10 @@ A key that occurs c times in a sequence (a repeated word, or padding) gets the s
 query and returns the same value, so softmax over the L keys equals softmax over the U distinct ones
 with log c added to their scores. Real reviews padded to 600 tokens hold ~137 distinct keys on average
 (IMDB train, w2v:300, padding counted once), SNLI sentences padded to 25 about 11: the fast path's
-(Lq × L) score matrices shrink to (Lq × U). Sequences are bucketed by U (sorted, then split into
-equal-count groups, each padded to its own largest U with zero keys of count 0, score −∞), so one long
-review does not pad the whole batch. Inputs without repeats (random vectors) form one group of all
-rows in batch order: the same products as a plain retrieval.
+(Lq × L) score matrices shrink to (Lq × U). Consecutive rows are
+grouped, each group padded to its own largest U with zero keys of count 0 (score −∞), so that one long
+review does not pad the whole batch (`_partition` picks the groups from a cost model). Inputs without
+repeats (random vectors) form one group of all rows: the same products as a plain retrieval.
 
 Rows are the flattened (B·P) retrievals of a batch (P projection layers). The exact path does not use
 this module: it stays the plain L × L retrieval (`analog_ep.hopfield`), the oracle this one is tested
@@ -16,19 +16,37 @@ against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-MAX_GROUPS = 8  # buckets of rows by distinct-key count (IMDB batch 32: padded U ~150 for 8 vs 289 for 1)
+# Cost model of one group of rows, in multiply-add equivalents (measured on this 2-core VM, session 5): the
+# two bmms take 2·Lq·d per row and key; the fused softmax ~350 per score element; each group costs ~60 µs
+# of kernel calls whatever its size. It decides how rows are split (`_partition`), nothing else.
+SOFTMAX_COST = 350
+GROUP_COST = 3e7
+MAX_CANDIDATES = 64  # group boundaries considered (rows are taken in blocks beyond this many)
 _HASH_SEED = 20231115  # fixed random direction that tells distinct key vectors apart (checked exactly after)
+
+
+class Query(NamedTuple):
+    """The per-step half of the projection layer's query, (B, P, Lq, d), and a per-sample factor (B, 1) it still
+    has to be multiplied by, or None. The factor is the int8 product's dequantisation (`Int8Weight.
+    down_row_scaled`): applied to the (Lq × U) scores inside the softmax kernel, it costs nothing, where a pass
+    over the (Lq × d) query costs ~2-6 ms a step at IMDB's shape."""
+
+    values: torch.Tensor
+    row_scale: torch.Tensor | None = None
 
 
 @dataclass
 class KeyGroup:
-    """Rows of the flattened batch whose distinct keys are stored together, padded to the group's largest U."""
+    """Consecutive rows of the flattened batch whose distinct keys are stored together, padded to the group's
+    largest count U."""
 
-    index: torch.Tensor | None  # (n,) rows of the flattened batch; None: all rows, in order
+    rows: slice  # rows of the flattened (B·P) batch
     keys: torch.Tensor  # (n, U, d) distinct keys (values of the retrieval), low precision, zero past a row's count
     keys_t: torch.Tensor  # (n, d, U) γ·keysᵀ, low precision (the contiguous operand of the scores)
     const: torch.Tensor | None  # (n, Lq, U) fp32: γ·(X W₀ᵀ) keysᵀ + log(count), −inf on padding; free phase only
@@ -68,32 +86,45 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
     return distinct, counts, first.sum(-1)
 
 
-def _bucket(sizes: torch.Tensor, max_groups: int) -> list[torch.Tensor | None]:
-    """Rows split into ≤ max_groups groups of similar size (sorted by size, equal counts); neighbours with
-    the same largest size are merged. One group of every row comes back as [None] (batch order, no copies)."""
-    order = sizes.argsort(stable=True)
-    chunks = [c for c in order.chunk(max_groups) if len(c)]
-    merged: list[torch.Tensor] = []
-    for c in chunks:
-        if merged and int(sizes[merged[-1]].max()) == int(sizes[c].max()):
-            merged[-1] = torch.cat([merged[-1], c])
-        else:
-            merged.append(c)
-    return [None] if len(merged) == 1 else merged
+def _partition(sizes: list[int], query_len: int, dim: int) -> list[slice]:
+    """Consecutive rows into groups, each padded to its largest size: the split of least modelled cost.
+
+    Consecutive, not sorted: a group is then a view of the batch (no gathering of queries or scattering of
+    results, which cost more than the padding they save at IMDB's shape). Exact dynamic programme over
+    ≤ MAX_CANDIDATES boundaries; rows whose whole retrieval costs less than a group's overhead are taken in
+    blocks (SNLI's short sentences end up in a few groups, IMDB's reviews one or a few per group).
+    """
+    n = len(sizes)
+    per_key = 2 * query_len * dim + SOFTMAX_COST * query_len
+    block = max(1, -(-n // MAX_CANDIDATES), int(GROUP_COST // (per_key * max(max(sizes), 1))))
+    edges = list(range(0, n, block)) + [n]
+    best = [0.0] + [float("inf")] * (len(edges) - 1)
+    cut = [0] * len(edges)
+    for j in range(1, len(edges)):
+        width = 0
+        for i in range(j - 1, -1, -1):  # group edges[i]..edges[j]; width = its largest size
+            width = max(width, max(sizes[edges[i]:edges[i + 1]]))
+            cost = best[i] + (edges[j] - edges[i]) * max(width, 1) * per_key + GROUP_COST
+            if cost <= best[j]:  # on a tie, the larger group (fewer kernel calls)
+                best[j], cut[j] = cost, i
+    groups, j = [], len(edges) - 1
+    while j > 0:
+        groups.append(slice(edges[cut[j]], edges[j]))
+        j = cut[j]
+    return groups[::-1]
 
 
-def kept_fraction(keys: torch.Tensor, key_mask: torch.Tensor | None = None, max_groups: int = MAX_GROUPS) -> float:
+def kept_fraction(keys: torch.Tensor, key_mask: torch.Tensor | None = None, query_len: int | None = None) -> float:
     """Score columns the fast path computes for (B, P, L, d) keys, over the L of a plain retrieval."""
-    length = keys.shape[-2]
-    sizes = _distinct(keys.reshape(-1, length, keys.shape[-1]),
-                      None if key_mask is None else key_mask.reshape(-1, length))[2]
-    kept = sum(len(sizes) * max(int(sizes.max()), 1) if index is None else len(index) * max(int(sizes[index].max()), 1)
-               for index in _bucket(sizes, max_groups))
-    return kept / (len(sizes) * length)
+    length, dim = keys.shape[-2:]
+    sizes = _distinct(keys.reshape(-1, length, dim), None if key_mask is None else key_mask.reshape(-1, length))[2]
+    sizes = sizes.tolist()
+    groups = _partition(sizes, query_len or length, dim)
+    return sum((g.stop - g.start) * max(max(sizes[g]), 1) for g in groups) / (len(sizes) * length)
 
 
 class DistinctKeys:
-    """The keys of a batch's retrievals, deduplicated and bucketed, with the retrieval's three kernels."""
+    """The keys of a batch's retrievals, deduplicated and grouped, with the retrieval's three kernels."""
 
     def __init__(self, groups: list[KeyGroup], shape: tuple[int, int, int, int], seq_len: int) -> None:
         self.groups = groups
@@ -110,7 +141,7 @@ class DistinctKeys:
 
     @classmethod
     def build(cls, keys: torch.Tensor, key_mask: torch.Tensor | None, query_drive: torch.Tensor,
-              gamma: float, dtype: torch.dtype, max_groups: int = MAX_GROUPS) -> DistinctKeys:
+              gamma: float, dtype: torch.dtype) -> DistinctKeys:
         """keys (B, P, L, d) in the parameters' dtype, key_mask (B, P, L) (True = real) or None, query_drive
         (B, P, Lq, d): X W₀ᵀ, or the learned queries when pooling."""
         batch, proj, seq_len, dim = keys.shape
@@ -119,76 +150,82 @@ class DistinctKeys:
         query_len = query_drive.shape[2]
         query_drive = query_drive.reshape(-1, query_len, dim)
         log_counts = counts.log()  # log 0 = −inf: padding columns and masked keys take no weight
+        sizes_list = sizes.tolist()
         groups = []
-        for index in _bucket(sizes, max_groups):
-            def take(t: torch.Tensor, index: torch.Tensor | None = index) -> torch.Tensor:
-                return t if index is None else t.index_select(0, index)
-            width = max(int(take(sizes).max()), 1)
-            k = take(distinct[:, :width])
+        for rows in _partition(sizes_list, query_len, dim):
+            width = max(max(sizes_list[rows]), 1)
+            k = distinct[rows, :width].contiguous()
             scaled_t = (k * gamma).transpose(-1, -2).contiguous()
             # kept in fp32: these logits are large, their rounding is not
-            const = torch.matmul(take(query_drive), scaled_t).add_(take(log_counts[:, :width]).unsqueeze(1))
-            has_empty = bool(take(sizes).min() == 0)
-            groups.append(KeyGroup(index, k.to(dtype), scaled_t.to(dtype), const, has_empty))
+            const = torch.matmul(query_drive[rows], scaled_t).add_(log_counts[rows, :width].unsqueeze(1))
+            groups.append(KeyGroup(rows, k.to(dtype), scaled_t.to(dtype), const, min(sizes_list[rows]) == 0))
         return cls(groups, (batch, proj, query_len, dim), seq_len)
 
     @property
     def kept_fraction(self) -> float:
         """Score columns computed over those of a plain retrieval: Σ_groups n·U / (N·L)."""
-        kept = sum((self.rows if g.index is None else len(g.index)) * g.keys.shape[1] for g in self.groups)
+        kept = sum((g.rows.stop - g.rows.start) * g.keys.shape[1] for g in self.groups)
         return kept / (self.rows * self.seq_len)
 
     def repeat(self, times: int, constants: bool = True) -> DistinctKeys:
         """The same keys for the batch stacked `times` (the ±β phases: the free phase's `const` is not needed
-        there, `constants=False` leaves it out)."""
-        groups = []
-        for g in self.groups:
-            index = None if g.index is None else torch.cat([g.index + r * self.rows for r in range(times)])
-            const = torch.cat([g.const] * times) if constants and g.const is not None else None
-            groups.append(KeyGroup(index, torch.cat([g.keys] * times), torch.cat([g.keys_t] * times), const,
-                                   g.has_empty))
+        there, `constants=False` leaves it out). Groups are shared, not copied: copy r of group g reads the
+        same tensors at rows shifted by r·N."""
+        n = self.rows
+        groups = [KeyGroup(slice(g.rows.start + r * n, g.rows.stop + r * n), g.keys, g.keys_t,
+                           g.const if constants else None, g.has_empty)
+                  for r in range(times) for g in self.groups]
         return DistinctKeys(groups, (self.batch * times, *self.shape[1:]), self.seq_len)
 
     @staticmethod
     def repeat_weights(weights: list[torch.Tensor], times: int) -> list[torch.Tensor]:
-        """Per-group attention weights for the batch stacked `times`, in `repeat`'s row order."""
-        return [torch.cat([w] * times) for w in weights]
+        """Per-group attention weights for the batch stacked `times`, in `repeat`'s group order."""
+        return weights * times
 
-    def _rows(self, queries: torch.Tensor, g: KeyGroup) -> torch.Tensor:
-        """The group's rows of (B, P, Lq, d) queries as (n, Lq, d)."""
-        flat = queries.reshape(self.rows, *self.shape[2:])
-        return flat if g.index is None else flat.index_select(0, g.index)
+    def _flat(self, query: Query) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query values as (B·P, Lq, d) and its row factor as (B·P, 1, 1) (or None)."""
+        scale = query.row_scale
+        if scale is not None:
+            scale = scale.to(_wide(scale)).repeat_interleave(self.shape[1], dim=0).view(-1, 1, 1)
+        return query.values.reshape(self.rows, *self.shape[2:]), scale
 
-    def _assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-group (n, Lq, d) results back in batch order, (B, P, Lq, d)."""
-        if self.groups[0].index is None:
-            return parts[0].view(self.shape)
-        out = torch.empty(self.rows, *self.shape[2:], dtype=parts[0].dtype, device=parts[0].device)
-        for g, part in zip(self.groups, parts):
-            out.index_copy_(0, g.index, part)
+    def _assemble(self, product: Callable[[int, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """(B, P, Lq, d) from `product(i, out)` of each group i, written straight into its rows."""
+        if len(self.groups) == 1:
+            return product(0, None).view(self.shape)
+        out = torch.empty(self.rows, *self.shape[2:], dtype=self.groups[0].keys.dtype,
+                          device=self.groups[0].keys.device)
+        for i, g in enumerate(self.groups):
+            product(i, out[g.rows])
         return out.view(self.shape)
 
-    def attention(self, top_down: torch.Tensor) -> list[torch.Tensor]:
+    def attention(self, top_down: Query) -> list[torch.Tensor]:
         """Free phase: softmax(γ (X W₀ᵀ + top_down) Kᵀ + log count), per group, from top_down (B, P, Lq, d)."""
         kernel = _COMPILED.get("attention", _attention_eager)
-        return [kernel(g.const, torch.bmm(self._rows(top_down, g), g.keys_t), g.has_empty) for g in self.groups]
+        flat, scale = self._flat(top_down)
+        return [kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), None if scale is None else scale[g.rows],
+                       g.has_empty) for g in self.groups]
 
     def values(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """Σ_u weight_u · key_u: the retrieved state (B, P, Lq, d)."""
-        return self._assemble([torch.bmm(w, g.keys) for w, g in zip(weights, self.groups)])
+        return self._assemble(lambda i, out: torch.bmm(weights[i], self.groups[i].keys, out=out))
 
-    def retrieve(self, top_down: torch.Tensor) -> torch.Tensor:
+    def retrieve(self, top_down: Query) -> torch.Tensor:
         """One free-phase retrieval: the projection layer's new state (B, P, Lq, d)."""
         return self.values(self.attention(top_down))
 
-    def delta_retrieve(self, base: list[torch.Tensor], delta_q: torch.Tensor) -> torch.Tensor:
+    def delta_retrieve(self, base: list[torch.Tensor], delta_q: Query) -> torch.Tensor:
         """Nudged phases: s(Q* + δQ) − s(Q*) from A* = `base` (per group) and δQ (B, P, Lq, d), without
         cancellation (`delta_attention`)."""
-        parts = []
-        for a, g in zip(base, self.groups):
-            delta_scores = torch.bmm(self._rows(delta_q, g), g.keys_t)
-            parts.append(torch.bmm(delta_attention(a, delta_scores), g.keys))
-        return self._assemble(parts)
+        flat, scale = self._flat(delta_q)
+
+        def product(i: int, out: torch.Tensor | None) -> torch.Tensor:
+            g = self.groups[i]
+            delta_scores = torch.bmm(flat[g.rows], g.keys_t)
+            weights = delta_attention(base[i], delta_scores, None if scale is None else scale[g.rows])
+            return torch.bmm(weights, g.keys, out=out)
+
+        return self._assemble(product)
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -196,15 +233,22 @@ def _wide(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _attention_eager(const: torch.Tensor, partial: torch.Tensor, has_empty: bool) -> torch.Tensor:
-    """softmax(const + partial) in fp32 (or wider), result in partial's dtype; rows with no key give zeros."""
-    weights = torch.softmax(const.to(_wide(partial)) + partial.to(_wide(partial)), dim=-1)
+def _attention_eager(const: torch.Tensor, partial: torch.Tensor, scale: torch.Tensor | None,
+                     has_empty: bool) -> torch.Tensor:
+    """softmax(const + partial·scale) in fp32 (or wider), result in partial's dtype; rows with no key give 0."""
+    scores = partial.to(_wide(partial))
+    if scale is not None:
+        scores = scores * scale
+    weights = torch.softmax(const.to(scores.dtype) + scores, dim=-1)
     return (weights.nan_to_num(0.0) if has_empty else weights).to(partial.dtype)
 
 
-def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
+def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor,
+                           scale: torch.Tensor | None) -> torch.Tensor:
     a = attention.to(_wide(attention))
     ds = delta_scores.to(_wide(attention))
+    if scale is not None:
+        ds = ds * scale
     z_star = a.sum(-1, keepdim=True).clamp_min_(1e-30)
     log_ratio = (torch.exp(ds) * a).sum(-1, keepdim=True).clamp_min_(1e-30).div_(z_star).log_()
     return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
@@ -224,8 +268,10 @@ def enable_compiled(enabled: bool = True) -> None:
 
 
 @torch.no_grad()
-def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
-    """softmax(S* + δS) − softmax(S*) from A* = softmax(S*) and δS, exactly, without cancellation.
+def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(S* + δS) − softmax(S*) from A* = softmax(S*) and δS (times `scale`, per row, if given), exactly,
+    without cancellation.
 
     With z = Σ_u A*_u exp(δS_u) and z* = Σ_u A*_u (per row): softmax(S* + δS) = A* ⊙ exp(δS) / z, so
     the difference is (A*/z*) ⊙ expm1(δS − log(z/z*)): computed in fp32 from the small δS it is accurate
@@ -234,4 +280,4 @@ def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor) -> torc
     (A* = 0 there). Compiled, it is one pass that costs what a softmax costs.
     """
     kernel = _COMPILED.get("delta_attention", _delta_attention_eager)
-    return kernel(attention, delta_scores)
+    return kernel(attention, delta_scores, scale)

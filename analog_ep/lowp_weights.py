@@ -49,6 +49,10 @@ class Bf16Weight:
         """h W, bf16 result."""
         return torch.mm(h.to(torch.bfloat16), self.w)
 
+    def down_row_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """`down` as (product, row factor still to apply): bf16 products need none."""
+        return self.down(h), None
+
 
 def int8_available(device: torch.device | str = "cpu") -> bool:
     """oneDNN's pre-packed int8 linear exists in this torch build and the tensors live on the CPU."""
@@ -104,16 +108,25 @@ class Int8Weight:
         self.zero_down = torch.zeros(in_f, dtype=torch.int64)
 
     def _product(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x Wᵀ or h W) / r per row, and the row factors r (B, 1) of x's quantisation."""
         q, r = _KERNELS.get("rows", _quantize_rows)(x)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scale, zero, None, 1.0, 0, out_dtype,
                                                "none", [], "")
-        return y.mul_(r.to(out_dtype))
+        return y, r
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
-        return self._product(x, self.packed_up, self.scale_up, self.zero_up, torch.float32)
+        y, r = self._product(x, self.packed_up, self.scale_up, self.zero_up, torch.float32)
+        return y.mul_(r)
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """h W, bf16 result."""
+        y, r = self.down_row_scaled(h)
+        return y.mul_(r.to(y.dtype))
+
+    def down_row_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h W as (h W / r, r): r (B, 1) is the per-row factor of h's quantisation, left for the caller to fold
+        into a later, smaller product (the retrieval's scores: `fast_retrieval.Query`) instead of a pass over
+        the (B, 180,000) result."""
         return self._product(h, self.packed_down, self.scale_down, self.zero_down, torch.bfloat16)

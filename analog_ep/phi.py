@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
-from analog_ep.fast_retrieval import DistinctKeys, enable_compiled
+from analog_ep.fast_retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
 from analog_ep.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
 
@@ -410,10 +410,10 @@ class EPNet(nn.Module):
         dtype = self.biases[0].dtype
         return [lp.base.states[0].to(dtype) + state[0].to(dtype), *state[1:]]
 
-    def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor) -> torch.Tensor:
+    def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor | Query) -> torch.Tensor:
         """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
         if self.spec.attention:
-            return lp.keys.delta_retrieve(lp.base.retrieval, delta_q.to(lp.dtype))
+            return lp.keys.delta_retrieve(lp.base.retrieval, delta_q)
         q = lp.base.retrieval.to(torch.float32)
         return (self.activation(q + delta_q.to(torch.float32)) - self.activation(q)).to(lp.dtype)
 
@@ -452,7 +452,7 @@ class EPNet(nn.Module):
             drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
         return drive
 
-    def _low_precision_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor:
+    def _low_precision_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor | Query:
         """`layer_drive` of the fast path. Large products on bf16 operands, the rest in the params' dtype.
 
         With attention the projection "drive" returned here is only the top-down half of the query,
@@ -467,11 +467,16 @@ class EPNet(nn.Module):
         lp, base = inputs.lowp, inputs.lowp.base
         if P and n == 0:
             h = state[1] if base is None else state[1] - base.states[1]
+            if self.spec.attention:  # a `Query`: the int8 product's row factors go into the scores
+                if lp.weights[0] is not None:
+                    top_down, row_scale = lp.weights[0].down_row_scaled(h)
+                    return Query(top_down.view(state[0].shape), row_scale)
+                return Query(torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype))
             if lp.weights[0] is not None:
                 top_down = lp.weights[0].down(h).view(state[0].shape)
             else:
                 top_down = torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype)
-            if base is None and lp.query_drive is not None:  # no attention: σ needs the whole query
+            if base is None:  # no attention: σ needs the whole query
                 return top_down.add_(lp.query_drive)
             return top_down
         k = n - P
@@ -533,7 +538,7 @@ class EPNet(nn.Module):
             if lp is not None and lp.base is not None:  # nudged phase of the fast path: δs¹ from δQ
                 return self._delta_projection(lp, drive)
             if lp is not None and self.spec.attention:
-                return lp.keys.retrieve(drive.to(lp.dtype))
+                return lp.keys.retrieve(drive)
             if self.spec.attention:
                 return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
             return self.activation(drive)

@@ -24,7 +24,10 @@ def test_data_dir_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_data_dir_falls_back_to_shared_data_next_to_the_repo(tmp_path, monkeypatch):
-    monkeypatch.delenv("SEQEP_DATA_DIR", raising=False)
+    # setenv first so that monkeypatch restores the caller's state (unset included): the code under test
+    # writes os.environ itself, and a bare delenv(raising=False) of an unset variable records nothing to undo
+    monkeypatch.setenv("SEQEP_DATA_DIR", "")
+    monkeypatch.delenv("SEQEP_DATA_DIR")
     (tmp_path / "shared" / "data").mkdir(parents=True)
     assert resolve_data_dir(tmp_path / "repo") == (tmp_path / "shared" / "data").resolve()
     assert os.environ["SEQEP_DATA_DIR"] == str((tmp_path / "shared" / "data").resolve())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from analog_ep import fast_retrieval
-from analog_ep.fast_retrieval import DistinctKeys, _distinct
+from analog_ep.fast_retrieval import DistinctKeys, Query, _distinct, _partition
 from analog_ep.hopfield import hopfield_retrieve
 
 GAMMA = 0.4
@@ -24,38 +24,51 @@ def token_keys(batch: int, proj: int, length: int, dim: int, seed: int = 0) -> t
     return keys
 
 
+@pytest.fixture
+def many_groups(monkeypatch):
+    """Groups cost nothing: every row with its own distinct-key count becomes a group of its own."""
+    monkeypatch.setattr(fast_retrieval, "GROUP_COST", 0.0)
+
+
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("max_groups", [1, 3, 8])
-def test_retrieval_over_distinct_keys_is_exact(masked, max_groups):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_retrieval_over_distinct_keys_is_exact(masked, grouped, monkeypatch):
+    if grouped:
+        monkeypatch.setattr(fast_retrieval, "GROUP_COST", 0.0)
     B, P, L, d = 5, 2, 9, 6
     keys = token_keys(B, P, L, d)
     mask = (keys != 0).any(-1) if masked else None
     g = torch.Generator().manual_seed(1)
     drive = torch.randn(B, P, L, d, generator=g, dtype=torch.float64)
     top_down = torch.randn(B, P, L, d, generator=g, dtype=torch.float64)
-    dk = DistinctKeys.build(keys, mask, drive, GAMMA, torch.float64, max_groups=max_groups)
+    dk = DistinctKeys.build(keys, mask, drive, GAMMA, torch.float64)
     expected = hopfield_retrieve(drive + top_down, keys, GAMMA, mask)
-    torch.testing.assert_close(dk.retrieve(top_down), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk.retrieve(Query(top_down)), expected, rtol=1e-10, atol=1e-12)
+    row_scale = torch.rand(B, 1, generator=g, dtype=torch.float64) + 0.5  # an int8 product's row factors
+    scaled = Query(top_down / row_scale.view(B, 1, 1, 1), row_scale)
+    torch.testing.assert_close(dk.retrieve(scaled), expected, rtol=1e-10, atol=1e-12)
     assert dk.kept_fraction < 1.0  # the words repeat: fewer score columns than L per row
-    if max_groups > 1:
-        assert len(dk.groups) > 1
+    assert (len(dk.groups) > 1) == grouped
 
 
-def test_delta_retrieval_and_repeat_are_exact():
+def test_delta_retrieval_and_repeat_are_exact(many_groups):
     B, P, L, d = 4, 2, 8, 5
     keys = token_keys(B, P, L, d, seed=2)
     g = torch.Generator().manual_seed(3)
     drive, q_star, delta = (torch.randn(B, P, L, d, generator=g, dtype=torch.float64) for _ in range(3))
-    dk = DistinctKeys.build(keys, None, drive, GAMMA, torch.float64, max_groups=3)
+    dk = DistinctKeys.build(keys, None, drive, GAMMA, torch.float64)
+    assert len(dk.groups) > 1
     doubled = dk.repeat(2, constants=False)
-    base = DistinctKeys.repeat_weights(dk.attention(q_star), 2)
+    base = DistinctKeys.repeat_weights(dk.attention(Query(q_star)), 2)
     both = torch.cat([delta, -delta])
-    got = doubled.delta_retrieve(base, both)
+    row_scale = torch.linspace(0.5, 2.0, 2 * B, dtype=torch.float64).view(-1, 1)
+    got = doubled.delta_retrieve(base, Query(both / row_scale.view(-1, 1, 1, 1), row_scale))
     for sign, half in ((1, got[:B]), (-1, got[B:])):
         expected = (hopfield_retrieve(drive + q_star + sign * delta, keys, GAMMA)
                     - hopfield_retrieve(drive + q_star, keys, GAMMA))
         torch.testing.assert_close(half, expected, rtol=1e-8, atol=1e-12)
-    torch.testing.assert_close(dk.repeat(3).retrieve(torch.cat([q_star] * 3)), torch.cat([dk.retrieve(q_star)] * 3))
+    torch.testing.assert_close(dk.repeat(3).retrieve(Query(torch.cat([q_star] * 3))),
+                               torch.cat([dk.retrieve(Query(q_star))] * 3))
 
 
 def test_distinct_counts_and_fallback_on_collision(monkeypatch):
@@ -71,7 +84,15 @@ def test_distinct_counts_and_fallback_on_collision(monkeypatch):
     assert torch.equal(distinct, keys) and sizes.tolist() == [10] * 3 and torch.all(counts == 1)
 
 
-def test_keys_without_repeats_form_one_group_in_batch_order():
+def test_keys_without_repeats_form_one_group(many_groups):
     keys = torch.randn(3, 2, 6, 4, dtype=torch.float64)
     dk = DistinctKeys.build(keys, None, torch.randn_like(keys), GAMMA, torch.float64)
-    assert len(dk.groups) == 1 and dk.groups[0].index is None and dk.kept_fraction == 1.0
+    assert len(dk.groups) == 1 and dk.groups[0].rows == slice(0, 6) and dk.kept_fraction == 1.0
+
+
+def test_partition_follows_the_cost_model():
+    # IMDB-sized rows: a long review is not padded onto short ones; SNLI-sized rows: one group
+    sizes = [100, 110, 105, 400, 120, 90]
+    groups = _partition(sizes, 600, 300)
+    assert slice(3, 4) in groups and sum(g.stop - g.start for g in groups) == len(sizes)
+    assert _partition([5, 25, 7, 12] * 256, 25, 300) == [slice(0, 1024)]
