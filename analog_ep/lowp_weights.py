@@ -6,13 +6,16 @@ nudged phases), so they are converted once per batch and the conversion is paid 
 steps. Two kinds:
 
 - `Bf16Weight`: W in bf16, products by oneDNN with fp32 accumulation (the `bf16` fast path).
-- `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix) and pre-packed by oneDNN in
-  both orientations, activations quantised per row on the fly (int8 × int8 → int32 on AMX/VNNI). At
-  the paper's IMDB shape a bf16 product of the 180 M-weight matrix at batch 32 is bound by oneDNN
-  re-packing the weights on every call; the pre-packed int8 product skips that and reads half the
-  bytes (docs/benchmarks.md, session 4). Each product carries ~1 % relative error; the nudged phases
-  take them on differences from the free fixed point (`phi.DeltaBase`), so that error scales with the
-  EP signal, and `seqep bench --check-fidelity` measures the update's angle to float64.
+- `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix), activations quantised per
+  row on the fly (int8 × int8 → int32 on AMX/VNNI). At the paper's IMDB shape a bf16 product of the
+  180 M-weight matrix at batch 32 is bound by oneDNN re-packing the weights on every call; the int8
+  products skip that and read half the bytes (docs/benchmarks.md, session 4). `h W` needs oneDNN's
+  pre-packed layout (qlinear; plain `_int_mm` takes 2-3× as long), `x Wᵀ` does not: `_int_mm` on a
+  transposed view of the plain int8 matrix is as fast as the pre-packed product (11.4 vs ~10-12.7 ms at
+  32 rows, 14.8 ms both at 64), so that orientation's packing (~340 ms a batch) is skipped (session 5).
+  Each product carries ~1 % relative error; the nudged phases take them on differences from the free
+  fixed point (`phi.DeltaBase`), so that error scales with the EP signal, and `seqep bench
+  --check-fidelity` measures the update's angle to float64.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def enable_compiled_quantizers(enabled: bool = True) -> None:
 
 
 class Int8Weight:
-    """W as int8 (one scale), pre-packed for `x Wᵀ` and for `h W`; activations int8 per row."""
+    """W as int8 (one scale): plain for `x Wᵀ` (`torch._int_mm`), pre-packed by oneDNN for `h W`;
+    activations int8 per row."""
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 32) -> None:
         if not int8_available(weight.device):
@@ -100,25 +104,15 @@ class Int8Weight:
         s = max(float(hi), -float(lo)) / INT8_MAX or 1.0
         q, q_t = _KERNELS.get("weight", _quantize_weight)(w, torch.tensor(s))
         out_f, in_f = q.shape
-        self.packed_up = torch.ops.onednn.qlinear_prepack(q, [rows_hint, in_f])
+        self.q, self.scale = q, s
         self.packed_down = torch.ops.onednn.qlinear_prepack(q_t, [rows_hint, out_f])
-        self.scale_up = torch.full((out_f,), s)
         self.scale_down = torch.full((in_f,), s)
-        self.zero_up = torch.zeros(out_f, dtype=torch.int64)
         self.zero_down = torch.zeros(in_f, dtype=torch.int64)
-
-    def _product(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x Wᵀ or h W) / r per row, and the row factors r (B, 1) of x's quantisation."""
-        q, r = _KERNELS.get("rows", _quantize_rows)(x)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scale, zero, None, 1.0, 0, out_dtype,
-                                               "none", [], "")
-        return y, r
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
-        y, r = self._product(x, self.packed_up, self.scale_up, self.zero_up, torch.float32)
-        return y.mul_(r)
+        q, r = _KERNELS.get("rows", _quantize_rows)(x)
+        return torch._int_mm(q, self.q.t()).to(torch.float32).mul_(r * self.scale)
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """h W, bf16 result."""
@@ -129,4 +123,7 @@ class Int8Weight:
         """h W as (h W / r, r): r (B, 1) is the per-row factor of h's quantisation, left for the caller to fold
         into a later, smaller product (the retrieval's scores: `fast_retrieval.Query`) instead of a pass over
         the (B, 180,000) result."""
-        return self._product(h, self.packed_down, self.scale_down, self.zero_down, torch.bfloat16)
+        q, r = _KERNELS.get("rows", _quantize_rows)(h)
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed_down, self.scale_down, self.zero_down, None,
+                                               1.0, 0, torch.bfloat16, "none", [], "")
+        return y, r
