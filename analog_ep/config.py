@@ -126,7 +126,7 @@ CHOICES = {
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
     ("ep", "precision"): PRECISIONS,
-    ("train", "optimizer"): ("adam", "sgd"),
+    ("train", "optimizer"): ("adam", "adam_unfused", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("float32", "float64", "bfloat16"),
 }

@@ -171,3 +171,15 @@ def test_input_norms_give_unit_variance_over_train_tokens(norm):
         assert (cov - torch.diag(cov.diagonal())).abs().max() > 0.1  # correlations left in place
     else:
         assert torch.allclose(cov, expected, atol=1e-4)
+
+
+def test_adam_is_fused_unless_asked_for_torchs_per_tensor_loop():
+    from analog_ep.phi import EPNet, GraphSpec
+    from analog_ep.training import make_optimizer
+
+    net = EPNet(GraphSpec(num_streams=1, seq_len=2, dim=3, layers=(4, 2)), seed=0)
+    fused = make_optimizer(apply_overrides(RunConfig(), ["lrs=[1e-3]"]), net)
+    loop = make_optimizer(apply_overrides(RunConfig(), ["lrs=[1e-3]", "train.optimizer=adam_unfused"]), net)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    with pytest.raises(ConfigError, match="optimizer"):
+        apply_overrides(RunConfig(), ["train.optimizer=adamw"])
