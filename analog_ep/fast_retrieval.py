@@ -66,7 +66,8 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
     is checked exactly; if two different keys ever collided the row set falls back to no merging.
     """
     n, length, d = keys.shape
-    code = keys.to(torch.float64) @ _hash_direction(d).to(keys.device)
+    direction = _hash_direction(d).to(keys.device)
+    code = torch.cat([part.to(torch.float64) @ direction for part in keys.split(64)])  # no float64 copy of all
     valid = torch.ones(n, length, dtype=torch.bool, device=keys.device) if key_mask is None else key_mask
     code = code.masked_fill(~valid, float("inf"))  # masked keys sort last and count for nothing
     sorted_code, order = code.sort(-1)
@@ -82,7 +83,7 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
     distinct = keys.gather(1, source.unsqueeze(-1).expand(-1, -1, d)) * (counts > 0).unsqueeze(-1)
     position_slot = torch.empty_like(slot).scatter_(1, order, slot)
     rebuilt = distinct.gather(1, position_slot.unsqueeze(-1).expand(-1, -1, d))
-    if not torch.equal(rebuilt[valid], keys[valid]):  # a hash collision: keep every key (still exact)
+    if (rebuilt != keys).logical_and_(valid.unsqueeze(-1)).any():  # a hash collision: keep every key (exact)
         counts = valid.to(keys.dtype)
         return keys * valid.unsqueeze(-1), counts, valid.sum(-1)
     return distinct, counts, first.sum(-1)

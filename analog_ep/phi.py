@@ -168,7 +168,7 @@ class DeltaBase:
     differenced stays out of bf16 rounding.
     """
 
-    states: State  # s*, one row per nudged row: projection bf16 (as the free phase left it), FC params' dtype
+    states: State  # s*: FC layers one row per nudged row (params' dtype), projection once per sample (bf16)
     up: list[torch.Tensor | None]
     down: list[torch.Tensor | None]
     retrieval: list[torch.Tensor] | torch.Tensor | None
@@ -179,7 +179,9 @@ class Inputs:
     """Per-batch constants of the relaxation: computed once, reused at every step.
 
     `query_drive` (= X W₀ᵀ, the bottom-up half of ∂Φ/∂sᵖ) does not depend on the state, so it is
-    computed once per batch instead of once per step.
+    computed once per batch instead of once per step. On the fast path (`lowp` set) the fp32 `keys` and
+    `query_drive` are dropped once `lowp` holds what the steps read (memory), and the nudged phases' inputs
+    keep `x_query` once per sample: `rows` then says how many rows the relaxation runs.
     """
 
     x_query: torch.Tensor | None  # (B,P,L,d) tokens the projection synapse reads (None when pooling)
@@ -188,9 +190,12 @@ class Inputs:
     query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
     lowp: LowPrecision | None = None  # bf16 operands (precision="bf16"); None: the exact path
+    rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
 
     @property
     def batch_size(self) -> int:
+        if self.rows is not None:
+            return self.rows
         t = self.keys if self.keys is not None else self.flat_x
         if t is None and self.lowp is not None:
             if self.lowp.keys is not None:
@@ -205,7 +210,8 @@ class Inputs:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
         tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
-        return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times))
+        return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times),
+                      rows=None if self.rows is None else self.rows * times)
 
 
 class EPNet(nn.Module):
@@ -278,6 +284,8 @@ class EPNet(nn.Module):
         inputs = self._prepare_exact(x)
         if precision != "fp32":
             inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16, precision, weights)
+            inputs.keys = inputs.query_drive = None  # in `lowp` now; the exact path's alone would read them
+            inputs.rows = x.shape[0]
         return inputs
 
     def _prepare_exact(self, x: torch.Tensor) -> Inputs:
@@ -371,8 +379,8 @@ class EPNet(nn.Module):
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return t if t is None or times == 1 else torch.cat([t] * times)
 
-        stacked = [rep(s) for s in free]
         P = 1 if self.spec.num_projections else 0
+        stacked = [rep(s) for s in free[P:]]  # the projection layer starts at δ = 0 (below)
         dtype = self.biases[0].dtype
         up: list[torch.Tensor | None] = [None] * len(self.weights)
         down: list[torch.Tensor | None] = [None] * len(self.weights)
@@ -393,14 +401,18 @@ class EPNet(nn.Module):
                 retrieval = DistinctKeys.repeat_weights(lp.keys.attention(q), times)
             else:
                 retrieval = rep(q)
-            stacked[0] = torch.zeros(stacked[0].shape, dtype=lp.dtype, device=stacked[0].device)
-        base = DeltaBase([rep(s) for s in free], up, down, retrieval)
+            delta_shape = (free[0].shape[0] * times, *free[0].shape[1:])
+            stacked.insert(0, torch.zeros(delta_shape, dtype=lp.dtype, device=free[0].device))
+        # the projection's s* once per sample (the contrast and `full_state` read it), the FC layers' per row
+        base = DeltaBase(free[:P] + [rep(s) for s in free[P:]], up, down, retrieval)
         if times == 1:
             return replace(inputs, lowp=replace(lp, base=base)), stacked
         keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
         lowp = LowPrecision(lp.dtype, lp.weights, keys, None, rep(lp.flat_x), base)
-        # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive
-        return Inputs(rep(inputs.x_query), None, rep(inputs.key_mask), None, rep(inputs.flat_x), lowp), stacked
+        # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and
+        # x_query once (B rows: the contrast needs the free batch's); masks live in `lowp.keys` (its counts)
+        rows = free[-1].shape[0] * times
+        return Inputs(inputs.x_query, None, None, None, rep(inputs.flat_x), lowp, rows=rows), stacked
 
     def full_state(self, inputs: Inputs, state: State) -> State:
         """Undo `nudge_start`'s difference form: s* + δ for the projection layer, in the params' dtype."""
@@ -408,7 +420,10 @@ class EPNet(nn.Module):
         if lp is None or lp.base is None or not self.spec.num_projections:
             return state
         dtype = self.biases[0].dtype
-        return [lp.base.states[0].to(dtype) + state[0].to(dtype), *state[1:]]
+        s_star = lp.base.states[0]
+        if s_star.shape[0] != state[0].shape[0]:  # ±β copies of the batch: s* is stored once per sample
+            s_star = s_star.repeat(state[0].shape[0] // s_star.shape[0], *([1] * (s_star.dim() - 1)))
+        return [s_star.to(dtype) + state[0].to(dtype), *state[1:]]
 
     def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor | Query) -> torch.Tensor:
         """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
@@ -511,8 +526,10 @@ class EPNet(nn.Module):
         return [self.layer_drive(inputs, state, n) for n in range(len(state))]
 
     def phi(self, inputs: Inputs, state: State) -> torch.Tensor:
-        """Φ per sample (B,)."""
+        """Φ per sample (B,), on the exact path's inputs (`prepare(x)`)."""
         P = 1 if self.spec.num_projections else 0
+        if P and inputs.query_drive is None:
+            raise ValueError("Φ is evaluated from the exact path's inputs: net.prepare(x), without precision")
         total = 0.0
         if P:
             total = (state[0] * inputs.query_drive).flatten(1).sum(-1)
@@ -615,7 +632,7 @@ class EPNet(nn.Module):
         P = 1 if self.spec.num_projections else 0
         grads: dict[str, torch.Tensor] = {}
         if P:
-            diff = nudged[0][:half].to(dtype) - nudged[0][half:].to(dtype)  # s⁺ − s⁻ of the projection layer
+            diff = nudged[0][:half].to(dtype).sub_(nudged[0][half:])  # s⁺ − s⁻ of the projection layer, fp32
             if self.proj_query is not None:
                 grads["proj_query"] = diff.sum(0).mul_(scale)
             else:
