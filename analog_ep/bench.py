@@ -66,7 +66,9 @@ INPUTS = ("auto", "real", "random")
 FLOP_FORMULA = (
     "per sample and relaxation step: Σ_k 2·m_k·2·a_k·o_k over FC synapses k (a_k inputs, o_k outputs; "
     "m_k = 2 products, bottom-up and top-down, or 1 when the synapse reads the constant input) "
-    "+ 4·P·Lq·Lk·d for the Hopfield retrievals (scores QKᵀ and softmax·V; P projections). "
+    "+ 4·P·Lq·Lk·d·κ for the Hopfield retrievals (scores QKᵀ and softmax·V; P projections; κ = key_fraction, "
+    "the share of the Lk keys the fast path multiplies, fast_retrieval: 1 in `flops`, the algorithm's count, "
+    "and for the reference; < 1 in `flops_executed` where real inputs repeat words). "
     "Per batch: B·prep + B·T1·step + 2B·K·step + 2B·grad, with prep = 2·P·L·d² (X W0ᵀ, once per batch) "
     "and grad = Σ_k 2·a_k·o_k + 2·P·Lq·d² (∂Φ/∂θ on the 2B stacked nudged states). Softmax, activations, "
     "the optimizer step and the fast path's one-off s*-products are not counted."

@@ -47,6 +47,38 @@ def test_bench_json_has_the_documented_fields(capsys):
     assert 0 < rec["phases"]["free_steps"] <= 50 and 0 < rec["phases"]["nudge_steps"] <= 25
     assert rec["flops_executed"] <= rec["flops"]
     assert math.isfinite(rec["fidelity"]["angle_deg"])
+    assert report["settings"]["inputs"] == "auto" and rec["inputs"] == "random"  # test shapes have no real data
+    assert rec["key_fraction"] == 1.0  # random vectors never repeat: the full retrieval
+
+
+def token_batch(spec, batch: int, vocab: int = 9, seed: int = 0):
+    """Inputs shaped like embedded text: words of a small vocabulary (they repeat) and zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(vocab, spec.dim, generator=g)
+    x = words[torch.randint(0, vocab, (batch, spec.num_streams, spec.seq_len), generator=g)]
+    for b, real in enumerate(torch.randint(spec.seq_len // 4, spec.seq_len + 1, (batch,), generator=g).tolist()):
+        x[b, :, real:] = 0
+    return x, torch.randint(0, spec.num_classes, (batch,), generator=g)
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_fast_update_with_repeated_words_is_faithful(mask_padding, monkeypatch):
+    """The retrieval over distinct keys is exact: with it the fast path's update is as close to float64 as
+    without it (every key kept), and both are within a few degrees."""
+    from analog_ep import fast_retrieval
+
+    spec = small_net("imdb", mask_padding=mask_padding).spec
+    x, y = token_batch(spec, 8)
+    assert fast_retrieval.kept_fraction(x, (x != 0).any(-1) if mask_padding else None) < 0.5
+    cfg = EPConfig(0.1, 40, 15)
+    exact64 = flat(ep_symmetric(EPNet(spec, seed=0).double(), x.double(), y, cfg, set_grad=False).grads)
+    fast = flat(ep_symmetric(EPNet(spec, seed=0), x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)
+    monkeypatch.setattr(fast_retrieval, "_distinct", lambda keys, mask: (
+        keys * (1 if mask is None else mask.unsqueeze(-1)), torch.ones(keys.shape[:2]) if mask is None
+        else mask.to(keys.dtype), torch.full((keys.shape[0],), keys.shape[1])))
+    every_key = flat(ep_symmetric(EPNet(spec, seed=0), x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)
+    assert bench.angle_deg(fast, exact64) < 3.0
+    assert bench.angle_deg(fast, every_key) < 1.0
 
 
 def test_flop_count_matches_a_hand_count():
@@ -337,3 +369,20 @@ def test_a_net_that_ran_the_fast_path_can_be_copied_and_pickled():
         assert torch.equal(a, b)
     again = pickle.loads(pickle.dumps(net))
     assert torch.equal(predict(again, x, 10, precision=precision), predict(net, x, 10, precision=precision))
+
+
+@pytest.mark.realdata
+def test_real_bench_inputs_are_an_embedded_training_batch_whose_words_repeat():
+    from analog_ep.data import resolve_data_dir
+    from analog_ep.fast_retrieval import kept_fraction
+
+    if resolve_data_dir(None) is None:
+        pytest.skip("no shared data directory")
+    shape = bench.build_shape("snli-cpu")
+    assert bench.resolve_inputs("auto", "snli-cpu") == "real" and bench.resolve_inputs("auto", "snli-tiny") == "random"
+    x, y = bench.real_batch(shape, 8)
+    assert x.shape == (8, shape.spec.num_streams, shape.spec.seq_len, shape.spec.dim) and y.shape == (8,)
+    inputs = EPNet(shape.spec, seed=0).prepare(x)
+    assert kept_fraction(inputs.keys, inputs.key_mask) < 1.0  # padding and repeated words: fewer distinct keys
+    with pytest.raises(ValueError, match="test shape"):
+        bench.real_batch(bench.build_shape("snli-tiny"), 8)
