@@ -45,7 +45,7 @@ import torch
 from analog_ep import dynamics, estimators
 from analog_ep.allocator import keep_freed_memory
 from analog_ep.config import load_preset
-from analog_ep.errors import DataError
+from analog_ep.errors import ConfigError, DataError
 from analog_ep.estimators import EPConfig, ep_symmetric, make_estimator
 from analog_ep.fast_retrieval import kept_fraction
 from analog_ep.gdu import angle_deg
@@ -159,7 +159,7 @@ def real_batch(shape: Shape, batch: int, seed: int = 0) -> tuple[torch.Tensor, t
     from analog_ep.training import batches, load_task_for, model_embedding
 
     if shape.name in TEST_SHAPES:
-        raise ValueError(f"shape {shape.name} has no real data (it is a test shape): use --inputs random")
+        raise ConfigError(f"shape {shape.name} has no real data (it is a test shape): use --inputs random")
     cfg = _preset_config(shape.name)
     data = load_task_for(cfg, progress=False)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:batch]
@@ -177,10 +177,15 @@ def bench_batch(shape: Shape, batch: int, inputs: str, seed: int = 0) -> tuple[t
 
 
 def resolve_inputs(inputs: str, shape_name: str) -> str:
+    """"auto" → "real" where the shape's data is found, else "random"; "real" where it cannot run: an error."""
     if inputs not in INPUTS:
-        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+        raise ConfigError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     if inputs == "auto":
         return "real" if real_data_available(shape_name) else "random"
+    if inputs == "real" and not real_data_available(shape_name):
+        why = ("it is a test shape" if shape_name in TEST_SHAPES
+               else "its data was not found (set SEQEP_DATA_DIR to a folder laid out like ../shared/data)")
+        raise ConfigError(f"--inputs real cannot run for {shape_name}: {why}; or use --inputs random")
     return inputs
 
 
@@ -588,8 +593,8 @@ def bench(
     """Run the benchmark; returns the JSON-able report (see docs/benchmarks.md for the fields)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
-    if inputs not in INPUTS:
-        raise ValueError(f"inputs must be one of {INPUTS}")
+    for name in shapes:  # before any measurement: a shape that cannot take the inputs fails now, not midway
+        resolve_inputs(inputs, name)
 
     def note(msg: str) -> None:
         if log:

@@ -12,6 +12,7 @@ from analog_ep import bench, reference
 from analog_ep.cli import main
 from analog_ep.config import load_preset
 from analog_ep.dynamics import free_phase, predict
+from analog_ep.errors import ConfigError
 from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
 from analog_ep.lowp_weights import UP_MAX_ROWS, Bf16Weight, Int8Weight, int8_available
 from analog_ep.models import build_spec
@@ -384,5 +385,7 @@ def test_real_bench_inputs_are_an_embedded_training_batch_whose_words_repeat():
     assert x.shape == (8, shape.spec.num_streams, shape.spec.seq_len, shape.spec.dim) and y.shape == (8,)
     inputs = EPNet(shape.spec, seed=0).prepare(x)
     assert kept_fraction(inputs.keys, inputs.key_mask) < 1.0  # padding and repeated words: fewer distinct keys
-    with pytest.raises(ValueError, match="test shape"):
+    with pytest.raises(ConfigError, match="test shape"):
         bench.real_batch(bench.build_shape("snli-tiny"), 8)
+    with pytest.raises(ConfigError, match="--inputs random"):
+        bench.resolve_inputs("real", "snli-tiny")
