@@ -340,7 +340,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _make_net(shape: Shape, reference: bool = False) -> EPNet:
+def make_net(shape: Shape, reference: bool = False) -> EPNet:
+    """The network every mode of a shape times: the shape's spec, seed 0 (the reference: synchronous updates)."""
     spec = replace(shape.spec, schedule="synchronous") if reference else shape.spec
     return EPNet(spec, seed=0)
 
@@ -354,7 +355,7 @@ def _optimizer(net: EPNet, shape: Shape, fused: bool) -> torch.optim.Optimizer:
 def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_adam: bool = True,
               warmup: int = WARMUP_BATCHES, inputs: str = "random") -> dict:
     """Seconds for one training batch on the fast path (the real estimator + Adam), with phase times."""
-    net = _make_net(shape)
+    net = make_net(shape)
     opt = _optimizer(net, shape, fused_adam)
     x, y = bench_batch(shape, batch, inputs)
     for _ in range(warmup):  # compile, oneDNN primitives, and the heap's working set
@@ -392,7 +393,7 @@ def run_reference(shape: Shape, batch: int, repeats: int = 1, warmup: int = WARM
     """Seconds for one training batch as the paper's code runs it (autograd every step, fp32, phases in turn)."""
     from analog_ep.reference import reference_ep_symmetric
 
-    net = _make_net(shape, reference=True)
+    net = make_net(shape, reference=True)
     opt = _optimizer(net, shape, fused=False)
     x, y = bench_batch(shape, batch, inputs)
 
@@ -415,7 +416,7 @@ def run_reference(shape: Shape, batch: int, repeats: int = 1, warmup: int = WARM
 def run_inference(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, warmup: int = WARMUP_BATCHES,
                   inputs: str = "random") -> dict:
     """Free phase only (prediction), weights fixed: samples per second."""
-    net = _make_net(shape)
+    net = make_net(shape)
     x, _ = bench_batch(shape, batch, inputs, seed=1)
     residual = "all" if cfg.precision == "fp32" else "fc"
     weights = None if cfg.precision == "fp32" else net.low_precision_weights(cfg.precision)  # fixed: built once
@@ -448,7 +449,7 @@ def check_fidelity(shape: Shape, batch: int, cfg: EPConfig, seed: int = 0, input
     The float64 update is the exact path in float64 without early exit: the numbers EP defines.
     Also reported: the exact float32 path against the same float64 update (the floor fp32 itself sets).
     """
-    net = _make_net(shape)
+    net = make_net(shape)
     x, y = bench_batch(shape, batch, inputs, seed=seed + 2)
     exact = replace(cfg, precision="fp32", tol=None, nudge_tol=None)
     net64 = copy.deepcopy(net).double()

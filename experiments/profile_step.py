@@ -1,9 +1,12 @@
 """Where one relaxation step's time goes on the fast path, free and nudged, at a benchmark shape.
 
 Why: before building a lever, see which kernels own the step. Times 10 steps of each phase from
-random weights (as `seqep bench` builds them) and prints torch.profiler's table of the top operators.
+random weights (as `seqep bench` builds them) on the batch `seqep bench` would time (`--inputs`: real
+reviews or sentence pairs where the data is found, else random vectors) and prints torch.profiler's table
+of the top operators. The profiler inflates small kernels (SNLI's batched products most): trust the
+unprofiled ms per step it prints first.
 
-    python experiments/profile_step.py --shape imdb-paper --batch 32 [--threads 2]
+    python experiments/profile_step.py --shape imdb-paper --batch 32 [--precision int8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import torch
 
 from analog_ep.allocator import keep_freed_memory
-from analog_ep.bench import SHAPES, _make_net, build_shape, random_batch
+from analog_ep.bench import INPUTS, SHAPES, bench_batch, build_shape, make_net, resolve_inputs
 from analog_ep.dynamics import relax
 from analog_ep.phi import enable_compiled_kernels, one_hot_target, signed_coef
 
@@ -25,16 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=12, help="operators shown per phase")
+    p.add_argument("--precision", choices=["bf16", "int8"], default="bf16", help="fast path precision (default bf16)")
+    p.add_argument("--inputs", choices=INPUTS, default="auto", help="as `seqep bench --inputs` (default auto)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     enable_compiled_kernels(True)
     shape = build_shape(args.shape)
-    net = _make_net(shape)
-    x, y = random_batch(shape.spec, args.batch)
+    net = make_net(shape)
+    inputs_kind = resolve_inputs(args.inputs, args.shape)
+    x, y = bench_batch(shape, args.batch, inputs_kind)
+    print(f"{args.shape}, batch {args.batch}, {args.precision}, {inputs_kind} inputs")
     b = args.batch
     with torch.no_grad():
-        inputs = net.prepare(x, "bf16")
+        inputs = net.prepare(x, args.precision)
         free, _ = relax(net, inputs, net.zero_state(b), 10, track=False)
         nudged_inputs, start = net.nudge_start(inputs, free, times=2)
         betas = signed_coef(b, shape.beta, free[-1]).view(-1, 1)  # +β rows then −β rows, as ep_symmetric
