@@ -4,10 +4,10 @@ A key that occurs c times in a sequence (a repeated word, or padding) gets the s
 query and returns the same value, so softmax over the L keys equals softmax over the U distinct ones
 with log c added to their scores. Real reviews padded to 600 tokens hold ~137 distinct keys on average
 (IMDB train, w2v:300, padding counted once), SNLI sentences padded to 25 about 11: the fast path's
-(Lq × L) score matrices shrink to (Lq × U). Consecutive rows are
-grouped, each group padded to its own largest U with zero keys of count 0 (score −∞), so that one long
-review does not pad the whole batch (`_partition` picks the groups from a cost model). Inputs without
-repeats (random vectors) form one group of all rows: the same products as a plain retrieval.
+(Lq × L) score matrices shrink to (Lq × U). Consecutive rows are grouped, each group padded to its own
+largest U with zero keys of count 0 (score −∞), so that one long review need not pad the whole batch
+(`_partition` picks the groups from a cost model). Inputs without repeats (random vectors) form one
+group of all rows: the same products as a plain retrieval.
 
 Rows are the flattened (B·P) retrievals of a batch (P projection layers). The exact path does not use
 this module: it stays the plain L × L retrieval (`analog_ep.hopfield`), the oracle this one is tested
