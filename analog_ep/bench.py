@@ -132,10 +132,8 @@ def random_batch(spec: GraphSpec, batch: int, seed: int = 0) -> tuple[torch.Tens
 
 
 def _preset_config(shape_name: str):
-    task, preset = shape_name.split("-")
-    cfg = load_preset(task, preset)
-    cfg.data.data_dir = os.environ.get("SEQEP_DATA_DIR") or cfg.data.data_dir
-    return cfg
+    """The preset a shape is built from (its data settings: where `--inputs real` reads)."""
+    return load_preset(*shape_name.split("-"))
 
 
 def real_data_available(shape_name: str) -> bool:
@@ -594,8 +592,8 @@ def bench(
     """Run the benchmark; returns the JSON-able report (see docs/benchmarks.md for the fields)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
-    for name in shapes:  # before any measurement: a shape that cannot take the inputs fails now, not midway
-        resolve_inputs(inputs, name)
+    # once per shape, before any measurement: a shape that cannot take the inputs fails now, not midway
+    inputs_of = {name: resolve_inputs(inputs, name) for name in shapes}
 
     def note(msg: str) -> None:
         if log:
@@ -606,7 +604,7 @@ def bench(
             wait_for_idle(wait_idle, wait_timeout, note)
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
                     compile=compile_kernels and precision != "fp32", precision=precision,
-                    inputs=resolve_inputs(inputs, shape.name))
+                    inputs=inputs_of[shape.name])
         spec.update(extra)
         if early_exit:
             spec.update(tol=tol if tol is not None else shape.tol, nudge_tol=tol if tol is not None else shape.tol)
@@ -638,7 +636,7 @@ def bench(
         shape = build_shape(name)
         for i, b in enumerate([batch] if batch else list(shape.batches)):
             rec: dict[str, Any] = {
-                "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": resolve_inputs(inputs, name),
+                "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": inputs_of[name],
                 "ep": {"beta": shape.beta, "free_steps": shape.free_steps, "nudge_steps": shape.nudge_steps,
                        "tol": (tol or shape.tol) if early_exit else None},
             }

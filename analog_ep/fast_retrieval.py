@@ -135,10 +135,6 @@ class DistinctKeys:
         self.seq_len = seq_len  # L: keys per row before deduplication
 
     @property
-    def batch(self) -> int:
-        return self.shape[0]
-
-    @property
     def rows(self) -> int:
         return self.shape[0] * self.shape[1]
 
@@ -178,7 +174,7 @@ class DistinctKeys:
         groups = [KeyGroup(slice(g.rows.start + r * n, g.rows.stop + r * n), g.keys, g.keys_t,
                            g.const if constants else None, g.has_empty)
                   for r in range(times) for g in self.groups]
-        return DistinctKeys(groups, (self.batch * times, *self.shape[1:]), self.seq_len)
+        return DistinctKeys(groups, (self.shape[0] * times, *self.shape[1:]), self.seq_len)
 
     @staticmethod
     def repeat_weights(weights: list[torch.Tensor], times: int) -> list[torch.Tensor]:

@@ -194,13 +194,9 @@ class Inputs:
 
     @property
     def batch_size(self) -> int:
-        if self.rows is not None:
+        if self.rows is not None:  # always set with `lowp` (`prepare`, `nudge_start`)
             return self.rows
         t = self.keys if self.keys is not None else self.flat_x
-        if t is None and self.lowp is not None:
-            if self.lowp.keys is not None:
-                return self.lowp.keys.batch
-            t = self.lowp.flat_x
         return t.shape[0]
 
     def repeat(self, times: int) -> Inputs:
@@ -636,7 +632,8 @@ class EPNet(nn.Module):
             if self.proj_query is not None:
                 grads["proj_query"] = diff.sum(0).mul_(scale)
             else:
-                grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, inputs.x_query[:half]).mul_(scale)
+                # x_query: the free batch's B rows (`nudge_start`)
+                grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, inputs.x_query).mul_(scale)
         fc = nudged[P:]
         for k, h in enumerate(fc):
             hp, hm = h[:half], h[half:]
@@ -646,7 +643,7 @@ class EPNet(nn.Module):
                 x = inputs.flat_x[:half]
                 grads[f"weights.{k}"] = torch.mm((hp - hm).t(), x).mul_(scale)
             elif P and n == 1:  # from the projection layer, stored as δ from s*
-                a_star = lp.base.states[0][:half].reshape(half, -1)
+                a_star = lp.base.states[0].reshape(half, -1)  # s* of the projection: once per sample
                 deltas = nudged[0].reshape(rows, -1)
                 if lp.weights[k] is not None:
                     left_t = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype).t().contiguous()
