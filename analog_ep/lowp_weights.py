@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from analog_ep import amx_int8
+
 INT8_MAX = 127.0
 # oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
 # and ~5.5 ms for 384 (docs/bench/s4-kernels-snli.txt): row blocks avoid the cliff
@@ -58,10 +60,13 @@ class Bf16Weight:
 
 
 def int8_available(device: torch.device | str = "cpu") -> bool:
-    """oneDNN's pre-packed int8 linear exists in this torch build and the tensors live on the CPU."""
+    """The tensors live on the CPU and one of the int8 kernel sets works here: our AMX kernels, or
+    oneDNN's pre-packed int8 linear in this torch build."""
+    if torch.device(device).type != "cpu":
+        return False
     ops = getattr(torch.ops, "onednn", None)
-    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise"))
+    return amx_int8.available() or (torch.backends.mkldnn.is_available() and ops is not None
+                                    and hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise"))
 
 
 def _quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +97,21 @@ def enable_compiled_quantizers(enabled: bool = True) -> None:
 
 
 class Int8Weight:
-    """W as int8 (one scale): plain for `x Wᵀ` (`torch._int_mm`), pre-packed by oneDNN for `h W`;
-    activations int8 per row."""
+    """W as int8 (one scale), activations int8 per row. Two kernel sets give the same numbers: our AMX
+    kernels (`amx_int8`: both layouts packed in ~50 ms, products at the memory-bandwidth roofline) where
+    the CPU and a C compiler allow, else oneDNN's (plain `_int_mm` for `x Wᵀ`, pre-packed `h W`)."""
 
-    def __init__(self, weight: torch.Tensor, rows_hint: int = 32) -> None:
+    def __init__(self, weight: torch.Tensor, rows_hint: int = 32, previous: Int8Weight | None = None) -> None:
         if not int8_available(weight.device):
             raise RuntimeError("precision 'int8' needs a CPU torch build with oneDNN's quantised linear "
-                               "(torch.ops.onednn.qlinear_prepack); use precision 'bf16' on this device")
+                               "(torch.ops.onednn.qlinear_prepack) or an AMX CPU; use precision 'bf16' on "
+                               "this device")
+        self.kernel = "amx" if amx_int8.available() else "onednn"
+        if self.kernel == "amx":
+            reuse = previous.packed if isinstance(previous, Int8Weight) and previous.kernel == "amx" else None
+            self.packed = amx_int8.PackedInt8(weight, reuse)
+            self.scale = self.packed.scale
+            return
         w = weight.detach().to(torch.float32)
         lo, hi = torch.aminmax(w)
         s = max(float(hi), -float(lo)) / INT8_MAX or 1.0
@@ -112,6 +125,8 @@ class Int8Weight:
     def up(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
         q, r = _KERNELS.get("rows", _quantize_rows)(x)
+        if self.kernel == "amx":
+            return self.packed.up(q, r)
         return torch._int_mm(q, self.q.t()).to(torch.float32).mul_(r * self.scale)
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
@@ -124,6 +139,8 @@ class Int8Weight:
         into a later, smaller product (the retrieval's scores: `fast_retrieval.Query`) instead of a pass over
         the (B, 180,000) result."""
         q, r = _KERNELS.get("rows", _quantize_rows)(h)
+        if self.kernel == "amx":
+            return self.packed.down(q), r
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed_down, self.scale_down, self.zero_down, None,
                                                1.0, 0, torch.bfloat16, "none", [], "")
         return y, r

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from analog_ep import amx_int8
 from analog_ep.activations import get_activation
 from analog_ep.fast_retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
@@ -313,11 +314,14 @@ class EPNet(nn.Module):
         serve stale weights. `release_low_precision()` frees them.
         """
         big = [w.numel() >= LOWP_MIN_WEIGHTS for w in self.weights]
+        old = getattr(self, "_lowp_cache", None) or [None] * len(self.weights)
         if kind == "int8":
-            self._lowp_cache = None  # free the previous batch's packed copies before building new ones
-            lows: list[LowPrecisionWeight | None] = [Int8Weight(w) if b else None for w, b in zip(self.weights, big)]
+            self._lowp_cache = None
+            if not amx_int8.available():  # free oneDNN's packed copies before building new ones; AMX's are refilled
+                old = [None] * len(self.weights)
+            lows: list[LowPrecisionWeight | None] = [Int8Weight(w, previous=prev) if b else None
+                                                     for w, prev, b in zip(self.weights, old, big)]
         elif kind == "bf16":
-            old = getattr(self, "_lowp_cache", None) or [None] * len(self.weights)
             lows = [Bf16Weight(w, prev) if b else None for w, prev, b in zip(self.weights, old, big)]
         else:
             raise ValueError(f"low-precision kind must be 'bf16' or 'int8', got {kind!r}")

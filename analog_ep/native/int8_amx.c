@@ -1,0 +1,230 @@
+/* int8 products of one large synapse W (K x N, e.g. 1000 x 180,000) on Intel AMX, for the fast EP path.
+ *
+ * Why this exists: at the paper's IMDB shape a relaxation step multiplies W twice (x W^T up, h W down) at
+ * 32-64 rows, so each product streams the whole int8 matrix from memory. oneDNN's pre-packed product does
+ * that near the bandwidth limit, but its packing (a generic reorder computing s8s8 compensation) costs
+ * ~330 ms per batch and the transposed copy it needs another ~190 ms; torch._int_mm on the plain matrix
+ * (no packing) is 1.6-2x slower per product. Here W is quantised and laid out for AMX in one pass per
+ * orientation at memory speed, and both products run at the bandwidth roofline (docs/benchmarks.md,
+ * session 6). Loaded by analog_ep/amx_int8.py through ctypes; the numbers equal the oneDNN path's
+ * (same quantisation, exact int32 accumulation).
+ *
+ * Layouts (AMX "VNNI": a B tile row holds 16 output columns x 4 consecutive reduction indices):
+ *   down  (out = h W, reduction over K):  [Np/16][Kp/4][16][4]
+ *   up    (out = x W^T, reduction over N): [Kp/16][Np/4][16][4]
+ * Kp = K rounded up to 64, Np = N rounded up to 64; entries past K or N are zero.
+ * Every tile is 16 rows x 64 bytes; the kernels keep four accumulator tiles (32 rows x 32 columns). */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Linux hands out AMX state only to processes that ask; 0 on success. */
+int seqep_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+static void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u));
+}
+
+/* max |w|, or NaN if any entry is NaN (AVX-512 max would drop it) */
+float seqep_absmax(const float *w, int64_t n, int threads) {
+    float best = 0.f;
+    int nan_seen = 0;
+#pragma omp parallel num_threads(threads) reduction(max : best) reduction(| : nan_seen)
+    {
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (n + 15) / 16; ++i) {
+            const __m512 x = _mm512_maskz_loadu_ps(first_lanes(n - 16 * i), w + 16 * i);
+            m = _mm512_max_ps(m, _mm512_abs_ps(x));
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        }
+        const float b = _mm512_reduce_max_ps(m);
+        best = b > best ? b : best;
+        nan_seen |= nan != 0;
+    }
+    return nan_seen ? __builtin_nanf("") : best;
+}
+
+/* round(w / scale) clamped to +-127, as int32 lanes (round half to even, like torch.round); lanes past the
+ * mask are 0. Division, not a reciprocal multiply, so the result equals torch's bit for bit. */
+static inline __m512i quantise16(const float *p, __m512 scale, __mmask16 lanes) {
+    __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, p), scale);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(127.f)), _mm512_set1_ps(-127.f));
+    return _mm512_cvtps_epi32(x);
+}
+
+/* Quantise W once per batch into both layouts, one pass over the fp32 matrix per 16 x 16 block (rows past K
+ * and columns past N are zero). Either destination may be NULL. */
+void seqep_pack_int8(const float *w, int64_t K, int64_t N, float scale, int8_t *down, int8_t *up, int64_t Kp,
+                     int64_t Np, int threads) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512i low_byte = _mm512_set1_epi32(0xff);
+    const __m512i dword_of_row = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t kb = 0; kb < Kp / 16; ++kb) {
+        int32_t q[16][4] __attribute__((aligned(64))); /* 16 rows x 16 int8, read as 4 dwords per row */
+        for (int64_t nb = 0; nb < Np / 16; ++nb) {
+            const __mmask16 lanes = first_lanes(N - 16 * nb);
+            __m512i v[16];
+            for (int j = 0; j < 16; ++j) {
+                const int64_t k = 16 * kb + j;
+                v[j] = k < K ? quantise16(w + k * N + 16 * nb, s, lanes) : _mm512_setzero_si512();
+            }
+            for (int g = 0; g < 4 && down; ++g) { /* row: column c's 4 K-indices 4g..4g+3 as one dword */
+                __m512i row = _mm512_setzero_si512();
+                for (int j = 0; j < 4; ++j)
+                    row = _mm512_or_si512(row, _mm512_slli_epi32(_mm512_and_si512(v[4 * g + j], low_byte), 8 * j));
+                _mm512_stream_si512((__m512i *)(down + (nb * (Kp / 4) + 4 * kb + g) * 64), row);
+            }
+            if (up) { /* row: hidden unit j's 4 N-indices 4g..4g+3 as one dword */
+                for (int j = 0; j < 16; ++j) _mm_store_si128((__m128i *)q[j], _mm512_cvtsepi32_epi8(v[j]));
+                for (int g = 0; g < 4; ++g) {
+                    const __m512i row = _mm512_i32gather_epi32(dword_of_row, &q[0][g], 4);
+                    _mm512_stream_si512((__m512i *)(up + (kb * (Np / 4) + 4 * nb + g) * 64), row);
+                }
+            }
+        }
+    }
+    _mm_sfence();
+}
+
+/* 16 x 16 int32 tile -> rows x cols of out, each value times scale (one scale, or one per row) */
+static inline void store_bf16(const int32_t *c, int rows, int64_t cols, float scale, uint16_t *out, int64_t ld) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __mmask16 lanes = first_lanes(cols);
+    for (int r = 0; r < rows; ++r) {
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r)), s);
+        _mm256_mask_storeu_epi16(out + r * ld, lanes, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+static inline int rows_left(int64_t m, int64_t M) { return M - m >= 16 ? 16 : (M - m <= 0 ? 0 : (int)(M - m)); }
+
+/* out (M x N, bf16) = a (Mp x Kp int8, zero past M and K) . W * scale. Mp % 32 == 0. Parallel over pairs of
+ * 16-column blocks; the pair's 2 x Kp x 16 bytes of W stay in cache for every 32-row block of a. */
+void seqep_down_int8(const int8_t *a, const int8_t *down, int64_t M, int64_t Mp, int64_t Kp, int64_t N, int64_t Np,
+                     float scale, uint16_t *out, int threads) {
+    const int64_t block = Kp / 4 * 64, steps = Kp / 64;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        int32_t c[4][256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < Np / 32; ++pair) {
+            const int8_t *b0 = down + 2 * pair * block, *b1 = b0 + block;
+            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                const int8_t *a0 = a + m0 * Kp, *a1 = a0 + 16 * Kp;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t k = 0; k < steps; ++k) {
+                    _tile_loadd(6, b0 + k * 1024, 64);
+                    _tile_loadd(7, b1 + k * 1024, 64);
+                    _tile_loadd(4, a0 + k * 64, Kp);
+                    _tile_loadd(5, a1 + k * 64, Kp);
+                    _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
+                    _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
+                }
+                _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+                _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+                const int64_t n0 = 32 * pair;
+                const int r0 = rows_left(m0, M), r1 = rows_left(m0 + 16, M);
+                uint16_t *o = out + m0 * N + n0;
+                if (n0 < N) {
+                    store_bf16(c[0], r0, N - n0, scale, o, N);
+                    store_bf16(c[1], r1, N - n0, scale, o + 16 * N, N);
+                }
+                if (n0 + 16 < N) {
+                    store_bf16(c[2], r0, N - n0 - 16, scale, o + 16, N);
+                    store_bf16(c[3], r1, N - n0 - 16, scale, o + 16 * N + 16, N);
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+
+#define UP_CHUNK 32 /* 64-column steps per pass over the hidden blocks: Mp x 2 KB of x stays in cache */
+
+/* out (M x K, fp32) = x (Mp x N int8, rows zero past M) . W^T, row m times row_scale[m] * scale.
+ * acc: scratch of Mp x Kp int32 (partial sums, tile-blocked). Each thread owns a range of hidden-block
+ * pairs and walks the reduction over N in chunks, so x is read ~once and W exactly once. */
+void seqep_up_int8(const int8_t *x, const float *row_scale, const int8_t *up, int64_t M, int64_t Mp, int64_t N,
+                   int64_t Np, int64_t K, int64_t Kp, float scale, float *out, int32_t *acc, int threads) {
+    const int64_t strip = Np / 4 * 64, full = N / 64, steps = (N + 63) / 64, pairs = Kp / 32, hblocks = Kp / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        int8_t tail[32][64] __attribute__((aligned(64)));
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t p0 = pairs * id / nt, p1 = pairs * (id + 1) / nt;
+        for (int64_t k0 = 0; k0 < steps; k0 += UP_CHUNK) {
+            const int64_t k1 = k0 + UP_CHUNK < steps ? k0 + UP_CHUNK : steps;
+            for (int64_t p = p0; p < p1; ++p) {
+                const int8_t *b0 = up + 2 * p * strip, *b1 = b0 + strip;
+                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                    int32_t *c00 = acc + ((m0 / 16) * hblocks + 2 * p) * 256, *c10 = c00 + hblocks * 256;
+                    if (k0 == 0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c00, 64); _tile_loadd(1, c10, 64);
+                        _tile_loadd(2, c00 + 256, 64); _tile_loadd(3, c10 + 256, 64);
+                    }
+                    const int8_t *a0 = x + m0 * N, *a1 = a0 + 16 * N;
+                    for (int64_t k = k0; k < k1; ++k) {
+                        _tile_loadd(6, b0 + k * 1024, 64);
+                        _tile_loadd(7, b1 + k * 1024, 64);
+                        if (k < full) {
+                            _tile_loadd(4, a0 + k * 64, N);
+                            _tile_loadd(5, a1 + k * 64, N);
+                        } else { /* the last, partial 64 columns: zero-padded copy */
+                            memset(tail, 0, sizeof tail);
+                            for (int r = 0; r < 32; ++r) memcpy(tail[r], a0 + r * N + k * 64, (size_t)(N - k * 64));
+                            _tile_loadd(4, tail[0], 64);
+                            _tile_loadd(5, tail[16], 64);
+                        }
+                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
+                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
+                    }
+                    _tile_stored(0, c00, 64); _tile_stored(1, c10, 64);
+                    _tile_stored(2, c00 + 256, 64); _tile_stored(3, c10 + 256, 64);
+                }
+            }
+        }
+        _tile_release();
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const __m512 s = _mm512_set1_ps(row_scale[m] * scale);
+            const int32_t *row = acc + ((m / 16) * hblocks) * 256 + (m % 16) * 16;
+            for (int64_t hb = 0; hb < hblocks && 16 * hb < K; ++hb) {
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(row + hb * 256)), s);
+                _mm512_mask_storeu_ps(out + m * K + 16 * hb, first_lanes(K - 16 * hb), v);
+            }
+        }
+    }
+}
