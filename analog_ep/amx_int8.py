@@ -84,6 +84,7 @@ def _load() -> ctypes.CDLL:
     lib.seqep_pack_int8.argtypes = [p, i64, i64, f32, p, p, i64, i64, i32]
     lib.seqep_down_int8.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, i32]
     lib.seqep_up_int8.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
+    lib.seqep_quantize_rows.argtypes = [p, i32, i64, i64, i64, p, i64, i64, p, i32]
     if lib.seqep_amx_init() != 0:
         raise RuntimeError("the kernel refused this process AMX state (arch_prctl ARCH_REQ_XCOMP_PERM failed)")
     return lib
@@ -111,15 +112,31 @@ def unavailable_reason() -> str:
     return str(_state["why"])
 
 
-def _require(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError(f"amx_int8: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, "
-                         f"got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, N) fp32 or bf16 as int8 per row (`lowp_weights._quantize_rows`' rule: r = max|row| / 127, q =
+    round(x / r)), into a zero-padded (rows, width) buffer; returns (q, r (M, 1) fp32)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"AMX int8 kernels unavailable: {unavailable_reason()}")
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        raise ValueError(f"amx_int8: rows to quantise must be a 2-D fp32/bf16 CPU tensor, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, n = x.shape
+    if rows < m or width < n:
+        raise ValueError(f"amx_int8: a ({rows}, {width}) buffer cannot hold ({m}, {n}) rows")
+    q = torch.empty(rows, width, dtype=torch.int8)
+    r = torch.empty(m, 1, dtype=torch.float32)
+    lib.seqep_quantize_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), m, n, x.stride(0), q.data_ptr(), rows,
+                            width, r.data_ptr(), torch.get_num_threads())
+    return q, r
 
 
 class PackedInt8:
     """W (K x N, fp32) quantised symmetrically (one scale) into the two AMX layouts; buffers reused across
-    batches when `previous` has the same shape (a fresh 360 MB pair would be paged in every batch)."""
+    batches when `previous` has the same shape (a fresh 360 MB pair would be paged in every batch).
+    Activations are quantised per row inside `up` / `down_row_scaled`."""
 
     def __init__(self, weight: torch.Tensor, previous: PackedInt8 | None = None) -> None:
         lib = library()
@@ -145,25 +162,26 @@ class PackedInt8:
         lib.seqep_pack_int8(w.data_ptr(), self.K, self.N, self.scale, self.down_layout.data_ptr(),
                             self.up_layout.data_ptr(), self.Kp, self.Np, threads)
 
-    def down(self, q: torch.Tensor) -> torch.Tensor:
-        """q (M x K int8) · W · scale, as bf16 (M x N)."""
-        M = q.shape[0]
-        _require(q, "h (quantised)", torch.int8, (M, self.K))
-        a = torch.nn.functional.pad(q, (0, self.Kp - self.K, 0, _round_up(M, ROW_BLOCK) - M))
-        out = torch.empty(M, self.N, dtype=torch.bfloat16)
-        library().seqep_down_int8(a.data_ptr(), self.down_layout.data_ptr(), M, a.shape[0], self.Kp, self.N,  # type: ignore[union-attr]
-                                  self.Np, self.scale, out.data_ptr(), torch.get_num_threads())
-        return out
+    def _check(self, t: torch.Tensor, width: int, name: str) -> None:
+        if t.dim() != 2 or t.shape[1] != width:
+            raise ValueError(f"amx_int8: {name} must be (rows, {width}), got {tuple(t.shape)}")
 
-    def up(self, q: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """q (M x N int8) · Wᵀ, row m times row_scale[m] · scale, as fp32 (M x K)."""
-        M = q.shape[0]
-        _require(q, "x (quantised)", torch.int8, (M, self.N))
-        r = row_scale.reshape(-1).to(torch.float32).contiguous()
-        _require(r, "row_scale", torch.float32, (M,))
+    def down_row_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (M x K) · W as (q·W·scale in bf16, r): h ≈ q · r per row, r (M, 1) left to the caller."""
+        self._check(h, self.K, "h")
+        M = h.shape[0]
+        q, r = quantize_rows(h, _round_up(M, ROW_BLOCK), self.Kp)
+        out = torch.empty(M, self.N, dtype=torch.bfloat16)
+        library().seqep_down_int8(q.data_ptr(), self.down_layout.data_ptr(), M, q.shape[0], self.Kp, self.N,  # type: ignore[union-attr]
+                                  self.Np, self.scale, out.data_ptr(), torch.get_num_threads())
+        return out, r
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M x N) · Wᵀ as fp32 (M x K), x quantised per row."""
+        self._check(x, self.N, "x")
+        M = x.shape[0]
         Mp = _round_up(M, ROW_BLOCK)
-        if Mp != M:
-            q = torch.nn.functional.pad(q, (0, 0, 0, Mp - M))
+        q, r = quantize_rows(x, Mp, self.N)
         out = torch.empty(M, self.K, dtype=torch.float32)
         acc = torch.empty(Mp * self.Kp, dtype=torch.int32)
         library().seqep_up_int8(q.data_ptr(), r.data_ptr(), self.up_layout.data_ptr(), M, Mp, self.N, self.Np,  # type: ignore[union-attr]

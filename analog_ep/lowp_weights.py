@@ -124,9 +124,9 @@ class Int8Weight:
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
-        q, r = _KERNELS.get("rows", _quantize_rows)(x)
         if self.kernel == "amx":
-            return self.packed.up(q, r)
+            return self.packed.up(x)
+        q, r = _KERNELS.get("rows", _quantize_rows)(x)
         return torch._int_mm(q, self.q.t()).to(torch.float32).mul_(r * self.scale)
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
@@ -138,9 +138,9 @@ class Int8Weight:
         """h W as (h W / r, r): r (B, 1) is the per-row factor of h's quantisation, left for the caller to fold
         into a later, smaller product (the retrieval's scores: `fast_retrieval.Query`) instead of a pass over
         the (B, 180,000) result."""
-        q, r = _KERNELS.get("rows", _quantize_rows)(h)
         if self.kernel == "amx":
-            return self.packed.down(q), r
+            return self.packed.down_row_scaled(h)
+        q, r = _KERNELS.get("rows", _quantize_rows)(h)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed_down, self.scale_down, self.zero_down, None,
                                                1.0, 0, torch.bfloat16, "none", [], "")
         return y, r

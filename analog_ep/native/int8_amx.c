@@ -228,3 +228,41 @@ void seqep_up_int8(const int8_t *x, const float *row_scale, const int8_t *up, in
         }
     }
 }
+
+/* Symmetric int8 per row, as lowp_weights._quantize_rows: r = max|x_row| / 127 (1 for a row of zeros),
+ * q = round(x / r). x: M rows of N fp32 (is_bf16 = 0) or bf16 values, row stride ld elements. q: Mp x ldq,
+ * zero past N and past M (the kernels' padding). One thread per row block, two passes over a row that
+ * stays in cache: x is read from memory once (a compiled torch version reads it twice). */
+static inline __m512 load16(const void *x, int is_bf16, int64_t i, __mmask16 lanes) {
+    if (is_bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)x + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(lanes, (const float *)x + i);
+}
+
+void seqep_quantize_rows(const void *x, int is_bf16, int64_t M, int64_t N, int64_t ld, int8_t *q, int64_t Mp,
+                         int64_t ldq, float *r, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < Mp; ++m) {
+        int8_t *out = q + m * ldq;
+        if (m >= M) {
+            memset(out, 0, (size_t)ldq);
+            continue;
+        }
+        const int64_t row = m * ld;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t i = 0; i < N; i += 16)
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, is_bf16, row + i, first_lanes(N - i))));
+        const float a = _mm512_reduce_max_ps(amax);
+        const float scale = a > 0.f ? a / 127.f : 1.f;
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t i = 0; i < N; i += 16) {
+            const __mmask16 lanes = first_lanes(N - i);
+            const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(x, is_bf16, row + i, lanes), s));
+            _mm_mask_storeu_epi8(out + i, lanes, _mm512_cvtsepi32_epi8(v));
+        }
+        if (ldq > N) memset(out + N, 0, (size_t)(ldq - N));
+        r[m] = scale;
+    }
+}
