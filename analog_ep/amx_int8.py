@@ -103,6 +103,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def forget() -> None:
+    """Forget the load attempt, so that the next use tries again (after changing SEQEP_INT8_KERNEL or CC)."""
+    _state.clear()
+
+
 def available() -> bool:
     return library() is not None
 
@@ -112,15 +117,25 @@ def unavailable_reason() -> str:
     return str(_state["why"])
 
 
-def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, N) fp32 or bf16 as int8 per row (`lowp_weights._quantize_rows`' rule: r = max|row| / 127, q =
-    round(x / r)), into a zero-padded (rows, width) buffer; returns (q, r (M, 1) fp32)."""
+def _loaded() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError(f"AMX int8 kernels unavailable: {unavailable_reason()}")
-    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-        raise ValueError(f"amx_int8: rows to quantise must be a 2-D fp32/bf16 CPU tensor, got {x.dtype} "
+    return lib
+
+
+def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, N) as int8 per row (`lowp_weights._quantize_rows`' rule: r = max|row| / 127, q =
+    round(x / r)), into a zero-padded (rows, width) buffer; returns (q, r (M, 1) fp32)."""
+    return _quantize_rows_with(_loaded(), x, rows, width)
+
+
+def _quantize_rows_with(lib: ctypes.CDLL, x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != 2 or not x.is_floating_point() or x.device.type != "cpu":
+        raise ValueError(f"amx_int8: rows to quantise must be a 2-D floating-point CPU tensor, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
+    if x.dtype not in (torch.float32, torch.bfloat16):  # e.g. float64 (the GDU check): as _quantize_rows does
+        x = x.to(torch.float32)
     if x.stride(1) != 1:
         x = x.contiguous()
     m, n = x.shape
@@ -136,12 +151,11 @@ def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor,
 class PackedInt8:
     """W (K x N, fp32) quantised symmetrically (one scale) into the two AMX layouts; buffers reused across
     batches when `previous` has the same shape (a fresh 360 MB pair would be paged in every batch).
-    Activations are quantised per row inside `up` / `down_row_scaled`."""
+    Activations are quantised per row inside `up` / `down_row_scaled`. Keeps the library it was built
+    with: switching the kernels off later (`forget`) does not break a packed matrix in use."""
 
     def __init__(self, weight: torch.Tensor, previous: PackedInt8 | None = None) -> None:
-        lib = library()
-        if lib is None:
-            raise RuntimeError(f"AMX int8 kernels unavailable: {unavailable_reason()}")
+        self._lib = lib = _loaded()
         w = weight.detach().to(torch.float32).contiguous()
         if w.dim() != 2:
             raise ValueError(f"amx_int8: the weight must be a 2-D matrix, got shape {tuple(w.shape)}")
@@ -170,9 +184,9 @@ class PackedInt8:
         """h (M x K) · W as (q·W·scale in bf16, r): h ≈ q · r per row, r (M, 1) left to the caller."""
         self._check(h, self.K, "h")
         M = h.shape[0]
-        q, r = quantize_rows(h, _round_up(M, ROW_BLOCK), self.Kp)
+        q, r = _quantize_rows_with(self._lib, h, _round_up(M, ROW_BLOCK), self.Kp)
         out = torch.empty(M, self.N, dtype=torch.bfloat16)
-        library().seqep_down_int8(q.data_ptr(), self.down_layout.data_ptr(), M, q.shape[0], self.Kp, self.N,  # type: ignore[union-attr]
+        self._lib.seqep_down_int8(q.data_ptr(), self.down_layout.data_ptr(), M, q.shape[0], self.Kp, self.N,
                                   self.Np, self.scale, out.data_ptr(), torch.get_num_threads())
         return out, r
 
@@ -181,9 +195,9 @@ class PackedInt8:
         self._check(x, self.N, "x")
         M = x.shape[0]
         Mp = _round_up(M, ROW_BLOCK)
-        q, r = quantize_rows(x, Mp, self.N)
+        q, r = _quantize_rows_with(self._lib, x, Mp, self.N)
         out = torch.empty(M, self.K, dtype=torch.float32)
         acc = torch.empty(Mp * self.Kp, dtype=torch.int32)
-        library().seqep_up_int8(q.data_ptr(), r.data_ptr(), self.up_layout.data_ptr(), M, Mp, self.N, self.Np,  # type: ignore[union-attr]
+        self._lib.seqep_up_int8(q.data_ptr(), r.data_ptr(), self.up_layout.data_ptr(), M, Mp, self.N, self.Np,
                                 self.K, self.Kp, self.scale, out.data_ptr(), acc.data_ptr(), torch.get_num_threads())
         return out

@@ -1,0 +1,128 @@
+"""Our AMX int8 kernels (analog_ep/native/int8_amx.c) against exact integer arithmetic, and the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analog_ep import amx_int8
+from analog_ep.lowp_weights import Int8Weight, _quantize_rows
+
+needs_amx = pytest.mark.skipif(not amx_int8.available(), reason=f"AMX kernels: {amx_int8.unavailable_reason()}")
+
+
+def _exact_weight(w: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.round(w / torch.tensor(scale)).clamp_(-127, 127).to(torch.float64)
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(37, 203), (64, 64), (100, 1000), (40, 130)])
+@pytest.mark.parametrize("rows", [1, 7, 32, 50, 64])
+def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> None:
+    """Odd sizes exercise every padding path (rows past M, columns past N, reduction past K and N)."""
+    gen = torch.Generator().manual_seed(k * 1000 + n + rows)
+    w = torch.randn(k, n, generator=gen)
+    packed = amx_int8.PackedInt8(w)
+    assert packed.scale == pytest.approx(float(w.abs().max()) / 127, rel=1e-6)
+    wq = _exact_weight(w, packed.scale)
+    x, h = torch.randn(rows, n, generator=gen), torch.randn(rows, k, generator=gen)
+    x[0] = 0.0  # a row of zeros: factor 1, all-zero codes
+
+    qx, rx = _quantize_rows(x)
+    want_up = (qx.double() @ wq.t()).float().mul_(rx * packed.scale)  # int32-exact sums, then fp32 scaling
+    assert torch.equal(packed.up(x), want_up)
+
+    qh, rh = _quantize_rows(h)
+    got, r = packed.down_row_scaled(h)
+    assert torch.equal(r, rh)
+    assert torch.equal(got, ((qh.double() @ wq).float() * packed.scale).to(torch.bfloat16))  # fp32 scaling, then bf16
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_row_quantiser_matches_torch_and_pads_with_zeros(dtype: torch.dtype) -> None:
+    x = torch.randn(5, 70, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[2] = 0.0
+    q, r = amx_int8.quantize_rows(x[:, 3:], rows=32, width=80)  # a strided view: rows not contiguous in memory
+    want_q, want_r = _quantize_rows(x[:, 3:])
+    assert torch.equal(q[:5, :67], want_q) and torch.equal(r, want_r)
+    assert not q[5:].any() and not q[:, 67:].any()
+    with pytest.raises(ValueError, match="cannot hold"):
+        amx_int8.quantize_rows(x, rows=4, width=70)
+
+
+@needs_amx
+def test_packed_buffers_are_refilled_not_reallocated() -> None:
+    w = torch.randn(40, 130)
+    first = amx_int8.PackedInt8(w)
+    second = amx_int8.PackedInt8(w * 2, previous=first)
+    assert second.down_layout.data_ptr() == first.down_layout.data_ptr()
+    assert second.scale == pytest.approx(2 * first.scale)
+    x = torch.randn(3, 130)
+    assert torch.allclose(second.up(x), 2 * amx_int8.PackedInt8(w).up(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_amx
+def test_bad_inputs_are_refused_with_the_reason() -> None:
+    w = torch.randn(40, 130)
+    w[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        amx_int8.PackedInt8(w)
+    packed = amx_int8.PackedInt8(torch.randn(40, 130))
+    with pytest.raises(ValueError, match=r"\(rows, 130\)"):
+        packed.up(torch.randn(3, 129))
+    with pytest.raises(ValueError, match="floating-point"):
+        amx_int8.quantize_rows(torch.ones(3, 4, dtype=torch.int32), 32, 64)
+
+
+@needs_amx
+def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN fallback (`SEQEP_INT8_KERNEL=onednn`) and our kernels quantise and multiply alike."""
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 640, generator=gen), torch.randn(32, 640, generator=gen)
+    h = torch.randn(32, 48, generator=gen)
+    amx = Int8Weight(w)
+    assert amx.kernel == "amx"
+    monkeypatch.setenv("SEQEP_INT8_KERNEL", "onednn")
+    amx_int8.forget()
+    try:
+        onednn = Int8Weight(w)
+        assert onednn.kernel == "onednn" and "SEQEP_INT8_KERNEL" in amx_int8.unavailable_reason()
+        assert torch.equal(amx.up(x), onednn.up(x))
+        (y_amx, r_amx), (y_dnn, r_dnn) = amx.down_row_scaled(h), onednn.down_row_scaled(h)
+        assert torch.equal(r_amx, r_dnn)
+        assert (y_amx.float() - y_dnn.float()).abs().max() <= 1e-2 * y_dnn.float().abs().max()  # bf16 rounding
+    finally:
+        monkeypatch.delenv("SEQEP_INT8_KERNEL")
+        amx_int8.forget()
+
+
+def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path) -> None:
+    monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    amx_int8.forget()
+    try:
+        assert not amx_int8.available()
+        reason = amx_int8.unavailable_reason()
+        assert "failed to build" in reason or "lacks" in reason
+        with pytest.raises(RuntimeError, match="unavailable"):
+            amx_int8.PackedInt8(torch.randn(4, 4))
+    finally:
+        monkeypatch.undo()
+        amx_int8.forget()
+
+
+@needs_amx
+def test_the_build_is_cached_per_source_version(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
+    amx_int8.forget()
+    try:
+        assert amx_int8.available()
+        built = list((tmp_path / "native").glob("int8_amx-*.so"))
+        assert len(built) == 1
+        amx_int8.forget()
+        assert amx_int8.available() and list((tmp_path / "native").glob("int8_amx-*.so")) == built
+    finally:
+        monkeypatch.undo()
+        amx_int8.forget()
