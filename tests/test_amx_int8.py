@@ -91,10 +91,43 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
         assert torch.equal(amx.up(x), onednn.up(x))
         (y_amx, r_amx), (y_dnn, r_dnn) = amx.down_row_scaled(h), onednn.down_row_scaled(h)
         assert torch.equal(r_amx, r_dnn)
-        assert (y_amx.float() - y_dnn.float()).abs().max() <= 1e-2 * y_dnn.float().abs().max()  # bf16 rounding
+        assert torch.equal(y_amx, y_dnn)  # same int32 sums, same fp32 scaling, same bf16 rounding
     finally:
         monkeypatch.delenv("SEQEP_INT8_KERNEL")
         amx_int8.forget()
+
+
+@needs_amx
+def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """So runs trained with the oneDNN kernels (sessions 4-5's int8 results) are what ours would produce."""
+    from conftest import random_inputs
+    from test_bench import small_net
+
+    from analog_ep.estimators import EPConfig, ep_symmetric
+
+    def trained() -> list[torch.Tensor]:
+        net = small_net("imdb")
+        x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            ep_symmetric(net, x, y, EPConfig(0.1, 20, 8, precision="int8"))
+            optimizer.step()
+        assert net.low_precision_weights("int8")[0].kernel == ("onednn" if monkeypatch_active else "amx")
+        assert not torch.equal(net.weights[0], small_net("imdb").weights[0])  # the steps did train
+        return [p.detach().clone() for p in net.parameters()]
+
+    monkeypatch_active = False
+    ours = trained()
+    monkeypatch.setenv("SEQEP_INT8_KERNEL", "onednn")
+    amx_int8.forget()
+    monkeypatch_active = True
+    try:
+        theirs = trained()
+    finally:
+        monkeypatch.delenv("SEQEP_INT8_KERNEL")
+        amx_int8.forget()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypatch: pytest.MonkeyPatch,
