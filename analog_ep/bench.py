@@ -49,6 +49,7 @@ from analog_ep.errors import ConfigError, DataError
 from analog_ep.estimators import EPConfig, ep_symmetric, make_estimator
 from analog_ep.fast_retrieval import kept_fraction
 from analog_ep.gdu import angle_deg
+from analog_ep.lowp_weights import int8_kernel_name
 from analog_ep.models import build_spec
 from analog_ep.phi import PRECISIONS, EPNet, GraphSpec, enable_compiled_kernels
 from analog_ep.training_core import layer_param_groups, train_step
@@ -619,7 +620,7 @@ def bench(
         "settings": {"precision": precision, "early_exit": early_exit, "tol": tol, "reference": reference,
                      "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
                      "compiled_kernels": compile_kernels and precision != "fp32", "input_rms": INPUT_RMS,
-                     "inputs": inputs},
+                     "inputs": inputs, "int8_kernel": int8_kernel_name() if precision == "int8" else None},
         "flop_formula": FLOP_FORMULA,
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }

@@ -84,6 +84,11 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / r).to(torch.int8), r
 
 
+def int8_kernel_name() -> str:
+    """Which int8 kernels `Int8Weight` runs in this process: ours on AMX, or oneDNN's (and why not ours)."""
+    return "amx (analog_ep/native/int8_amx.c)" if amx_int8.available() else f"onednn ({amx_int8.unavailable_reason()})"
+
+
 _KERNELS: dict[str, object] = {}
 
 

@@ -23,7 +23,7 @@ from analog_ep.data import TaskData, embed_batch, load_task
 from analog_ep.dynamics import free_phase
 from analog_ep.errors import CheckpointError, ConfigError
 from analog_ep.estimators import EPConfig, Estimator, make_estimator
-from analog_ep.lowp_weights import int8_available
+from analog_ep.lowp_weights import int8_available, int8_kernel_name
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.runs import append_jsonl, software_versions, write_json
@@ -213,8 +213,8 @@ class Trainer:
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
         if cfg.ep.precision == "int8" and not int8_available(cfg.train.device):
-            raise ConfigError(f"ep.precision = int8 needs a CPU torch build with oneDNN (train.device is "
-                              f"{cfg.train.device}); use ep.precision=bf16")
+            raise ConfigError(f"ep.precision = int8 needs the CPU and an AMX CPU or a torch build with oneDNN "
+                              f"(train.device is {cfg.train.device}); use ep.precision=bf16")
         if cfg.ep.precision != "fp32":
             enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
             if cfg.train.device == "cpu":
@@ -238,7 +238,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics_path.unlink(missing_ok=True)
         write_json(self.run_dir / "config.json", {"config": self.cfg.to_dict(), "command": self.command,
-                                                  "data_info": self.task.info, "spec": self.net.spec.to_dict()})
+                                                  "data_info": self.task.info, "spec": self.net.spec.to_dict(),
+                                                  "int8_kernel": int8_kernel_name() if self.cfg.ep.precision == "int8"
+                                                  else None})
 
     def _load_last(self) -> None:
         ckpt = load_checkpoint(self.ckpt_dir / LAST)
