@@ -1,9 +1,8 @@
-"""Our own int8 AMX kernels for the large synapse's two products (source: `native/int8_amx.c`).
+"""Our own int8 AMX kernels for the large synapse's two products (source: `native/int8_amx.c`, built and
+loaded by `native_kernels`).
 
-Built with the system C compiler on first use into a cache folder (a few hundred ms, once per source
-version), loaded through ctypes; no torch headers, so the build does not depend on the torch version.
-Where the CPU has no AMX, no compiler is found, or the build fails, `available()` is False with the
-reason in `unavailable_reason()`, and `lowp_weights` falls back to oneDNN's int8 kernels (same numbers).
+Where they cannot load, `available()` is False with the reason in `unavailable_reason()`, and
+`lowp_weights` falls back to oneDNN's int8 kernels (the same numbers, bit for bit: tests/test_amx_int8.py).
 `SEQEP_INT8_KERNEL=onednn` forces that fallback.
 
 The wrappers check shapes, dtypes and contiguity and say what was wrong: the C side trusts its inputs.
@@ -12,100 +11,26 @@ The wrappers check shapes, dtypes and contiguity and say what was wrong: the C s
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "native" / "int8_amx.c"
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-         "-mamx-tile", "-mamx-int8"]
-CPU_FLAGS = ("amx_tile", "amx_int8", "avx512bw", "avx512vl", "avx512_bf16")
+from analog_ep import native_kernels
+
 ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 bytes; kernels pair them)
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
-
-_state: dict[str, object] = {}
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("SEQEP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqep")
-    return Path(base) / "native"
-
-
-def _cpu_missing() -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return ["Linux (AMX needs its arch_prctl permission call)"]
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ["/proc/cpuinfo"]
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in CPU_FLAGS if f not in flags]
-
-
-def _build() -> Path:
-    """Compile the kernels once per (source, flags, compiler); atomic, so concurrent builds cannot clash."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_amx-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {done.stderr.strip()[-400:]}")
-        os.replace(built, target)
-    return target
-
-
-def _load() -> ctypes.CDLL:
-    missing = _cpu_missing()
-    if missing:
-        raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
-    lib = ctypes.CDLL(str(_build()))
-    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.seqep_amx_init.restype = i32
-    lib.seqep_absmax.argtypes, lib.seqep_absmax.restype = [p, i64, i32], f32
-    lib.seqep_pack_int8.argtypes = [p, i64, i64, f32, p, p, i64, i64, i32]
-    lib.seqep_down_int8.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, i32]
-    lib.seqep_up_int8.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
-    lib.seqep_quantize_rows.argtypes = [p, i32, i64, i64, i64, p, i64, i64, p, i32]
-    if lib.seqep_amx_init() != 0:
-        raise RuntimeError("the kernel refused this process AMX state (arch_prctl ARCH_REQ_XCOMP_PERM failed)")
-    return lib
-
-
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (reason in `unavailable_reason()`); tried once per process."""
-    if "lib" not in _state:
-        if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
-            _state["lib"], _state["why"] = None, "SEQEP_INT8_KERNEL=onednn"
-        else:
-            try:
-                _state["lib"], _state["why"] = _load(), ""
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _state["lib"], _state["why"] = None, str(exc)
-    return _state["lib"]  # type: ignore[return-value]
-
-
-def forget() -> None:
-    """Forget the load attempt, so that the next use tries again (after changing SEQEP_INT8_KERNEL or CC)."""
-    _state.clear()
+    """The native kernels for int8, or None: not loadable here, or `SEQEP_INT8_KERNEL=onednn` (read per call)."""
+    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
+        return None
+    return native_kernels.library()
 
 
 def available() -> bool:
@@ -113,8 +38,9 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    library()
-    return str(_state["why"])
+    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
+        return "SEQEP_INT8_KERNEL=onednn"
+    return native_kernels.unavailable_reason()
 
 
 def _loaded() -> ctypes.CDLL:

@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from analog_ep import native_kernels
+
 # Cost model of one group of rows, in multiply-add equivalents: the two bmms take 2·Lq·d per row and key,
 # the fused softmax ~350 per score element, and each group ~3e8 whatever its size (three kernel calls plus
 # the compiled softmax's guards, and a cold start for each operand). GROUP_COST was set by measurement, not
@@ -253,15 +255,56 @@ def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor,
     return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
 
 
+def _native_fits(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+
+
+def _attention_native(const: torch.Tensor, partial: torch.Tensor, scale: torch.Tensor | None,
+                      has_empty: bool) -> torch.Tensor:
+    """`_attention_eager` in one AVX-512 pass per row (native/softmax_avx512.c); other dtypes go to the eager one."""
+    lib = native_kernels.library()
+    if (lib is None or partial.dtype != torch.bfloat16 or const.dtype != torch.float32 or partial.dim() != 3
+            or const.shape != partial.shape or (scale is not None and (scale.dtype != torch.float32
+                                                                        or scale.numel() != partial.shape[0]))
+            or not _native_fits(const, partial, scale)):
+        return _attention_eager(const, partial, scale, has_empty)
+    n, lq, u = partial.shape
+    out = torch.empty_like(partial)
+    lib.seqep_attention(const.data_ptr(), partial.data_ptr(), None if scale is None else scale.data_ptr(), n, lq, u,
+                        int(has_empty), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _delta_attention_native(attention: torch.Tensor, delta_scores: torch.Tensor,
+                            scale: torch.Tensor | None) -> torch.Tensor:
+    """`_delta_attention_eager` in one AVX-512 pass per row; other dtypes go to the eager one."""
+    lib = native_kernels.library()
+    if (lib is None or attention.dtype != torch.bfloat16 or delta_scores.dtype != torch.bfloat16
+            or attention.dim() != 3 or delta_scores.shape != attention.shape
+            or (scale is not None and (scale.dtype != torch.float32 or scale.numel() != attention.shape[0]))
+            or not _native_fits(attention, delta_scores, scale)):
+        return _delta_attention_eager(attention, delta_scores, scale)
+    n, lq, u = attention.shape
+    out = torch.empty_like(attention)
+    lib.seqep_delta_attention(attention.data_ptr(), delta_scores.data_ptr(),
+                              None if scale is None else scale.data_ptr(), n, lq, u, out.data_ptr(),
+                              torch.get_num_threads())
+    return out
+
+
 _COMPILED: dict[str, object] = {}
 
 
 def enable_compiled(enabled: bool = True) -> None:
-    """Use `torch.compile`d (fused, one pass) versions of the two softmax kernels; see
-    `phi.enable_compiled_kernels`."""
+    """Use fused, one-pass versions of the two softmax kernels: our AVX-512 ones where `native_kernels` loads
+    (no inductor in the process: ~150 MB less resident memory, nothing to compile), else `torch.compile`d
+    ones; see `phi.enable_compiled_kernels`."""
     if enabled and not _COMPILED:
-        _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
-        _COMPILED["attention"] = torch.compile(_attention_eager, dynamic=True)
+        if native_kernels.library() is not None:
+            _COMPILED["delta_attention"], _COMPILED["attention"] = _delta_attention_native, _attention_native
+        else:
+            _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
+            _COMPILED["attention"] = torch.compile(_attention_eager, dynamic=True)
     elif not enabled:
         _COMPILED.clear()
 

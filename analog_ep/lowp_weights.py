@@ -93,8 +93,9 @@ _KERNELS: dict[str, object] = {}
 
 
 def enable_compiled_quantizers(enabled: bool = True) -> None:
-    """Fuse the per-product row quantisation and the per-batch weight quantisation into one pass each."""
-    if enabled and not _KERNELS:
+    """Fuse the per-product row quantisation and the per-batch weight quantisation into one pass each (the oneDNN
+    int8 path only: our AMX kernels quantise in C, and not compiling keeps inductor out of the process)."""
+    if enabled and not _KERNELS and not amx_int8.available():
         _KERNELS["rows"] = torch.compile(_quantize_rows, dynamic=True)
         _KERNELS["weight"] = torch.compile(_quantize_weight, dynamic=False)
     elif not enabled:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analog_ep import amx_int8
+from analog_ep import amx_int8, native_kernels
 from analog_ep.lowp_weights import Int8Weight, _quantize_rows
 
 needs_amx = pytest.mark.skipif(not amx_int8.available(), reason=f"AMX kernels: {amx_int8.unavailable_reason()}")
@@ -84,17 +84,12 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
     amx = Int8Weight(w)
     assert amx.kernel == "amx"
     monkeypatch.setenv("SEQEP_INT8_KERNEL", "onednn")
-    amx_int8.forget()
-    try:
-        onednn = Int8Weight(w)
-        assert onednn.kernel == "onednn" and "SEQEP_INT8_KERNEL" in amx_int8.unavailable_reason()
-        assert torch.equal(amx.up(x), onednn.up(x))
-        (y_amx, r_amx), (y_dnn, r_dnn) = amx.down_row_scaled(h), onednn.down_row_scaled(h)
-        assert torch.equal(r_amx, r_dnn)
-        assert torch.equal(y_amx, y_dnn)  # same int32 sums, same fp32 scaling, same bf16 rounding
-    finally:
-        monkeypatch.delenv("SEQEP_INT8_KERNEL")
-        amx_int8.forget()
+    onednn = Int8Weight(w)
+    assert onednn.kernel == "onednn" and "SEQEP_INT8_KERNEL" in amx_int8.unavailable_reason()
+    assert torch.equal(amx.up(x), onednn.up(x))  # `amx` keeps working: a packed matrix keeps its library
+    (y_amx, r_amx), (y_dnn, r_dnn) = amx.down_row_scaled(h), onednn.down_row_scaled(h)
+    assert torch.equal(r_amx, r_dnn)
+    assert torch.equal(y_amx, y_dnn)  # same int32 sums, same fp32 scaling, same bf16 rounding
 
 
 @needs_amx
@@ -120,13 +115,8 @@ def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: py
     monkeypatch_active = False
     ours = trained()
     monkeypatch.setenv("SEQEP_INT8_KERNEL", "onednn")
-    amx_int8.forget()
     monkeypatch_active = True
-    try:
-        theirs = trained()
-    finally:
-        monkeypatch.delenv("SEQEP_INT8_KERNEL")
-        amx_int8.forget()
+    theirs = trained()
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
@@ -134,28 +124,28 @@ def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypat
                                                                        tmp_path) -> None:
     monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
-    amx_int8.forget()
+    native_kernels.forget()
     try:
-        assert not amx_int8.available()
-        reason = amx_int8.unavailable_reason()
+        assert not amx_int8.available() and native_kernels.library() is None
+        reason = native_kernels.unavailable_reason()
         assert "failed to build" in reason or "lacks" in reason
         with pytest.raises(RuntimeError, match="unavailable"):
             amx_int8.PackedInt8(torch.randn(4, 4))
     finally:
         monkeypatch.undo()
-        amx_int8.forget()
+        native_kernels.forget()
 
 
 @needs_amx
 def test_the_build_is_cached_per_source_version(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
-    amx_int8.forget()
+    native_kernels.forget()
     try:
         assert amx_int8.available()
-        built = list((tmp_path / "native").glob("int8_amx-*.so"))
+        built = list((tmp_path / "native").glob("seqep-kernels-*.so"))
         assert len(built) == 1
-        amx_int8.forget()
-        assert amx_int8.available() and list((tmp_path / "native").glob("int8_amx-*.so")) == built
+        native_kernels.forget()
+        assert amx_int8.available() and list((tmp_path / "native").glob("seqep-kernels-*.so")) == built
     finally:
         monkeypatch.undo()
-        amx_int8.forget()
+        native_kernels.forget()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from analog_ep import fast_retrieval
+from analog_ep import fast_retrieval, native_kernels
 from analog_ep.fast_retrieval import DistinctKeys, Query, _distinct, _partition
 from analog_ep.hopfield import hopfield_retrieve
 
@@ -96,3 +96,63 @@ def test_partition_follows_the_cost_model():
     groups = _partition(sizes, 600, 300)
     assert slice(3, 4) in groups and sum(g.stop - g.start for g in groups) == len(sizes)
     assert _partition([5, 25, 7, 12] * 256, 25, 300) == [slice(0, 1024)]
+
+
+needs_native = pytest.mark.skipif(native_kernels.library() is None,
+                                  reason=f"native kernels: {native_kernels.unavailable_reason()}")
+
+
+def _within_a_bf16_step(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to one rounding of the bf16 output (2⁻⁸ relative), plus a floor for values near 0."""
+    g, w = got.double(), want.double()
+    return bool(((g - w).abs() <= 2.0**-8 * w.abs() + 1e-6 * w.abs().max()).all())
+
+
+@needs_native
+@pytest.mark.parametrize("n, lq, u", [(3, 4, 17), (33, 25, 25), (4, 60, 40), (2, 5, 3)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_native_softmax_kernels_match_the_eager_ones(n: int, lq: int, u: int, scaled: bool) -> None:
+    """The AVX-512 kernels (native/softmax_avx512.c) against their eager twins, with −∞ (padding) columns."""
+    gen = torch.Generator().manual_seed(n * lq + u)
+    const = torch.randn(n, lq, u, generator=gen) * 3
+    const[0, :, -1] = float("-inf")
+    partial = torch.randn(n, lq, u, generator=gen).bfloat16()
+    scale = torch.rand(n, 1, 1, generator=gen) + 0.5 if scaled else None
+    attention = fast_retrieval._attention_native(const, partial, scale, False)
+    assert _within_a_bf16_step(attention, fast_retrieval._attention_eager(const, partial, scale, False))
+    assert not attention[0, :, -1].any()  # a padding column takes exactly no weight
+
+    delta = (torch.randn(n, lq, u, generator=gen) * 0.01).bfloat16()
+    got = fast_retrieval._delta_attention_native(attention, delta, scale)
+    eager = fast_retrieval._delta_attention_eager(attention, delta, scale)
+    s = delta.double() * (1.0 if scale is None else scale.double())
+    a = attention.double()
+    exact = a * s.exp() / (a * s.exp()).sum(-1, keepdim=True) - a / a.sum(-1, keepdim=True)
+    error, eager_error = (got.double() - exact).norm(), (eager.double() - exact).norm()
+    assert error <= 4e-3 * exact.norm()  # no cancellation: accurate relative to the small change itself
+    assert error <= 1.25 * eager_error  # and as accurate as the eager kernel (elementwise, entries near 0 differ)
+
+
+@needs_native
+def test_native_softmax_kernels_keep_nan_and_empty_rows_as_torch_does() -> None:
+    empty, zeros = torch.full((2, 3, 5), float("-inf")), torch.zeros(2, 3, 5).bfloat16()
+    assert not fast_retrieval._attention_native(empty, zeros, None, True).any()  # has_empty: rows of zeros
+    assert fast_retrieval._attention_native(empty, zeros, None, False).isnan().all()
+    const = torch.randn(2, 3, 5)
+    const[1, 1, 2] = float("nan")
+    out = fast_retrieval._attention_native(const, zeros, None, False)
+    assert out[1, 1].isnan().all() and not out[0].isnan().any()  # divergence stays visible
+    attention = torch.softmax(torch.randn(2, 3, 5), -1).bfloat16()
+    delta = torch.randn(2, 3, 5).bfloat16()
+    delta[0, 0, 0] = float("nan")
+    assert fast_retrieval._delta_attention_native(attention, delta, None)[0, 0].isnan().any()
+
+
+def test_native_softmax_kernels_hand_other_dtypes_to_the_eager_ones() -> None:
+    """float64 (the GDU check, float64 oracles) is not what the C kernels take: same numbers as eager."""
+    const, partial = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    assert torch.equal(fast_retrieval._attention_native(const, partial, None, False),
+                       fast_retrieval._attention_eager(const, partial, None, False))
+    attention = torch.softmax(partial, -1)
+    assert torch.equal(fast_retrieval._delta_attention_native(attention, partial * 0.01, None),
+                       fast_retrieval._delta_attention_eager(attention, partial * 0.01, None))
