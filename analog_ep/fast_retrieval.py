@@ -33,6 +33,7 @@ SOFTMAX_COST = 350
 GROUP_COST = 3e8
 MAX_CANDIDATES = 64  # group boundaries considered (rows are taken in blocks beyond this many)
 _HASH_SEED = 20231115  # fixed random direction that tells distinct key vectors apart (checked exactly after)
+_CHECK_ROWS = 64  # rows per block of that exact check
 
 
 class Query(NamedTuple):
@@ -82,12 +83,14 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
     rows = torch.arange(n, device=keys.device).unsqueeze(1).expand_as(first)
     source = torch.zeros(n, length, dtype=torch.long, device=keys.device)
     source[rows[first], slot[first]] = order[first]
-    distinct = keys.gather(1, source.unsqueeze(-1).expand(-1, -1, d)) * (counts > 0).unsqueeze(-1)
+    distinct = keys.gather(1, source.unsqueeze(-1).expand(-1, -1, d)).mul_((counts > 0).unsqueeze(-1))
     position_slot = torch.empty_like(slot).scatter_(1, order, slot)
-    rebuilt = distinct.gather(1, position_slot.unsqueeze(-1).expand(-1, -1, d))
-    if (rebuilt != keys).logical_and_(valid.unsqueeze(-1)).any():  # a hash collision: keep every key (exact)
-        counts = valid.to(keys.dtype)
-        return keys * valid.unsqueeze(-1), counts, valid.sum(-1)
+    for rows_ in range(0, n, _CHECK_ROWS):  # in blocks: a full-size rebuilt copy would set the batch's peak memory
+        part = slice(rows_, rows_ + _CHECK_ROWS)
+        rebuilt = distinct[part].gather(1, position_slot[part].unsqueeze(-1).expand(-1, -1, d))
+        if (rebuilt != keys[part]).logical_and_(valid[part].unsqueeze(-1)).any():  # a hash collision: keep every key
+            counts = valid.to(keys.dtype)
+            return keys * valid.unsqueeze(-1), counts, valid.sum(-1)
     return distinct, counts, first.sum(-1)
 
 
@@ -156,7 +159,8 @@ class DistinctKeys:
         for rows in _partition(sizes_list, query_len, dim):
             width = max(max(sizes_list[rows]), 1)
             k = distinct[rows, :width].contiguous()
-            scaled_t = (k * gamma).transpose(-1, -2).contiguous()
+            # one fp32 temporary, not two; a copy even when the transposed view counts as contiguous (U or d = 1)
+            scaled_t = k.transpose(-1, -2).clone(memory_format=torch.contiguous_format).mul_(gamma)
             # kept in fp32: these logits are large, their rounding is not
             const = torch.matmul(query_drive[rows], scaled_t).add_(log_counts[rows, :width].unsqueeze(1))
             groups.append(KeyGroup(rows, k.to(dtype), scaled_t.to(dtype), const, min(sizes_list[rows]) == 0))
