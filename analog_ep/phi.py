@@ -638,6 +638,7 @@ class EPNet(nn.Module):
             else:
                 # x_query: the free batch's B rows (`nudge_start`)
                 grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, inputs.x_query).mul_(scale)
+            del diff  # B × the projection layer in fp32: not held through the larger products below
         fc = nudged[P:]
         for k, h in enumerate(fc):
             hp, hm = h[:half], h[half:]
@@ -651,7 +652,9 @@ class EPNet(nn.Module):
                 deltas = nudged[0].reshape(rows, -1)
                 if lp.weights[k] is not None:
                     left_t = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype).t().contiguous()
-                    right = torch.cat([a_star.to(lp.dtype), deltas.to(lp.dtype)])
+                    right = torch.empty(half + rows, a_star.shape[1], dtype=lp.dtype, device=a_star.device)
+                    right[:half].copy_(a_star)  # [a*; δ⁺; δ⁻] in bf16, without a converted copy of a* first
+                    right[half:].copy_(deltas)
                     out = self._scratch(f"weights.{k}", (left_t.shape[0], right.shape[1]), dtype)
                     for lo in range(0, right.shape[1], CONTRAST_BLOCK):  # bf16 product, fp32 result in place
                         out[:, lo:lo + CONTRAST_BLOCK].copy_(torch.mm(left_t, right[:, lo:lo + CONTRAST_BLOCK]))
