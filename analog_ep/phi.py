@@ -677,13 +677,14 @@ CONTRAST_BLOCK = 8192  # columns per block of the fast path's bf16 gradient prod
 
 
 def enable_compiled_kernels(enabled: bool = True) -> None:
-    """Use `torch.compile`d (fused, one pass) versions of the fast path's softmax kernels.
+    """Use fused, one-pass versions of the fast path's softmax kernels.
 
     The free phase's scores-plus-softmax and the nudged phases' softmax difference
-    (`fast_retrieval.delta_attention`) each become one pass over the scores, about 2× (IMDB rows) to 4×
-    (SNLI's short rows) faster than torch's bf16 softmax. Off by default: the first call compiles
-    (~10-40 s, then cached on disk by inductor); `seqep bench` and `seqep train` turn it on. Results
-    equal the eager kernels' up to fp32 rounding. Also fuses the int8 path's quantisers
+    (`fast_retrieval.delta_attention`) each become one pass over the scores. Where our C kernels load
+    (`native_kernels`: AVX-512 with AMX, a C compiler) they are those, else `torch.compile`d ones (about 2×
+    to 4× faster than torch's bf16 softmax; the first call compiles, ~10-40 s, then cached on disk by
+    inductor). Off by default; `seqep bench` and `seqep train` turn it on. Results equal the eager kernels'
+    up to fp32 rounding. Without our int8 kernels it also compiles the oneDNN int8 path's quantisers
     (`lowp_weights.enable_compiled_quantizers`).
     """
     enable_compiled(enabled)
