@@ -20,7 +20,7 @@ import time
 import torch
 
 from analog_ep.allocator import keep_freed_memory
-from analog_ep.lowp_weights import Int8Weight, enable_compiled_quantizers, int8_available
+from analog_ep.lowp_weights import Int8Weight, enable_compiled_quantizers, int8_available, int8_kernel_name
 
 FC1 = {"imdb": (1000, 180_000), "snli": (400, 30_000)}  # (out, in) of the paper shapes' first FC synapse
 
@@ -75,9 +75,9 @@ def kernel_cases(w: torch.Tensor, w_t: torch.Tensor, q: torch.Tensor, q_t: torch
         "down bf16 (W_t·hᵀ)ᵀ made contiguous": lambda: torch.mm(w_t, h_t).t().contiguous(),
         "down int8 (W_t·hᵀ) (_int_mm)": lambda: torch._int_mm(q_t, h8_t),
     }
-    if packed is not None:  # what precision "int8" runs: quantise the rows, pre-packed int8 product, rescale
-        cases["up   int8 pre-packed, rows quantised (Int8Weight.up)"] = lambda: packed.up(a)
-        cases["down int8 pre-packed, rows quantised (Int8Weight.down)"] = lambda: packed.down(h)
+    if packed is not None:  # what precision "int8" runs: quantise the rows, packed int8 product, rescale
+        cases[f"up   int8 packed, rows quantised (Int8Weight.up, {packed.kernel})"] = lambda: packed.up(a)
+        cases[f"down int8 packed, rows quantised (Int8Weight.down, {packed.kernel})"] = lambda: packed.down(h)
     return cases
 
 
@@ -93,7 +93,7 @@ def time_kernels(w: torch.Tensor, repeats: int, batches: list[int]) -> None:
         packed = Int8Weight(w32)  # compiles the quantiser
         t = time.perf_counter()
         packed = Int8Weight(w32)
-        print(f"int8 quantise + pre-pack both orientations (once per batch): {(time.perf_counter() - t) * 1e3:.0f} ms")
+        print(f"int8 quantise + pack (once per batch, {int8_kernel_name()}): {(time.perf_counter() - t) * 1e3:.0f} ms")
     for batch in batches:
         for name, fn in kernel_cases(w, w_t, q, q_t, batch, packed).items():
             print(f"batch {batch}: {name}: {seconds(fn, repeats) * 1e3:.1f} ms", flush=True)
