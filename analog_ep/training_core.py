@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -37,12 +38,17 @@ def param_lrs(optimizer: torch.optim.Optimizer, net: EPNet) -> dict[str, float]:
 
 def train_step(net: EPNet, estimator: Estimator, x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer) -> Estimate:
-    """One batch: estimate the gradient, then step (unless the estimator already moved the weights)."""
+    """One batch: estimate the gradient, then step (unless the estimator already moved the weights).
+
+    The returned estimate no longer holds the gradients (`grads` is empty): they are spent, and a caller
+    keeping the estimate until the next batch would otherwise keep a second set of them alive while that
+    batch computes its own (at the paper's SNLI shape, 48 MB of FC-1 gradient)."""
     optimizer.zero_grad(set_to_none=True)
     est = estimator(net, x, y)
     if not est.applied:
         optimizer.step()
-    return est
+    optimizer.zero_grad(set_to_none=True)
+    return replace(est, grads={})
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from analog_ep.cli import main
 from analog_ep.config import load_preset
 from analog_ep.dynamics import free_phase, predict
 from analog_ep.errors import ConfigError
-from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
+from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase, make_estimator
 from analog_ep.lowp_weights import UP_MAX_ROWS, Bf16Weight, Int8Weight, int8_available
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
@@ -389,3 +389,18 @@ def test_real_bench_inputs_are_an_embedded_training_batch_whose_words_repeat():
         bench.real_batch(bench.build_shape("snli-tiny"), 8)
     with pytest.raises(ConfigError, match="--inputs random"):
         bench.resolve_inputs("real", "snli-tiny")
+
+
+def test_train_step_releases_the_spent_gradients():
+    """A caller holding the last estimate must not keep its gradients alive into the next batch: the fast path's
+    FC-1 gradient buffer is then reused, not doubled (peak memory at the paper's SNLI shape)."""
+    from analog_ep.training_core import train_step
+
+    net = small_net("snli")
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    estimator = make_estimator("ep_symmetric", EPConfig(0.5, 10, 5, precision="bf16"))
+    kept = [train_step(net, estimator, x, y, optimizer) for _ in range(3)]  # every estimate held on purpose
+    assert all(est.grads == {} for est in kept)
+    assert all(p.grad is None for p in net.parameters())
+    assert len(net._scratch_pool["weights.0"]) == 1
