@@ -100,8 +100,10 @@ def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
     B = x.shape[0]
     inputs2, start = net.nudge_start(inputs, free, times=2)  # +β rows then −β rows, one batch
     betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)
+    handed = [start]
+    del start  # relax holds the only reference: the starting state is freed once replaced, not kept to the end
     nudged, _ = relax(
-        net, inputs2, start, cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
+        net, inputs2, handed.pop(), cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), track=False,
         tol=cfg.nudge_tol, residual=_residual(cfg),
     )
     grads = net.symmetric_contrast(inputs2, nudged, -1.0 / (2 * cfg.beta * B))
