@@ -78,13 +78,13 @@ class PackedInt8:
     """W (K x N, fp32) quantised symmetrically (one scale) into the two AMX layouts; buffers reused across
     batches when `previous` has the same shape (a fresh 360 MB pair would be paged in every batch).
     Activations are quantised per row inside `up` / `down_row_scaled`. Keeps the library it was built
-    with: switching the kernels off later (`forget`) does not break a packed matrix in use."""
+    with: switching the kernels off later (`SEQEP_INT8_KERNEL=onednn`) does not break a packed matrix in use."""
 
     def __init__(self, weight: torch.Tensor, previous: PackedInt8 | None = None) -> None:
         self._lib = lib = _loaded()
         w = weight.detach().to(torch.float32).contiguous()
-        if w.dim() != 2:
-            raise ValueError(f"amx_int8: the weight must be a 2-D matrix, got shape {tuple(w.shape)}")
+        if w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"amx_int8: the weight must be a 2-D CPU matrix, got shape {tuple(w.shape)} on {w.device}")
         self.K, self.N = w.shape
         self.Kp, self.Np = _round_up(self.K, ALIGN), _round_up(self.N, ALIGN)
         size = self.Kp * self.Np
