@@ -114,13 +114,22 @@ void seqep_pack_int8(const float *w, int64_t K, int64_t N, float scale, int8_t *
     _mm_sfence();
 }
 
-/* 16 x 16 int32 tile -> rows x cols of out, each value times scale (one scale, or one per row) */
-static inline void store_bf16(const int32_t *c, int rows, int64_t cols, float scale, uint16_t *out, int64_t ld) {
+/* Two 16 x 16 int32 tiles side by side (columns n0..n0+15 and n0+16..n0+31) -> rows x cols of out, times
+ * scale: each row's 32 values as one 64-byte store, streamed past the cache when whole and aligned (the
+ * output is far larger than the cache; a partial-line write would first read the line from memory). */
+static inline void store_pair_bf16(const int32_t *left, const int32_t *right, int rows, int64_t cols, float scale,
+                                   uint16_t *out, int64_t ld) {
     const __m512 s = _mm512_set1_ps(scale);
-    const __mmask16 lanes = first_lanes(cols);
+    const __mmask32 lanes = cols >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << cols) - 1ull);
     for (int r = 0; r < rows; ++r) {
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r)), s);
-        _mm256_mask_storeu_epi16(out + r * ld, lanes, (__m256i)_mm512_cvtneps_pbh(v));
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(left + 16 * r)), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(right + 16 * r)), s);
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        uint16_t *o = out + r * ld;
+        if (cols >= 32 && ((uintptr_t)o & 63) == 0)
+            _mm512_stream_si512((__m512i *)o, v);
+        else
+            _mm512_mask_storeu_epi16(o, lanes, v);
     }
 }
 
@@ -152,18 +161,13 @@ void seqep_down_int8(const int8_t *a, const int8_t *down, int64_t M, int64_t Mp,
                 _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
                 _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
                 const int64_t n0 = 32 * pair;
-                const int r0 = rows_left(m0, M), r1 = rows_left(m0 + 16, M);
-                uint16_t *o = out + m0 * N + n0;
                 if (n0 < N) {
-                    store_bf16(c[0], r0, N - n0, scale, o, N);
-                    store_bf16(c[1], r1, N - n0, scale, o + 16 * N, N);
-                }
-                if (n0 + 16 < N) {
-                    store_bf16(c[2], r0, N - n0 - 16, scale, o + 16, N);
-                    store_bf16(c[3], r1, N - n0 - 16, scale, o + 16 * N + 16, N);
+                    store_pair_bf16(c[0], c[2], rows_left(m0, M), N - n0, scale, out + m0 * N + n0, N);
+                    store_pair_bf16(c[1], c[3], rows_left(m0 + 16, M), N - n0, scale, out + (m0 + 16) * N + n0, N);
                 }
             }
         }
+        _mm_sfence();
         _tile_release();
     }
 }
