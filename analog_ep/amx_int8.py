@@ -26,11 +26,13 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _switched_off() -> bool:
+    return os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn"
+
+
 def library() -> ctypes.CDLL | None:
     """The native kernels for int8, or None: not loadable here, or `SEQEP_INT8_KERNEL=onednn` (read per call)."""
-    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
-        return None
-    return native_kernels.library()
+    return None if _switched_off() else native_kernels.library()
 
 
 def available() -> bool:
@@ -38,9 +40,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
-        return "SEQEP_INT8_KERNEL=onednn"
-    return native_kernels.unavailable_reason()
+    return "SEQEP_INT8_KERNEL=onednn" if _switched_off() else native_kernels.unavailable_reason()
 
 
 def _loaded() -> ctypes.CDLL:

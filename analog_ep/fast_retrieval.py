@@ -16,6 +16,7 @@ against.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -259,39 +260,39 @@ def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor,
     return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
 
 
-def _native_fits(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+def _native_library(rows: torch.Tensor, other: torch.Tensor, other_dtype: torch.dtype,
+                    scale: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The native kernels if they take these operands, else None: (n, Lq, U) bf16 `rows`, a same-shaped `other`
+    of `other_dtype`, one fp32 factor per group row (or None), all contiguous on the CPU."""
+    lib = native_kernels.library()
+    fits = (lib is not None and rows.dtype == torch.bfloat16 and rows.dim() == 3 and other.dtype == other_dtype
+            and other.shape == rows.shape
+            and (scale is None or (scale.dtype == torch.float32 and scale.numel() == rows.shape[0]))
+            and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in (rows, other, scale)))
+    return lib if fits else None
 
 
 def _attention_native(const: torch.Tensor, partial: torch.Tensor, scale: torch.Tensor | None,
                       has_empty: bool) -> torch.Tensor:
     """`_attention_eager` in one AVX-512 pass per row (native/softmax_avx512.c); other dtypes go to the eager one."""
-    lib = native_kernels.library()
-    if (lib is None or partial.dtype != torch.bfloat16 or const.dtype != torch.float32 or partial.dim() != 3
-            or const.shape != partial.shape or (scale is not None and (scale.dtype != torch.float32
-                                                                        or scale.numel() != partial.shape[0]))
-            or not _native_fits(const, partial, scale)):
+    lib = _native_library(partial, const, torch.float32, scale)
+    if lib is None:
         return _attention_eager(const, partial, scale, has_empty)
-    n, lq, u = partial.shape
     out = torch.empty_like(partial)
-    lib.seqep_attention(const.data_ptr(), partial.data_ptr(), None if scale is None else scale.data_ptr(), n, lq, u,
-                        int(has_empty), out.data_ptr(), torch.get_num_threads())
+    lib.seqep_attention(const.data_ptr(), partial.data_ptr(), None if scale is None else scale.data_ptr(),
+                        *partial.shape, int(has_empty), out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def _delta_attention_native(attention: torch.Tensor, delta_scores: torch.Tensor,
                             scale: torch.Tensor | None) -> torch.Tensor:
     """`_delta_attention_eager` in one AVX-512 pass per row; other dtypes go to the eager one."""
-    lib = native_kernels.library()
-    if (lib is None or attention.dtype != torch.bfloat16 or delta_scores.dtype != torch.bfloat16
-            or attention.dim() != 3 or delta_scores.shape != attention.shape
-            or (scale is not None and (scale.dtype != torch.float32 or scale.numel() != attention.shape[0]))
-            or not _native_fits(attention, delta_scores, scale)):
+    lib = _native_library(attention, delta_scores, torch.bfloat16, scale)
+    if lib is None:
         return _delta_attention_eager(attention, delta_scores, scale)
-    n, lq, u = attention.shape
     out = torch.empty_like(attention)
     lib.seqep_delta_attention(attention.data_ptr(), delta_scores.data_ptr(),
-                              None if scale is None else scale.data_ptr(), n, lq, u, out.data_ptr(),
+                              None if scale is None else scale.data_ptr(), *attention.shape, out.data_ptr(),
                               torch.get_num_threads())
     return out
 

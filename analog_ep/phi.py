@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from analog_ep import amx_int8
 from analog_ep.activations import get_activation
 from analog_ep.fast_retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
@@ -317,8 +316,8 @@ class EPNet(nn.Module):
         old = getattr(self, "_lowp_cache", None) or [None] * len(self.weights)
         if kind == "int8":
             self._lowp_cache = None
-            if not amx_int8.available():  # free oneDNN's packed copies before building new ones; AMX's are refilled
-                old = [None] * len(self.weights)
+            # AMX buffers are refilled in place; anything else (oneDNN's packed copies) is freed before building
+            old = [p if isinstance(p, Int8Weight) and p.kernel == "amx" else None for p in old]
             lows: list[LowPrecisionWeight | None] = [Int8Weight(w, previous=prev) if b else None
                                                      for w, prev, b in zip(self.weights, old, big)]
         elif kind == "bf16":
