@@ -20,6 +20,7 @@ from analog_ep import native_kernels
 
 ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 bytes; kernels pair them)
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
+FUSED_CHUNK = 512  # columns per pass of seqep_down_up_int8 (its per-thread scratch: FUSED_CHUNK x Kp bytes)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -75,9 +76,10 @@ def _quantize_rows_with(lib: ctypes.CDLL, x: torch.Tensor, rows: int, width: int
 
 
 class PackedInt8:
-    """W (K x N, fp32) quantised symmetrically (one scale) into the two AMX layouts; buffers reused across
-    batches when `previous` has the same shape (a fresh 360 MB pair would be paged in every batch).
-    Activations are quantised per row inside `up` / `down_row_scaled`. Keeps the library it was built
+    """W (K x N, fp32) quantised symmetrically (one scale) into the AMX layout of the h·W product; the x·Wᵀ
+    layout is derived from it on first use of `up` alone (`down_up` needs none: it transposes in cache).
+    Buffers are reused across batches when `previous` has the same shape (a fresh 180 MB matrix would be paged
+    in every batch). Activations are quantised per row inside the products. Keeps the library it was built
     with: switching the kernels off later (`SEQEP_INT8_KERNEL=onednn`) does not break a packed matrix in use."""
 
     def __init__(self, weight: torch.Tensor, previous: PackedInt8 | None = None) -> None:
@@ -88,19 +90,36 @@ class PackedInt8:
         self.K, self.N = w.shape
         self.Kp, self.Np = _round_up(self.K, ALIGN), _round_up(self.N, ALIGN)
         size = self.Kp * self.Np
-        if previous is not None and (previous.Kp, previous.Np) == (self.Kp, self.Np):
-            self.down_layout, self.up_layout = previous.down_layout, previous.up_layout
-        else:
-            self.down_layout = torch.empty(size, dtype=torch.int8)
-            self.up_layout = torch.empty(size, dtype=torch.int8)
+        reuse = previous is not None and (previous.Kp, previous.Np) == (self.Kp, self.Np)
+        self.down_layout = previous.down_layout if reuse else torch.empty(size, dtype=torch.int8)
+        self._up_buffer = previous._up_buffer if reuse else None
+        self._up_ready = False
+        self._scratch: dict[str, torch.Tensor] = previous._scratch if reuse else {}
         threads = torch.get_num_threads()
         amax = float(lib.seqep_absmax(w.data_ptr(), w.numel(), threads))
         if not math.isfinite(amax):
             raise ValueError("amx_int8: the weight holds NaN or inf entries; the run diverged (lower the learning "
                              "rate or beta, or resume from the last checkpoint)")
         self.scale = amax / 127.0 or 1.0
-        lib.seqep_pack_int8(w.data_ptr(), self.K, self.N, self.scale, self.down_layout.data_ptr(),
-                            self.up_layout.data_ptr(), self.Kp, self.Np, threads)
+        lib.seqep_pack_int8(w.data_ptr(), self.K, self.N, self.scale, self.down_layout.data_ptr(), None, self.Kp,
+                            self.Np, threads)
+
+    @property
+    def up_layout(self) -> torch.Tensor:
+        """The x·Wᵀ layout, transposed from the down layout on first use (one pass at memory speed)."""
+        if not self._up_ready:
+            if self._up_buffer is None:
+                self._up_buffer = torch.empty(self.Kp * self.Np, dtype=torch.int8)
+            self._lib.seqep_down_to_up(self.down_layout.data_ptr(), self.Kp, self.Np, self._up_buffer.data_ptr(),
+                                       torch.get_num_threads())
+            self._up_ready = True
+        return self._up_buffer
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self._scratch.get(name)
+        if t is None or t.numel() < numel or t.dtype != dtype:
+            t = self._scratch[name] = torch.empty(numel, dtype=dtype)
+        return t
 
     def _check(self, t: torch.Tensor, width: int, name: str) -> None:
         if t.dim() != 2 or t.shape[1] != width:
@@ -123,7 +142,28 @@ class PackedInt8:
         Mp = _round_up(M, ROW_BLOCK)
         q, r = _quantize_rows_with(self._lib, x, Mp, self.N)
         out = torch.empty(M, self.K, dtype=torch.float32)
-        acc = torch.empty(Mp * self.Kp, dtype=torch.int32)
+        acc = self._buffer("acc", Mp * self.Kp, torch.int32)
         self._lib.seqep_up_int8(q.data_ptr(), r.data_ptr(), self.up_layout.data_ptr(), M, Mp, self.N, self.Np,
                                 self.K, self.Kp, self.scale, out.data_ptr(), acc.data_ptr(), torch.get_num_threads())
         return out
+
+    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`down_row_scaled(h)` and `up(x)` in one read of W (same numbers, bit for bit): what a synchronous
+        step needs, at about half the memory traffic where the rows are few."""
+        self._check(h, self.K, "h")
+        self._check(x, self.N, "x")
+        if h.shape[0] != x.shape[0]:
+            raise ValueError(f"amx_int8: h and x must have the same rows, got {h.shape[0]} and {x.shape[0]}")
+        M = h.shape[0]
+        Mp = _round_up(M, ROW_BLOCK)
+        qh, rh = _quantize_rows_with(self._lib, h, Mp, self.Kp)
+        qx, rx = _quantize_rows_with(self._lib, x, Mp, self.Np)
+        threads = torch.get_num_threads()
+        down = torch.empty(M, self.N, dtype=torch.bfloat16)
+        up = torch.empty(M, self.K, dtype=torch.float32)
+        acc = self._buffer("acc", threads * Mp * self.Kp, torch.int32)
+        scratch = self._buffer("scratch", threads * FUSED_CHUNK * self.Kp, torch.int8)
+        self._lib.seqep_down_up_int8(qh.data_ptr(), qx.data_ptr(), rx.data_ptr(), self.down_layout.data_ptr(), M, Mp,
+                                     self.K, self.Kp, self.N, self.Np, self.scale, down.data_ptr(), up.data_ptr(),
+                                     acc.data_ptr(), scratch.data_ptr(), threads)
+        return down, rh, up

@@ -58,6 +58,10 @@ class Bf16Weight:
         """`down` as (product, row factor still to apply): bf16 products need none."""
         return self.down(h), None
 
+    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        """`down_row_scaled(h)` and `up(x)` (one state's two products; no shared pass in bf16)."""
+        return self.down(h), None, self.up(x)
+
 
 def int8_available(device: torch.device | str = "cpu") -> bool:
     """The tensors live on the CPU and one of the int8 kernel sets works here: our AMX kernels, or
@@ -104,7 +108,8 @@ def enable_compiled_quantizers(enabled: bool = True) -> None:
 
 class Int8Weight:
     """W as int8 (one scale), activations int8 per row. Two kernel sets give the same numbers: our AMX
-    kernels (`amx_int8`: both layouts packed in ~50 ms, products at the memory-bandwidth roofline) where
+    kernels (`amx_int8`: packed in ~25 ms, products at the memory-bandwidth roofline, both of a step's
+    products in one read of W) where
     the CPU and a C compiler allow, else oneDNN's (plain `_int_mm` for `x Wᵀ`, pre-packed `h W`)."""
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 32, previous: Int8Weight | None = None) -> None:
@@ -150,3 +155,10 @@ class Int8Weight:
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed_down, self.scale_down, self.zero_down, None,
                                                1.0, 0, torch.bfloat16, "none", [], "")
         return y, r
+
+    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`down_row_scaled(h)` and `up(x)` from one state: on AMX in one read of W (`PackedInt8.down_up`:
+        at 32-64 rows both products are bound by streaming W from memory), the same numbers either way."""
+        if self.kernel == "amx":
+            return self.packed.down_up(h, x)
+        return (*self.down_row_scaled(h), self.up(x))

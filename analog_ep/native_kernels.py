@@ -81,6 +81,8 @@ def _load() -> ctypes.CDLL:
     lib.seqep_pack_int8.argtypes = [p, i64, i64, f32, p, p, i64, i64, i32]
     lib.seqep_down_int8.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, i32]
     lib.seqep_up_int8.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
+    lib.seqep_down_to_up.argtypes = [p, i64, i64, p, i32]
+    lib.seqep_down_up_int8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i32]
     lib.seqep_quantize_rows.argtypes = [p, i32, i64, i64, i64, p, i64, i64, p, i32]
     lib.seqep_attention.argtypes = [p, p, p, i64, i64, i64, i32, p, i32]
     lib.seqep_delta_attention.argtypes = [p, p, p, i64, i64, i64, p, i32]

@@ -159,6 +159,19 @@ class LowPrecision:
 
 
 @dataclass
+class PairedProducts:
+    """One state's two products with the first synapse (fast path): `down` = h W over `row_scale` (None: already
+    whole) into the projection layer, `up` = a Wᵀ into FC-1."""
+
+    down: torch.Tensor
+    row_scale: torch.Tensor | None
+    up: torch.Tensor
+
+    def scaled_down(self) -> torch.Tensor:
+        return self.down if self.row_scale is None else self.down.mul_(self.row_scale.to(self.down.dtype))
+
+
+@dataclass
 class DeltaBase:
     """The free fixed point s* that the fast path's nudged phases are written relative to.
 
@@ -466,7 +479,8 @@ class EPNet(nn.Module):
             drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
         return drive
 
-    def _low_precision_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor | Query:
+    def _low_precision_drive(self, inputs: Inputs, state: State, n: int,
+                             paired: PairedProducts | None = None) -> torch.Tensor | Query:
         """`layer_drive` of the fast path. Large products on bf16 operands, the rest in the params' dtype.
 
         With attention the projection "drive" returned here is only the top-down half of the query,
@@ -483,11 +497,12 @@ class EPNet(nn.Module):
             h = state[1] if base is None else state[1] - base.states[1]
             if self.spec.attention:  # a `Query`: the int8 product's row factors go into the scores
                 if lp.weights[0] is not None:
-                    top_down, row_scale = lp.weights[0].down_row_scaled(h)
+                    top_down, row_scale = ((paired.down, paired.row_scale) if paired
+                                           else lp.weights[0].down_row_scaled(h))
                     return Query(top_down.view(state[0].shape), row_scale)
                 return Query(torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype))
             if lp.weights[0] is not None:
-                top_down = lp.weights[0].down(h).view(state[0].shape)
+                top_down = (paired.scaled_down() if paired else lp.weights[0].down(h)).view(state[0].shape)
             else:
                 top_down = torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype)
             if base is None:  # no attention: σ needs the whole query
@@ -504,10 +519,13 @@ class EPNet(nn.Module):
             if base is not None and (w_low is not None or from_proj):
                 if not from_proj:  # FC state: full values, take the difference; projection: already δ
                     below = below - base.states[n - 1].reshape(below.shape)
-                product = w_low.up(below) if w_low is not None else torch.mm(below.to(bias.dtype), self.weights[k].t())
+                if w_low is None:
+                    product = torch.mm(below.to(bias.dtype), self.weights[k].t())
+                else:
+                    product = paired.up if paired and from_proj else w_low.up(below)
                 drive = product.to(bias.dtype).add_(base.up[k]).add_(bias)
             elif w_low is not None:
-                drive = w_low.up(below).to(bias.dtype).add_(bias)
+                drive = (paired.up if paired and from_proj else w_low.up(below)).to(bias.dtype).add_(bias)
             else:
                 drive = torch.addmm(bias, below.to(bias.dtype), self.weights[k].t())
         if n + 1 < len(state):
@@ -522,7 +540,19 @@ class EPNet(nn.Module):
 
     def drives(self, inputs: Inputs, state: State) -> State:
         """∂Φ/∂s for every layer (no nudging), all from the same state."""
+        if inputs.lowp is not None:
+            paired = self._paired_products(inputs, state)
+            return [self._low_precision_drive(inputs, state, n, paired) for n in range(len(state))]
         return [self.layer_drive(inputs, state, n) for n in range(len(state))]
+
+    def _paired_products(self, inputs: Inputs, state: State) -> PairedProducts | None:
+        """Both products of the projection → FC-1 synapse from one state (fast path), which the int8 kernels
+        take in one read of the 180 M-weight matrix; None where there is no such low-precision synapse."""
+        lp = inputs.lowp
+        if not self.spec.num_projections or lp.weights[0] is None:
+            return None
+        h = state[1] if lp.base is None else state[1] - lp.base.states[1]
+        return PairedProducts(*lp.weights[0].down_up(h, state[0].reshape(state[0].shape[0], -1)))
 
     def phi(self, inputs: Inputs, state: State) -> torch.Tensor:
         """Φ per sample (B,), on the exact path's inputs (`prepare(x)`)."""

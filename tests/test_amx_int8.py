@@ -16,10 +16,11 @@ def _exact_weight(w: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @needs_amx
-@pytest.mark.parametrize("k, n", [(37, 203), (64, 64), (100, 1000), (40, 130)])
+@pytest.mark.parametrize("k, n", [(37, 203), (64, 64), (100, 1000), (40, 130), (40, 2500)])
 @pytest.mark.parametrize("rows", [1, 7, 32, 50, 64])
 def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> None:
-    """Odd sizes exercise every padding path (rows past M, columns past N, reduction past K and N)."""
+    """Odd sizes exercise every padding path (rows past M, columns past N, reduction past K and N); the
+    one-pass pair (`down_up`) also threads with no columns (64 x 64) and several chunks per thread (2500)."""
     gen = torch.Generator().manual_seed(k * 1000 + n + rows)
     w = torch.randn(k, n, generator=gen)
     packed = amx_int8.PackedInt8(w)
@@ -30,12 +31,16 @@ def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> N
 
     qx, rx = _quantize_rows(x)
     want_up = (qx.double() @ wq.t()).float().mul_(rx * packed.scale)  # int32-exact sums, then fp32 scaling
-    assert torch.equal(packed.up(x), want_up)
-
     qh, rh = _quantize_rows(h)
+    want_down = ((qh.double() @ wq).float() * packed.scale).to(torch.bfloat16)  # fp32 scaling, then bf16
+
+    got_down, r, got_up = packed.down_up(h, x)  # before `up` alone has built the transposed layout
+    assert torch.equal(r, rh) and torch.equal(got_down, want_down) and torch.equal(got_up, want_up)
+
+    assert torch.equal(packed.up(x), want_up)
     got, r = packed.down_row_scaled(h)
     assert torch.equal(r, rh)
-    assert torch.equal(got, ((qh.double() @ wq).float() * packed.scale).to(torch.bfloat16))  # fp32 scaling, then bf16
+    assert torch.equal(got, want_down)
 
 
 @needs_amx
@@ -71,6 +76,8 @@ def test_bad_inputs_are_refused_with_the_reason() -> None:
     packed = amx_int8.PackedInt8(torch.randn(40, 130))
     with pytest.raises(ValueError, match=r"\(rows, 130\)"):
         packed.up(torch.randn(3, 129))
+    with pytest.raises(ValueError, match="same rows"):
+        packed.down_up(torch.randn(3, 40), torch.randn(4, 130))
     with pytest.raises(ValueError, match="floating-point"):
         amx_int8.quantize_rows(torch.ones(3, 4, dtype=torch.int32), 32, 64)
 
@@ -90,10 +97,13 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
     (y_amx, r_amx), (y_dnn, r_dnn) = amx.down_row_scaled(h), onednn.down_row_scaled(h)
     assert torch.equal(r_amx, r_dnn)
     assert torch.equal(y_amx, y_dnn)  # same int32 sums, same fp32 scaling, same bf16 rounding
+    assert all(torch.equal(a, b) for a, b in zip(amx.down_up(h, x), onednn.down_up(h, x)))
 
 
 @needs_amx
-def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("schedule", ["alternating", "synchronous"])  # synchronous: both products in one pass
+def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch,
+                                                                 schedule: str) -> None:
     """So runs trained with the oneDNN kernels (sessions 4-5's int8 results) are what ours would produce."""
     from conftest import random_inputs
     from test_bench import small_net
@@ -101,7 +111,7 @@ def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: py
     from analog_ep.estimators import EPConfig, ep_symmetric
 
     def trained() -> list[torch.Tensor]:
-        net = small_net("imdb")
+        net = small_net("imdb", schedule=schedule)
         x, y = random_inputs(net.spec, 8, dtype=torch.float32)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
         for _ in range(3):
@@ -149,3 +159,27 @@ def test_the_build_is_cached_per_source_version(monkeypatch: pytest.MonkeyPatch,
     finally:
         monkeypatch.undo()
         native_kernels.forget()
+
+
+@needs_amx
+def test_a_synchronous_step_reads_the_large_matrix_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synchronous schedule: the first synapse's two products come from one `down_up` call per step (one
+    read of W), never from `up` / `down_row_scaled` alone (two reads), except the query at s* (once)."""
+    from conftest import random_inputs
+    from test_bench import small_net
+
+    from analog_ep.estimators import EPConfig, ep_symmetric
+
+    calls = {"down_up": 0, "up": 0, "down_row_scaled": 0}
+    for name in calls:
+        original = getattr(amx_int8.PackedInt8, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(amx_int8.PackedInt8, name, counted)
+    net = small_net("imdb", schedule="synchronous")
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    ep_symmetric(net, x, y, EPConfig(0.1, 20, 8, precision="int8"))
+    assert calls == {"down_up": 20 + 8, "up": 0, "down_row_scaled": 1}

@@ -270,3 +270,126 @@ void seqep_quantize_rows(const void *x, int is_bf16, int64_t M, int64_t N, int64
         r[m] = scale;
     }
 }
+
+/* The up layout from the down layout. Four consecutive down rows of a 16-column block nb (256 bytes at s: k4 =
+ * 4 kb + q, q < 4) hold W[16 kb + 4 q + i][16 nb + 4 s + g] at byte 4 (4 s + g) + i of row q; the up row
+ * (kb, n4 = 4 nb + s) wants it at byte 4 (4 q + i) + g. So: a 4 x 4 byte transpose inside each 16-byte lane
+ * (one shuffle), then a 4 x 4 transpose of the lanes across the four rows; up row s goes to o + 64 s. */
+static inline void rows_down_to_up(const int8_t *s, int8_t *o) {
+    const __m512i in_lane = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i d0 = _mm512_shuffle_epi8(_mm512_load_si512(s), in_lane);
+    const __m512i d1 = _mm512_shuffle_epi8(_mm512_load_si512(s + 64), in_lane);
+    const __m512i d2 = _mm512_shuffle_epi8(_mm512_load_si512(s + 128), in_lane);
+    const __m512i d3 = _mm512_shuffle_epi8(_mm512_load_si512(s + 192), in_lane);
+    const __m512i t0 = _mm512_shuffle_i64x2(d0, d1, 0x44), t1 = _mm512_shuffle_i64x2(d0, d1, 0xee);
+    const __m512i t2 = _mm512_shuffle_i64x2(d2, d3, 0x44), t3 = _mm512_shuffle_i64x2(d2, d3, 0xee);
+    _mm512_store_si512(o, _mm512_shuffle_i64x2(t0, t2, 0x88));
+    _mm512_store_si512(o + 64, _mm512_shuffle_i64x2(t0, t2, 0xdd));
+    _mm512_store_si512(o + 128, _mm512_shuffle_i64x2(t1, t3, 0x88));
+    _mm512_store_si512(o + 192, _mm512_shuffle_i64x2(t1, t3, 0xdd));
+}
+
+
+/* The whole up layout from the down layout (for x W^T alone, when only the down layout was packed). */
+void seqep_down_to_up(const int8_t *down, int64_t Kp, int64_t Np, int8_t *up, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = 0; nb < Np / 16; ++nb)
+        for (int64_t kb = 0; kb < Kp / 16; ++kb)
+            rows_down_to_up(down + (nb * (Kp / 4) + 4 * kb) * 64, up + (kb * (Np / 4) + 4 * nb) * 64);
+}
+
+#define FUSED_CHUNK 512 /* columns per pass: the chunk's up layout (512 x Kp bytes) stays in L2 */
+
+/* Both products of a synchronous step in one read of W: out_down (M x N, bf16) = a . W * scale exactly as
+ * seqep_down_int8, and out_up (M x K, fp32) = x . W^T exactly as seqep_up_int8. At 32-64 rows each product
+ * alone streams all of W from memory; here the down product's B tiles, once loaded, are also turned into the
+ * up layout (rows_down_to_up) in a per-thread scratch, and the up product reads that from cache. The shuffles
+ * sit inside the down product's loop, where the core mostly waits for memory: as separate passes they cost
+ * 2.5 ms more per call (1000 x 180,000, 32 rows; a software prefetch of the next chunk during them was slower
+ * still). Threads own ranges of 64-column groups; their partial up sums (exact int32) are added at the end.
+ * a: Mp x Kp int8 (zero past M, K); x: Mp x Np int8 (zero past M, N); acc: threads x Mp x Kp int32;
+ * scratch: threads x FUSED_CHUNK x Kp int8, 64-byte aligned. */
+void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale, const int8_t *down, int64_t M,
+                        int64_t Mp, int64_t K, int64_t Kp, int64_t N, int64_t Np, float scale, uint16_t *out_down,
+                        float *out_up, int32_t *acc, int8_t *scratch, int threads) {
+    const int64_t block = Kp / 4 * 64, ksteps = Kp / 64, groups = Np / 64, hpairs = Kp / 32, hblocks = Kp / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int32_t c[4][256] __attribute__((aligned(64)));
+        int32_t *my_acc = acc + (int64_t)id * Mp * Kp;
+        int8_t *my_scratch = scratch + (int64_t)id * FUSED_CHUNK * Kp;
+        const int64_t g0 = groups * id / nt, g1 = groups * (id + 1) / nt;
+        for (int64_t c0 = 64 * g0; c0 < 64 * g1; c0 += FUSED_CHUNK) {
+            const int64_t c1 = c0 + FUSED_CHUNK < 64 * g1 ? c0 + FUSED_CHUNK : 64 * g1, rows4 = (c1 - c0) / 4;
+            for (int64_t pair = c0 / 32; pair < c1 / 32; ++pair) { /* down, and the pair into the up layout */
+                const int8_t *b0 = down + 2 * pair * block, *b1 = b0 + block;
+                const int64_t local = 2 * pair - c0 / 16; /* the pair's first 16-column block within the chunk */
+                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                    const int8_t *a0 = a + m0 * Kp, *a1 = a0 + 16 * Kp;
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int64_t k = 0; k < ksteps; ++k) {
+                        _tile_loadd(6, b0 + k * 1024, 64);
+                        _tile_loadd(7, b1 + k * 1024, 64);
+                        _tile_loadd(4, a0 + k * 64, Kp);
+                        _tile_loadd(5, a1 + k * 64, Kp);
+                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
+                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
+                        if (m0 == 0) /* the two blocks just loaded, into the up layout (4 kb steps each) */
+                            for (int q = 0; q < 4; ++q) {
+                                int8_t *o = my_scratch + ((4 * k + q) * rows4 + 4 * local) * 64;
+                                rows_down_to_up(b0 + k * 1024 + q * 256, o);
+                                rows_down_to_up(b1 + k * 1024 + q * 256, o + 256);
+                            }
+                    }
+                    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+                    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+                    const int64_t n0 = 32 * pair;
+                    if (n0 < N) {
+                        store_pair_bf16(c[0], c[2], rows_left(m0, M), N - n0, scale, out_down + m0 * N + n0, N);
+                        store_pair_bf16(c[1], c[3], rows_left(m0 + 16, M), N - n0, scale,
+                                        out_down + (m0 + 16) * N + n0, N);
+                    }
+                }
+            }
+            for (int64_t p = 0; p < hpairs; ++p) { /* up: this chunk's share of the reduction over N */
+                const int8_t *b0 = my_scratch + 2 * p * rows4 * 64, *b1 = b0 + rows4 * 64;
+                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                    int32_t *c00 = my_acc + ((m0 / 16) * hblocks + 2 * p) * 256, *c10 = c00 + hblocks * 256;
+                    if (c0 == 64 * g0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c00, 64); _tile_loadd(1, c10, 64);
+                        _tile_loadd(2, c00 + 256, 64); _tile_loadd(3, c10 + 256, 64);
+                    }
+                    const int8_t *a0 = x + m0 * Np + c0, *a1 = a0 + 16 * Np;
+                    for (int64_t s = 0; s < (c1 - c0) / 64; ++s) {
+                        _tile_loadd(6, b0 + s * 1024, 64);
+                        _tile_loadd(7, b1 + s * 1024, 64);
+                        _tile_loadd(4, a0 + s * 64, Np);
+                        _tile_loadd(5, a1 + s * 64, Np);
+                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
+                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
+                    }
+                    _tile_stored(0, c00, 64); _tile_stored(1, c10, 64);
+                    _tile_stored(2, c00 + 256, 64); _tile_stored(3, c10 + 256, 64);
+                }
+            }
+        }
+        if (g1 == g0) memset(my_acc, 0, (size_t)(Mp * Kp) * sizeof(int32_t)); /* more threads than groups */
+        _mm_sfence();
+        _tile_release();
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const __m512 s = _mm512_set1_ps(row_scale[m] * scale);
+            const int64_t row = ((m / 16) * hblocks) * 256 + (m % 16) * 16;
+            for (int64_t hb = 0; hb < hblocks && 16 * hb < K; ++hb) {
+                __m512i sum = _mm512_load_si512(acc + row + hb * 256);
+                for (int t = 1; t < nt; ++t) sum = _mm512_add_epi32(sum, _mm512_load_si512(acc + t * Mp * Kp + row + hb * 256));
+                _mm512_mask_storeu_ps(out_up + m * K + 16 * hb, first_lanes(K - 16 * hb), _mm512_mul_ps(_mm512_cvtepi32_ps(sum), s));
+            }
+        }
+    }
+}
