@@ -9,6 +9,11 @@ largest U with zero keys of count 0 (score −∞), so that one long review need
 (`_partition` picks the groups from a cost model). Inputs without repeats (random vectors) form one
 group of all rows: the same products as a plain retrieval.
 
+Where our native kernels load, each group's keys are packed once per batch for `native/retrieval_amx.c`,
+which takes scores, softmax and values in one AMX pass per block of queries; rows whose projections read
+the same keys (SNLI's four projections read two sentences) share one packed copy, and the nudged phases'
+±β copies read it once for both (`PackedKeys`). Elsewhere: torch's batched products and softmax.
+
 Rows are the flattened (B·P) retrievals of a batch (P projection layers). The exact path does not use
 this module: it stays the plain L × L retrieval (`analog_ep.hopfield`), the oracle this one is tested
 against.
@@ -16,9 +21,8 @@ against.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -47,16 +51,46 @@ class Query(NamedTuple):
     row_scale: torch.Tensor | None = None
 
 
+class PackedKeys(NamedTuple):
+    """A group's keys laid out for `native/retrieval_amx.c`, once per distinct key set (`slot`): rows with the
+    same keys (SNLI's projections that read the same sentence) share a slot. U padded to `up`, d to `dp`
+    (multiples of 32)."""
+
+    kt: torch.Tensor  # γ·Kᵀ as [dp/2][up][2] per slot
+    kv: torch.Tensor  # K as [up/2][dp][2] per slot
+    slot: torch.Tensor  # (n,) int64: the slot of each of the group's rows
+    order: torch.Tensor  # (copies·n,) int64: the rows (copies stacked) sorted by slot, the kernel's order
+    up: int
+    dp: int
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, keys_t: torch.Tensor, slot: torch.Tensor) -> PackedKeys:
+        """From bf16 keys (slots, U, d) and γ·keysᵀ (slots, d, U), and each row's slot."""
+        n, u, d = keys.shape
+        up, dp = -(-u // 32) * 32, -(-d // 32) * 32
+        kt = torch.empty(n, dp * up, dtype=torch.bfloat16)
+        kv = torch.empty(n, up * dp, dtype=torch.bfloat16)
+        native_kernels.library().seqep_pack_keys(keys.data_ptr(), keys_t.data_ptr(), n, u, d, up, dp, kt.data_ptr(),
+                                                 kv.data_ptr(), torch.get_num_threads())
+        return cls(kt, kv, slot, torch.argsort(slot, stable=True), up, dp)
+
+    def copies(self, times: int) -> PackedKeys:
+        """The same keys for `times` stacked copies of the group's rows (row r + c·n reads row r's slot)."""
+        return self._replace(order=torch.argsort(self.slot.repeat(times), stable=True))
+
+
 @dataclass
 class KeyGroup:
     """Consecutive rows of the flattened batch whose distinct keys are stored together, padded to the group's
-    largest count U."""
+    largest count U: as torch operands (`keys`, `keys_t`), or packed for the native kernel (`packed`)."""
 
-    rows: slice  # rows of the flattened (B·P) batch
-    keys: torch.Tensor  # (n, U, d) distinct keys (values of the retrieval), low precision, zero past a row's count
-    keys_t: torch.Tensor  # (n, d, U) γ·keysᵀ, low precision (the contiguous operand of the scores)
+    rows: slice  # rows of the flattened (B·P) batch (with `packed`, possibly several stacked copies of them)
+    width: int  # U
+    keys: torch.Tensor | None  # (n, U, d) distinct keys (the values), low precision, zero past a row's count
+    keys_t: torch.Tensor | None  # (n, d, U) γ·keysᵀ, low precision (the contiguous operand of the scores)
     const: torch.Tensor | None  # (n, Lq, U) fp32: γ·(X W₀ᵀ) keysᵀ + log(count), −inf on padding; free phase only
     has_empty: bool  # some row has no key at all (every key masked): its softmax row is NaN, read as zeros
+    packed: PackedKeys | None = None
 
 
 def _hash_direction(dim: int) -> torch.Tensor:
@@ -135,10 +169,12 @@ def kept_fraction(keys: torch.Tensor, key_mask: torch.Tensor | None = None, quer
 class DistinctKeys:
     """The keys of a batch's retrievals, deduplicated and grouped, with the retrieval's three kernels."""
 
-    def __init__(self, groups: list[KeyGroup], shape: tuple[int, int, int, int], seq_len: int) -> None:
+    def __init__(self, groups: list[KeyGroup], shape: tuple[int, int, int, int], seq_len: int,
+                 dtype: torch.dtype) -> None:
         self.groups = groups
         self.shape = shape  # (B, P, Lq, d) of the queries and of the retrieved state
         self.seq_len = seq_len  # L: keys per row before deduplication
+        self.dtype = dtype  # of the keys, the weights and the retrieved state
 
     @property
     def rows(self) -> int:
@@ -156,6 +192,8 @@ class DistinctKeys:
         query_drive = query_drive.reshape(-1, query_len, dim)
         log_counts = counts.log()  # log 0 = −inf: padding columns and masked keys take no weight
         sizes_list = sizes.tolist()
+        native = _native_enabled(dtype, keys.device)
+        same_as = _same_key_rows(keys, key_mask) if native else None
         groups = []
         for rows in _partition(sizes_list, query_len, dim):
             width = max(max(sizes_list[rows]), 1)
@@ -164,24 +202,39 @@ class DistinctKeys:
             scaled_t = k.transpose(-1, -2).clone(memory_format=torch.contiguous_format).mul_(gamma)
             # kept in fp32: these logits are large, their rounding is not
             const = torch.matmul(query_drive[rows], scaled_t).add_(log_counts[rows, :width].unsqueeze(1))
-            groups.append(KeyGroup(rows, k.to(dtype), scaled_t.to(dtype), const, min(sizes_list[rows]) == 0))
-        return cls(groups, (batch, proj, query_len, dim), seq_len)
+            has_empty = min(sizes_list[rows]) == 0
+            if same_as is None:
+                groups.append(KeyGroup(rows, width, k.to(dtype), scaled_t.to(dtype), const, has_empty))
+                continue
+            first = same_as[rows]  # the group's first row with the same keys (itself if none, or outside the group)
+            first = torch.where(first >= rows.start, first, torch.arange(rows.start, rows.stop)) - rows.start
+            slots, slot = torch.unique(first, return_inverse=True)
+            packed = PackedKeys.build(k[slots].to(dtype), scaled_t[slots].to(dtype), slot)
+            groups.append(KeyGroup(rows, width, None, None, const, has_empty, packed))
+        return cls(groups, (batch, proj, query_len, dim), seq_len, dtype)
 
     @property
     def kept_fraction(self) -> float:
         """Score columns computed over those of a plain retrieval: Σ_groups n·U / (N·L)."""
-        kept = sum((g.rows.stop - g.rows.start) * g.keys.shape[1] for g in self.groups)
+        kept = sum((g.rows.stop - g.rows.start) * g.width for g in self.groups)
         return kept / (self.rows * self.seq_len)
 
     def repeat(self, times: int, constants: bool = True) -> DistinctKeys:
         """The same keys for the batch stacked `times` (the ±β phases: the free phase's `const` is not needed
         there, `constants=False` leaves it out). Groups are shared, not copied: copy r of group g reads the
-        same tensors at rows shifted by r·N."""
+        same tensors at rows shifted by r·N. One packed group of all rows becomes one group of all copies:
+        the native kernel then reads each key set once for every copy."""
         n = self.rows
-        groups = [KeyGroup(slice(g.rows.start + r * n, g.rows.stop + r * n), g.keys, g.keys_t,
-                           g.const if constants else None, g.has_empty)
+        shape = (self.shape[0] * times, *self.shape[1:])
+        if len(self.groups) == 1 and self.groups[0].packed is not None:
+            g = self.groups[0]
+            merged = replace(g, rows=slice(0, n * times), const=g.const if constants else None,
+                             packed=g.packed.copies(times))
+            return DistinctKeys([merged], shape, self.seq_len, self.dtype)
+        groups = [replace(g, rows=slice(g.rows.start + r * n, g.rows.stop + r * n),
+                          const=g.const if constants else None)
                   for r in range(times) for g in self.groups]
-        return DistinctKeys(groups, (self.shape[0] * times, *self.shape[1:]), self.seq_len)
+        return DistinctKeys(groups, shape, self.seq_len, self.dtype)
 
     @staticmethod
     def repeat_weights(weights: list[torch.Tensor], times: int) -> list[torch.Tensor]:
@@ -199,8 +252,7 @@ class DistinctKeys:
         """(B, P, Lq, d) from `product(i, out)` of each group i, written straight into its rows."""
         if len(self.groups) == 1:
             return product(0, None).view(self.shape)
-        out = torch.empty(self.rows, *self.shape[2:], dtype=self.groups[0].keys.dtype,
-                          device=self.groups[0].keys.device)
+        out = torch.empty(self.rows, *self.shape[2:], dtype=self.dtype)
         for i, g in enumerate(self.groups):
             product(i, out[g.rows])
         return out.view(self.shape)
@@ -209,16 +261,29 @@ class DistinctKeys:
         """Free phase: softmax(γ (X W₀ᵀ + top_down) Kᵀ + log count), per group, from top_down (B, P, Lq, d)."""
         kernel = _COMPILED.get("attention", _attention_eager)
         flat, scale = self._flat(top_down)
-        return [kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), None if scale is None else scale[g.rows],
-                       g.has_empty) for g in self.groups]
-
-    def values(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        """Σ_u weight_u · key_u: the retrieved state (B, P, Lq, d)."""
-        return self._assemble(lambda i, out: torch.bmm(weights[i], self.groups[i].keys, out=out))
+        weights = []
+        for g in self.groups:
+            g_scale = None if scale is None else scale[g.rows]
+            if g.packed is not None:
+                weights.append(_retrieve_native(g, flat[g.rows], g_scale, None, want_weights=True)[0])
+            else:
+                weights.append(kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), g_scale, g.has_empty))
+        return weights
 
     def retrieve(self, top_down: Query) -> torch.Tensor:
         """One free-phase retrieval: the projection layer's new state (B, P, Lq, d)."""
-        return self.values(self.attention(top_down))
+        kernel = _COMPILED.get("attention", _attention_eager)
+        flat, scale = self._flat(top_down)
+
+        def product(i: int, out: torch.Tensor | None) -> torch.Tensor:
+            g = self.groups[i]
+            g_scale = None if scale is None else scale[g.rows]
+            if g.packed is not None:
+                return _retrieve_native(g, flat[g.rows], g_scale, None, out=out)[1]
+            weights = kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), g_scale, g.has_empty)
+            return torch.bmm(weights, g.keys, out=out)
+
+        return self._assemble(product)
 
     def delta_retrieve(self, base: list[torch.Tensor], delta_q: Query) -> torch.Tensor:
         """Nudged phases: s(Q* + δQ) − s(Q*) from A* = `base` (per group) and δQ (B, P, Lq, d), without
@@ -227,8 +292,11 @@ class DistinctKeys:
 
         def product(i: int, out: torch.Tensor | None) -> torch.Tensor:
             g = self.groups[i]
+            g_scale = None if scale is None else scale[g.rows]
+            if g.packed is not None:
+                return _retrieve_native(g, flat[g.rows], g_scale, base[i], out=out)[1]
             delta_scores = torch.bmm(flat[g.rows], g.keys_t)
-            weights = delta_attention(base[i], delta_scores, None if scale is None else scale[g.rows])
+            weights = delta_attention(base[i], delta_scores, g_scale)
             return torch.bmm(weights, g.keys, out=out)
 
         return self._assemble(product)
@@ -260,53 +328,65 @@ def _delta_attention_eager(attention: torch.Tensor, delta_scores: torch.Tensor,
     return ds.sub_(log_ratio).expm1_().mul_(a).div_(z_star).to(attention.dtype)
 
 
-def _native_library(rows: torch.Tensor, other: torch.Tensor, other_dtype: torch.dtype,
-                    scale: torch.Tensor | None) -> ctypes.CDLL | None:
-    """The native kernels if they take these operands, else None: (n, Lq, U) bf16 `rows`, a same-shaped `other`
-    of `other_dtype`, one fp32 factor per group row (or None), all contiguous on the CPU."""
-    lib = native_kernels.library()
-    fits = (lib is not None and rows.dtype == torch.bfloat16 and rows.dim() == 3 and other.dtype == other_dtype
-            and other.shape == rows.shape
-            and (scale is None or (scale.dtype == torch.float32 and scale.numel() == rows.shape[0]))
-            and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in (rows, other, scale)))
-    return lib if fits else None
+def _native_enabled(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether new key groups are packed for `native/retrieval_amx.c`: bf16 keys on the CPU, the library loaded
+    and the fused kernels switched on (`enable_compiled(False)` keeps the torch retrieval, the tests' oracle)."""
+    return "native" in _COMPILED and dtype == torch.bfloat16 and device.type == "cpu"
 
 
-def _attention_native(const: torch.Tensor, partial: torch.Tensor, scale: torch.Tensor | None,
-                      has_empty: bool) -> torch.Tensor:
-    """`_attention_eager` in one AVX-512 pass per row (native/softmax_avx512.c); other dtypes go to the eager one."""
-    lib = _native_library(partial, const, torch.float32, scale)
-    if lib is None:
-        return _attention_eager(const, partial, scale, has_empty)
-    out = torch.empty_like(partial)
-    lib.seqep_attention(const.data_ptr(), partial.data_ptr(), None if scale is None else scale.data_ptr(),
-                        *partial.shape, int(has_empty), out.data_ptr(), torch.get_num_threads())
-    return out
+def _same_key_rows(keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B·P,) int64: for each flattened row, the first row of the same sample whose projection reads the same
+    keys (SNLI: each sentence is the keys of two of the four projections), else the row itself."""
+    batch, proj = keys.shape[:2]
+    first = list(range(proj))
+    for p in range(proj):
+        for earlier in range(p):
+            if first[earlier] == earlier and torch.equal(keys[:, earlier], keys[:, p]) and (
+                    key_mask is None or torch.equal(key_mask[:, earlier], key_mask[:, p])):
+                first[p] = earlier
+                break
+    return (torch.arange(batch).unsqueeze(1) * proj + torch.tensor(first)).reshape(-1)
 
 
-def _delta_attention_native(attention: torch.Tensor, delta_scores: torch.Tensor,
-                            scale: torch.Tensor | None) -> torch.Tensor:
-    """`_delta_attention_eager` in one AVX-512 pass per row; other dtypes go to the eager one."""
-    lib = _native_library(attention, delta_scores, torch.bfloat16, scale)
-    if lib is None:
-        return _delta_attention_eager(attention, delta_scores, scale)
-    out = torch.empty_like(attention)
-    lib.seqep_delta_attention(attention.data_ptr(), delta_scores.data_ptr(),
-                              None if scale is None else scale.data_ptr(), *attention.shape, out.data_ptr(),
-                              torch.get_num_threads())
-    return out
+def _retrieve_native(group: KeyGroup, q: torch.Tensor, scale: torch.Tensor | None, base: torch.Tensor | None,
+                     want_weights: bool = False, out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weights if asked, retrieved values unless only weights are asked) of one packed group in one native
+    pass: softmax(const + q·γKᵀ·scale), or with `base` = A* the nudged phases' δ-softmax; then · K."""
+    pk = group.packed
+    q = q.to(torch.bfloat16).contiguous()
+    n, lq, d = q.shape
+    u = group.width
+    weights = torch.empty(n, lq, u, dtype=torch.bfloat16) if want_weights else None
+    if out is None and not want_weights:
+        out = torch.empty(n, lq, d, dtype=torch.bfloat16)
+    if scale is not None:
+        scale = scale.reshape(n).to(torch.float32).contiguous()
+    if base is not None:
+        base = base.to(torch.bfloat16).contiguous()
+    const = None if base is not None else group.const
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    native_kernels.library().seqep_retrieve(
+        ptr(q), ptr(pk.kt), ptr(pk.kv), ptr(pk.slot), ptr(pk.order), ptr(const), ptr(base), ptr(scale), n,
+        pk.slot.numel(), lq, d, u, pk.up, pk.dp, int(group.has_empty), ptr(weights),
+        None if want_weights else ptr(out), torch.get_num_threads())
+    return weights, None if want_weights else out
 
 
 _COMPILED: dict[str, object] = {}
 
 
 def enable_compiled(enabled: bool = True) -> None:
-    """Use fused, one-pass versions of the two softmax kernels: our AVX-512 ones where `native_kernels` loads
-    (no inductor in the process: ~150 MB less resident memory, nothing to compile), else `torch.compile`d
-    ones; see `phi.enable_compiled_kernels`."""
+    """Fused kernels for the retrieval: where `native_kernels` loads, the whole retrieval in one AMX pass per
+    block of queries (`_retrieve_native`: no inductor in the process, ~150 MB less resident memory, nothing to
+    compile), else `torch.compile`d one-pass softmax kernels; see `phi.enable_compiled_kernels`. Takes effect
+    for keys built afterwards (`DistinctKeys.build` packs them for the native kernel)."""
     if enabled and not _COMPILED:
         if native_kernels.library() is not None:
-            _COMPILED["delta_attention"], _COMPILED["attention"] = _delta_attention_native, _attention_native
+            _COMPILED["native"] = True  # `DistinctKeys.build` packs bf16 keys for `_retrieve_native`
         else:
             _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
             _COMPILED["attention"] = torch.compile(_attention_eager, dynamic=True)

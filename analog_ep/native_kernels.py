@@ -7,8 +7,8 @@ torch's OpenMP runtime. Where the CPU lacks AVX-512 with AMX, no compiler is fou
 (same numbers: each native kernel is tested against its torch twin). Users:
 
 - `amx_int8`: the large synapse's int8 products (`native/int8_amx.c`);
-- `fast_retrieval`: the retrieval's two softmax kernels (`native/softmax_avx512.c`), in place of the
-  torch.compile'd ones.
+- `fast_retrieval`: the whole Hopfield retrieval (scores, softmax, values) in one AMX bf16 pass
+  (`native/retrieval_amx.c`), in place of torch's batched products and the torch.compile'd softmax.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import tempfile
 from pathlib import Path
 
 SOURCES = sorted((Path(__file__).parent / "native").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "native").glob("*.h"))
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-         "-mamx-tile", "-mamx-int8"]
-CPU_FLAGS = ("amx_tile", "amx_int8", "avx512bw", "avx512vl", "avx512_bf16")
+         "-mamx-tile", "-mamx-int8", "-mamx-bf16"]
+CPU_FLAGS = ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16")
 
 _state: dict[str, object] = {}
 
@@ -53,7 +54,7 @@ def _build() -> Path:
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     digest = hashlib.sha256(" ".join([cc, *FLAGS]).encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.name.encode() + source.read_bytes())
     target = cache_dir() / f"seqep-kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -83,9 +84,9 @@ def _load() -> ctypes.CDLL:
     lib.seqep_up_int8.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
     lib.seqep_down_to_up.argtypes = [p, i64, i64, p, i32]
     lib.seqep_down_up_int8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i32]
+    lib.seqep_pack_keys.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, i32]
+    lib.seqep_retrieve.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, p, p, i32]
     lib.seqep_quantize_rows.argtypes = [p, i32, i64, i64, i64, p, i64, i64, p, i32]
-    lib.seqep_attention.argtypes = [p, p, p, i64, i64, i64, i32, p, i32]
-    lib.seqep_delta_attention.argtypes = [p, p, p, i64, i64, i64, p, i32]
     if lib.seqep_amx_init() != 0:
         raise RuntimeError("the kernel refused this process AMX state (arch_prctl ARCH_REQ_XCOMP_PERM failed)")
     return lib

@@ -102,57 +102,88 @@ needs_native = pytest.mark.skipif(native_kernels.library() is None,
                                   reason=f"native kernels: {native_kernels.unavailable_reason()}")
 
 
-def _within_a_bf16_step(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Equal up to one rounding of the bf16 output (2⁻⁸ relative), plus a floor for values near 0."""
-    g, w = got.double(), want.double()
-    return bool(((g - w).abs() <= 2.0**-8 * w.abs() + 1e-6 * w.abs().max()).all())
+@pytest.fixture
+def native_retrieval():
+    """The fused kernels on (as the fast path runs), restored afterwards."""
+    saved = dict(fast_retrieval._COMPILED)
+    fast_retrieval._COMPILED.clear()
+    fast_retrieval.enable_compiled(True)
+    yield
+    fast_retrieval._COMPILED.clear()
+    fast_retrieval._COMPILED.update(saved)
+
+
+def _bf16_retrievals(keys, mask, drive, queries, packed: bool):
+    """(free retrieval, ±β nudged difference, attention weights at Q*) with bf16 operands, native or torch."""
+    saved = dict(fast_retrieval._COMPILED)
+    fast_retrieval._COMPILED.clear()
+    if packed:
+        fast_retrieval.enable_compiled(True)
+    try:
+        dk = DistinctKeys.build(keys.float(), mask, drive.float(), GAMMA, torch.bfloat16)
+        assert all((g.packed is not None) == packed for g in dk.groups)
+        top_down, q_star, delta = queries
+        row_scale = torch.linspace(0.5, 2.0, keys.shape[0]).view(-1, 1)  # an int8 product's row factors
+        free = dk.retrieve(Query((top_down.float() / row_scale.view(-1, 1, 1, 1)).bfloat16(), row_scale))
+        weights = dk.attention(Query(q_star.bfloat16()))
+        both_scale = torch.linspace(2.0, 0.5, 2 * keys.shape[0]).view(-1, 1)
+        both = (torch.cat([delta, -delta]).float() / both_scale.view(-1, 1, 1, 1)).bfloat16()
+        nudged = dk.repeat(2, constants=False).delta_retrieve(DistinctKeys.repeat_weights(weights, 2),
+                                                              Query(both, both_scale))
+        return free.double(), nudged.double(), weights
+    finally:
+        fast_retrieval._COMPILED.clear()
+        fast_retrieval._COMPILED.update(saved)
 
 
 @needs_native
-@pytest.mark.parametrize("n, lq, u", [(3, 4, 17), (33, 25, 25), (4, 60, 40), (2, 5, 3)])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_native_softmax_kernels_match_the_eager_ones(n: int, lq: int, u: int, scaled: bool) -> None:
-    """The AVX-512 kernels (native/softmax_avx512.c) against their eager twins, with −∞ (padding) columns."""
-    gen = torch.Generator().manual_seed(n * lq + u)
-    const = torch.randn(n, lq, u, generator=gen) * 3
-    const[0, :, -1] = float("-inf")
-    partial = torch.randn(n, lq, u, generator=gen).bfloat16()
-    scale = torch.rand(n, 1, 1, generator=gen) + 0.5 if scaled else None
-    attention = fast_retrieval._attention_native(const, partial, scale, False)
-    assert _within_a_bf16_step(attention, fast_retrieval._attention_eager(const, partial, scale, False))
-    assert not attention[0, :, -1].any()  # a padding column takes exactly no weight
+@pytest.mark.parametrize("B, P, L, d, masked, grouped", [(5, 2, 9, 6, False, False), (5, 2, 9, 6, True, True),
+                                                        (6, 4, 25, 40, True, False), (4, 1, 70, 33, False, True)])
+def test_native_retrieval_is_as_accurate_as_torch_in_bf16(B, P, L, d, masked, grouped, monkeypatch):
+    """The fused AMX retrieval (native/retrieval_amx.c) against float64, free and nudged (±β copies), with masks,
+    several key groups, query blocks past 32 rows, d not a multiple of 32, and SNLI's shared key rows."""
+    if grouped:
+        monkeypatch.setattr(fast_retrieval, "GROUP_COST", 0.0)
+    keys = token_keys(B, P, L, d, seed=B + L)
+    if P == 4:  # SNLI: projections 2 and 3 read the keys of 0 and 1
+        keys[:, 2:] = keys[:, :2]
+    mask = (keys != 0).any(-1) if masked else None
+    g = torch.Generator().manual_seed(7)
+    size = 2.0 / d**0.5  # scores of order 1: softmax neither flat nor saturated
+    drive, top_down, q_star = (torch.randn(B, P, L, d, generator=g, dtype=torch.float64) * size for _ in range(3))
+    delta = 0.05 * size * torch.randn(B, P, L, d, generator=g, dtype=torch.float64)
+    queries = (top_down, q_star, delta)
+    native = _bf16_retrievals(keys, mask, drive, queries, packed=True)
+    torch_ = _bf16_retrievals(keys, mask, drive, queries, packed=False)
 
-    delta = (torch.randn(n, lq, u, generator=gen) * 0.01).bfloat16()
-    got = fast_retrieval._delta_attention_native(attention, delta, scale)
-    eager = fast_retrieval._delta_attention_eager(attention, delta, scale)
-    s = delta.double() * (1.0 if scale is None else scale.double())
-    a = attention.double()
-    exact = a * s.exp() / (a * s.exp()).sum(-1, keepdim=True) - a / a.sum(-1, keepdim=True)
-    error, eager_error = (got.double() - exact).norm(), (eager.double() - exact).norm()
-    assert error <= 4e-3 * exact.norm()  # no cancellation: accurate relative to the small change itself
-    assert error <= 1.25 * eager_error  # and as accurate as the eager kernel (elementwise, entries near 0 differ)
+    q_bf16 = [t.bfloat16().double() for t in (top_down, q_star, delta)]  # about the operands both paths see
+    want_free = hopfield_retrieve(drive + q_bf16[0], keys, GAMMA, mask)
+    base = hopfield_retrieve(drive + q_bf16[1], keys, GAMMA, mask)
+    want_nudged = torch.cat([hopfield_retrieve(drive + q_bf16[1] + sign * q_bf16[2], keys, GAMMA, mask) - base
+                             for sign in (1, -1)])
+    for got, ref, want in ((native[0], torch_[0], want_free), (native[1], torch_[1], want_nudged)):
+        error, torch_error = (got - want).norm(), (ref - want).norm()
+        assert error <= 1.25 * torch_error + 1e-3 * want.norm()  # bf16 rounding of the result dominates both
+        assert error <= 1e-2 * want.norm()
+    for a, b in zip(native[2], torch_[2]):  # the weights at Q* that the nudged phases start from
+        assert (a.double() - b.double()).abs().max() <= 2.0**-7
 
 
 @needs_native
-def test_native_softmax_kernels_keep_nan_and_empty_rows_as_torch_does() -> None:
-    empty, zeros = torch.full((2, 3, 5), float("-inf")), torch.zeros(2, 3, 5).bfloat16()
-    assert not fast_retrieval._attention_native(empty, zeros, None, True).any()  # has_empty: rows of zeros
-    assert fast_retrieval._attention_native(empty, zeros, None, False).isnan().all()
-    const = torch.randn(2, 3, 5)
-    const[1, 1, 2] = float("nan")
-    out = fast_retrieval._attention_native(const, zeros, None, False)
-    assert out[1, 1].isnan().all() and not out[0].isnan().any()  # divergence stays visible
-    attention = torch.softmax(torch.randn(2, 3, 5), -1).bfloat16()
-    delta = torch.randn(2, 3, 5).bfloat16()
-    delta[0, 0, 0] = float("nan")
-    assert fast_retrieval._delta_attention_native(attention, delta, None)[0, 0].isnan().any()
-
-
-def test_native_softmax_kernels_hand_other_dtypes_to_the_eager_ones() -> None:
-    """float64 (the GDU check, float64 oracles) is not what the C kernels take: same numbers as eager."""
-    const, partial = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
-    assert torch.equal(fast_retrieval._attention_native(const, partial, None, False),
-                       fast_retrieval._attention_eager(const, partial, None, False))
-    attention = torch.softmax(partial, -1)
-    assert torch.equal(fast_retrieval._delta_attention_native(attention, partial * 0.01, None),
-                       fast_retrieval._delta_attention_eager(attention, partial * 0.01, None))
+def test_native_retrieval_shares_keys_and_keeps_nan_and_empty_rows(native_retrieval):
+    B, P, L, d = 3, 4, 6, 8
+    keys = token_keys(B, P, L, d, seed=11).float()
+    keys[:, 2:] = keys[:, :2]
+    mask = torch.ones(B, P, L, dtype=torch.bool)
+    mask[1, 0] = False  # a row with no key at all
+    mask[1, 2] = False
+    dk = DistinctKeys.build(keys, mask, torch.randn(B, P, L, d), GAMMA, torch.bfloat16)
+    (group,) = dk.groups
+    assert group.packed.slot.unique().numel() == B * 2 and group.keys is None  # one packed copy per sentence
+    assert len(dk.repeat(2).groups) == 1  # the ±β copies: one kernel call, each key set read once for both
+    top_down = torch.randn(B, P, L, d).bfloat16()
+    out = dk.retrieve(Query(top_down))
+    assert not out[1, 0].any() and not out[1, 2].any() and out[0].all()  # no key: zeros (nan_to_num(softmax))
+    top_down[2, 1, 3, 0] = float("nan")
+    out = DistinctKeys.build(keys, None, torch.randn(B, P, L, d), GAMMA, torch.bfloat16).retrieve(Query(top_down))
+    assert out[2, 1, 3].isnan().all() and not out[2, 1, :3].isnan().any()  # divergence stays visible, locally

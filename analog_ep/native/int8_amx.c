@@ -14,41 +14,17 @@
  *   up    (out = x W^T, reduction over N): [Kp/16][Np/4][16][4]
  * Kp = K rounded up to 64, Np = N rounded up to 64; entries past K or N are zero.
  * Every tile is 16 rows x 64 bytes; the kernels keep four accumulator tiles (32 rows x 32 columns). */
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
-#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "common.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* Linux hands out AMX state only to processes that ask; 0 on success. */
 int seqep_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
-
-static void configure_tiles(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
-
-static inline __mmask16 first_lanes(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u));
-}
 
 /* max |w|, or NaN if any entry is NaN (AVX-512 max would drop it) */
 float seqep_absmax(const float *w, int64_t n, int threads) {
@@ -60,7 +36,7 @@ float seqep_absmax(const float *w, int64_t n, int threads) {
         __mmask16 nan = 0;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < (n + 15) / 16; ++i) {
-            const __m512 x = _mm512_maskz_loadu_ps(first_lanes(n - 16 * i), w + 16 * i);
+            const __m512 x = _mm512_maskz_loadu_ps(lanes_left(n - 16 * i), w + 16 * i);
             m = _mm512_max_ps(m, _mm512_abs_ps(x));
             nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
         }
@@ -90,7 +66,7 @@ void seqep_pack_int8(const float *w, int64_t K, int64_t N, float scale, int8_t *
     for (int64_t kb = 0; kb < Kp / 16; ++kb) {
         int32_t q[16][4] __attribute__((aligned(64))); /* 16 rows x 16 int8, read as 4 dwords per row */
         for (int64_t nb = 0; nb < Np / 16; ++nb) {
-            const __mmask16 lanes = first_lanes(N - 16 * nb);
+            const __mmask16 lanes = lanes_left(N - 16 * nb);
             __m512i v[16];
             for (int j = 0; j < 16; ++j) {
                 const int64_t k = 16 * kb + j;
@@ -227,7 +203,7 @@ void seqep_up_int8(const int8_t *x, const float *row_scale, const int8_t *up, in
             const int32_t *row = acc + ((m / 16) * hblocks) * 256 + (m % 16) * 16;
             for (int64_t hb = 0; hb < hblocks && 16 * hb < K; ++hb) {
                 __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(row + hb * 256)), s);
-                _mm512_mask_storeu_ps(out + m * K + 16 * hb, first_lanes(K - 16 * hb), v);
+                _mm512_mask_storeu_ps(out + m * K + 16 * hb, lanes_left(K - 16 * hb), v);
             }
         }
     }
@@ -257,12 +233,12 @@ void seqep_quantize_rows(const void *x, int is_bf16, int64_t M, int64_t N, int64
         const int64_t row = m * ld;
         __m512 amax = _mm512_setzero_ps();
         for (int64_t i = 0; i < N; i += 16)
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, is_bf16, row + i, first_lanes(N - i))));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, is_bf16, row + i, lanes_left(N - i))));
         const float a = _mm512_reduce_max_ps(amax);
         const float scale = a > 0.f ? a / 127.f : 1.f;
         const __m512 s = _mm512_set1_ps(scale);
         for (int64_t i = 0; i < N; i += 16) {
-            const __mmask16 lanes = first_lanes(N - i);
+            const __mmask16 lanes = lanes_left(N - i);
             const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(x, is_bf16, row + i, lanes), s));
             _mm_mask_storeu_epi8(out + i, lanes, _mm512_cvtsepi32_epi8(v));
         }
@@ -388,7 +364,7 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale
             for (int64_t hb = 0; hb < hblocks && 16 * hb < K; ++hb) {
                 __m512i sum = _mm512_load_si512(acc + row + hb * 256);
                 for (int t = 1; t < nt; ++t) sum = _mm512_add_epi32(sum, _mm512_load_si512(acc + t * Mp * Kp + row + hb * 256));
-                _mm512_mask_storeu_ps(out_up + m * K + 16 * hb, first_lanes(K - 16 * hb), _mm512_mul_ps(_mm512_cvtepi32_ps(sum), s));
+                _mm512_mask_storeu_ps(out_up + m * K + 16 * hb, lanes_left(K - 16 * hb), _mm512_mul_ps(_mm512_cvtepi32_ps(sum), s));
             }
         }
     }
