@@ -139,6 +139,20 @@ void seqep_pack_keys(const uint16_t *keys, const uint16_t *keys_t, int64_t n, in
     }
 }
 
+/* n bf16 values from src to dst, the whole 64-byte lines of dst by streaming stores: the output is far larger
+ * than the cache, and a plain store would first read each line from memory. */
+static inline void stream_out(const uint16_t *src, int64_t n, uint16_t *dst) {
+    int64_t head = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63) / 2;
+    if (((uintptr_t)dst & 1) || head > n) head = n; /* odd address (never, for torch's tensors) or tiny: plain */
+    for (int64_t j = 0; j < head; j += 32) {
+        const int64_t k = head - j < 32 ? head - j : 32;
+        _mm512_mask_storeu_epi16(dst + j, (__mmask32)((k >= 32 ? ~0ull : (1ull << k) - 1)), _mm512_loadu_si512(src + j));
+    }
+    int64_t j = head;
+    for (; j + 32 <= n; j += 32) _mm512_stream_si512((__m512i *)(dst + j), _mm512_loadu_si512(src + j));
+    if (j < n) _mm512_mask_storeu_epi16(dst + j, (__mmask32)((1ull << (n - j)) - 1), _mm512_loadu_si512(src + j));
+}
+
 /* C tiles 0-3 (rows 0-15 / 16-31 by columns c .. c+15 / c+16 .. c+31) into a fp32 block with ld floats a row */
 static inline void store_quad(float *block, int64_t ld, int64_t c) {
     _tile_stored(0, block + c, ld * 4);
@@ -159,6 +173,7 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
         float *sb = aligned_alloc(64, (size_t)(ROWS * up * 4));
         uint16_t *wb = aligned_alloc(64, (size_t)(ROWS * up * 2));
         float *vb = aligned_alloc(64, (size_t)(ROWS * dp * 4));
+        uint16_t *ob = aligned_alloc(64, (size_t)(ROWS * dp * 2));
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < n * ((lq + ROWS - 1) / ROWS); ++task) {
             const int64_t r = order[task / ((lq + ROWS - 1) / ROWS)], m0 = (task % ((lq + ROWS - 1) / ROWS)) * ROWS;
@@ -212,11 +227,13 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
                 }
                 store_quad(vb, dp, c);
             }
-            for (int64_t i = 0; i < rows; ++i)
+            for (int64_t i = 0; i < rows; ++i) /* the block's rows, packed as they lie in out */
                 for (int64_t j = 0; j < d; j += 16)
-                    store_bf16(out + (r * lq + m0 + i) * d + j, _mm512_load_ps(vb + i * dp + j), lanes_left(d - j));
+                    store_bf16(ob + i * d + j, _mm512_load_ps(vb + i * dp + j), lanes_left(d - j));
+            stream_out(ob, rows * d, out + (r * lq + m0) * d);
         }
-        free(qb); free(sb); free(wb); free(vb);
+        _mm_sfence();
+        free(qb); free(sb); free(wb); free(vb); free(ob);
         _tile_release();
     }
 }
