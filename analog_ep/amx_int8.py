@@ -147,23 +147,34 @@ class PackedInt8:
                                 self.K, self.Kp, self.scale, out.data_ptr(), acc.data_ptr(), torch.get_num_threads())
         return out
 
-    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def down_up(self, h: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` in one read of W (same numbers, bit for bit): what a synchronous
-        step needs, at about half the memory traffic where the rows are few."""
+        step needs, at about half the memory traffic where the rows are few. `x_absmax` (M,): max |x| per row,
+        where the producer of a bf16 x already knows it (`fast_retrieval`): x is then quantised inside the
+        kernel instead of by a separate pass over it."""
         self._check(h, self.K, "h")
         self._check(x, self.N, "x")
         if h.shape[0] != x.shape[0]:
             raise ValueError(f"amx_int8: h and x must have the same rows, got {h.shape[0]} and {x.shape[0]}")
         M = h.shape[0]
         Mp = _round_up(M, ROW_BLOCK)
-        qh, rh = _quantize_rows_with(self._lib, h, Mp, self.Kp)
-        qx, rx = _quantize_rows_with(self._lib, x, Mp, self.Np)
         threads = torch.get_num_threads()
+        qh, rh = _quantize_rows_with(self._lib, h, Mp, self.Kp)
+        in_kernel = x_absmax is not None and x.dtype == torch.bfloat16 and x.is_contiguous()
+        if in_kernel:
+            amax = x_absmax.to(torch.float32).reshape(M, 1)
+            rx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # `quantize_rows`' factors
+            qx, stage = None, self._buffer("stage", threads * Mp * FUSED_CHUNK, torch.int8)
+        else:
+            (qx, rx), stage = _quantize_rows_with(self._lib, x, Mp, self.Np), None
         down = torch.empty(M, self.N, dtype=torch.bfloat16)
         up = torch.empty(M, self.K, dtype=torch.float32)
         acc = self._buffer("acc", threads * Mp * self.Kp, torch.int32)
         scratch = self._buffer("scratch", threads * FUSED_CHUNK * self.Kp, torch.int8)
-        self._lib.seqep_down_up_int8(qh.data_ptr(), qx.data_ptr(), rx.data_ptr(), self.down_layout.data_ptr(), M, Mp,
-                                     self.K, self.Kp, self.N, self.Np, self.scale, down.data_ptr(), up.data_ptr(),
-                                     acc.data_ptr(), scratch.data_ptr(), threads)
+        self._lib.seqep_down_up_int8(qh.data_ptr(), None if qx is None else qx.data_ptr(),
+                                     x.data_ptr() if in_kernel else None, rx.data_ptr(), self.down_layout.data_ptr(),
+                                     M, Mp, self.K, self.Kp, self.N, self.Np, self.scale, down.data_ptr(),
+                                     up.data_ptr(), acc.data_ptr(), scratch.data_ptr(),
+                                     None if stage is None else stage.data_ptr(), threads)
         return down, rh, up

@@ -175,6 +175,7 @@ class DistinctKeys:
         self.shape = shape  # (B, P, Lq, d) of the queries and of the retrieved state
         self.seq_len = seq_len  # L: keys per row before deduplication
         self.dtype = dtype  # of the keys, the weights and the retrieved state
+        self._last_absmax: tuple[int, int, tuple[int, ...], torch.Tensor] | None = None  # see `row_absmax`
 
     @property
     def rows(self) -> int:
@@ -248,14 +249,31 @@ class DistinctKeys:
             scale = scale.to(_wide(scale)).repeat_interleave(self.shape[1], dim=0).view(-1, 1, 1)
         return query.values.reshape(self.rows, *self.shape[2:]), scale
 
-    def _assemble(self, product: Callable[[int, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
-        """(B, P, Lq, d) from `product(i, out)` of each group i, written straight into its rows."""
+    def _assemble(self, product: Callable[[int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+                  ) -> torch.Tensor:
+        """(B, P, Lq, d) from `product(i, out, absmax)` of each group i, written straight into its rows. Where
+        every group runs natively, the kernel also reports max |out| per block of queries (`absmax` rows), kept
+        per sample for `row_absmax`."""
+        blocks = -(-self.shape[2] // 32)
+        absmax = (torch.empty(self.rows, blocks, dtype=torch.float32)
+                  if all(g.packed is not None for g in self.groups) else None)
         if len(self.groups) == 1:
-            return product(0, None).view(self.shape)
-        out = torch.empty(self.rows, *self.shape[2:], dtype=self.dtype)
-        for i, g in enumerate(self.groups):
-            product(i, out[g.rows])
-        return out.view(self.shape)
+            out = product(0, None, absmax).view(self.shape)
+        else:
+            out = torch.empty(self.rows, *self.shape[2:], dtype=self.dtype)
+            for i, g in enumerate(self.groups):
+                product(i, out[g.rows], None if absmax is None else absmax[g.rows])
+            out = out.view(self.shape)
+        self._last_absmax = None if absmax is None else (
+            out.data_ptr(), out._version, tuple(out.shape), absmax.view(self.shape[0], -1).amax(1))
+        return out
+
+    def row_absmax(self, state: torch.Tensor) -> torch.Tensor | None:
+        """max |state| per sample (B,) if `state` is this object's latest retrieval, untouched since, else None."""
+        last = self._last_absmax
+        if last is None or (state.data_ptr(), state._version, tuple(state.shape)) != last[:3]:
+            return None
+        return last[3]
 
     def attention(self, top_down: Query) -> list[torch.Tensor]:
         """Free phase: softmax(γ (X W₀ᵀ + top_down) Kᵀ + log count), per group, from top_down (B, P, Lq, d)."""
@@ -275,11 +293,11 @@ class DistinctKeys:
         kernel = _COMPILED.get("attention", _attention_eager)
         flat, scale = self._flat(top_down)
 
-        def product(i: int, out: torch.Tensor | None) -> torch.Tensor:
+        def product(i: int, out: torch.Tensor | None, absmax: torch.Tensor | None) -> torch.Tensor:
             g = self.groups[i]
             g_scale = None if scale is None else scale[g.rows]
             if g.packed is not None:
-                return _retrieve_native(g, flat[g.rows], g_scale, None, out=out)[1]
+                return _retrieve_native(g, flat[g.rows], g_scale, None, out=out, absmax=absmax)[1]
             weights = kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), g_scale, g.has_empty)
             return torch.bmm(weights, g.keys, out=out)
 
@@ -290,11 +308,11 @@ class DistinctKeys:
         cancellation (`delta_attention`)."""
         flat, scale = self._flat(delta_q)
 
-        def product(i: int, out: torch.Tensor | None) -> torch.Tensor:
+        def product(i: int, out: torch.Tensor | None, absmax: torch.Tensor | None) -> torch.Tensor:
             g = self.groups[i]
             g_scale = None if scale is None else scale[g.rows]
             if g.packed is not None:
-                return _retrieve_native(g, flat[g.rows], g_scale, base[i], out=out)[1]
+                return _retrieve_native(g, flat[g.rows], g_scale, base[i], out=out, absmax=absmax)[1]
             delta_scores = torch.bmm(flat[g.rows], g.keys_t)
             weights = delta_attention(base[i], delta_scores, g_scale)
             return torch.bmm(weights, g.keys, out=out)
@@ -349,10 +367,11 @@ def _same_key_rows(keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.T
 
 
 def _retrieve_native(group: KeyGroup, q: torch.Tensor, scale: torch.Tensor | None, base: torch.Tensor | None,
-                     want_weights: bool = False, out: torch.Tensor | None = None
+                     want_weights: bool = False, out: torch.Tensor | None = None, absmax: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(weights if asked, retrieved values unless only weights are asked) of one packed group in one native
-    pass: softmax(const + q·γKᵀ·scale), or with `base` = A* the nudged phases' δ-softmax; then · K."""
+    pass: softmax(const + q·γKᵀ·scale), or with `base` = A* the nudged phases' δ-softmax; then · K. `absmax`
+    (n, ceil(Lq / 32)) fp32, contiguous, if given: max |values| per block of queries."""
     pk = group.packed
     q = q.to(torch.bfloat16).contiguous()
     n, lq, d = q.shape
@@ -372,7 +391,7 @@ def _retrieve_native(group: KeyGroup, q: torch.Tensor, scale: torch.Tensor | Non
     native_kernels.library().seqep_retrieve(
         ptr(q), ptr(pk.kt), ptr(pk.kv), ptr(pk.slot), ptr(pk.order), ptr(const), ptr(base), ptr(scale), n,
         pk.slot.numel(), lq, d, u, pk.up, pk.dp, int(group.has_empty), ptr(weights),
-        None if want_weights else ptr(out), torch.get_num_threads())
+        None if want_weights else ptr(out), None if want_weights else ptr(absmax), torch.get_num_threads())
     return weights, None if want_weights else out
 
 

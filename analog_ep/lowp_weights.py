@@ -58,7 +58,8 @@ class Bf16Weight:
         """`down` as (product, row factor still to apply): bf16 products need none."""
         return self.down(h), None
 
-    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+    def down_up(self, h: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, None, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` (one state's two products; no shared pass in bf16)."""
         return self.down(h), None, self.up(x)
 
@@ -85,7 +86,7 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(torch.float32)
     amax = x.abs().amax(1, keepdim=True)
     r = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    return torch.round(x / r).to(torch.int8), r
+    return torch.round(x * (1.0 / r)).to(torch.int8), r  # times 1/r, not / r: one division per row, not per entry
 
 
 def int8_kernel_name() -> str:
@@ -156,9 +157,11 @@ class Int8Weight:
                                                1.0, 0, torch.bfloat16, "none", [], "")
         return y, r
 
-    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def down_up(self, h: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` from one state: on AMX in one read of W (`PackedInt8.down_up`:
-        at 32-64 rows both products are bound by streaming W from memory), the same numbers either way."""
+        at 32-64 rows both products are bound by streaming W from memory), the same numbers either way.
+        `x_absmax`: max |x| per row if known (saves a pass over x on AMX; ignored otherwise)."""
         if self.kernel == "amx":
-            return self.packed.down_up(h, x)
+            return self.packed.down_up(h, x, x_absmax)
         return (*self.down_row_scaled(h), self.up(x))

@@ -552,7 +552,9 @@ class EPNet(nn.Module):
         if not self.spec.num_projections or lp.weights[0] is None:
             return None
         h = state[1] if lp.base is None else state[1] - lp.base.states[1]
-        return PairedProducts(*lp.weights[0].down_up(h, state[0].reshape(state[0].shape[0], -1)))
+        x = state[0].reshape(state[0].shape[0], -1)
+        absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
+        return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
 
     def phi(self, inputs: Inputs, state: State) -> torch.Tensor:
         """Φ per sample (B,), on the exact path's inputs (`prepare(x)`)."""

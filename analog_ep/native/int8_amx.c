@@ -236,10 +236,10 @@ void seqep_quantize_rows(const void *x, int is_bf16, int64_t M, int64_t N, int64
             amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, is_bf16, row + i, lanes_left(N - i))));
         const float a = _mm512_reduce_max_ps(amax);
         const float scale = a > 0.f ? a / 127.f : 1.f;
-        const __m512 s = _mm512_set1_ps(scale);
+        const __m512 inv = _mm512_set1_ps(1.f / scale);
         for (int64_t i = 0; i < N; i += 16) {
             const __mmask16 lanes = lanes_left(N - i);
-            const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(x, is_bf16, row + i, lanes), s));
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, is_bf16, row + i, lanes), inv));
             _mm_mask_storeu_epi8(out + i, lanes, _mm512_cvtsepi32_epi8(v));
         }
         if (ldq > N) memset(out + N, 0, (size_t)(ldq - N));
@@ -276,6 +276,26 @@ void seqep_down_to_up(const int8_t *down, int64_t Kp, int64_t Np, int8_t *up, in
 
 #define FUSED_CHUNK 512 /* columns per pass: the chunk's up layout (512 x Kp bytes) stays in L2 */
 
+/* int8 codes of columns c0 .. c1 of the bf16 rows x (M x N; zero past M and N) into stage (Mp x FUSED_CHUNK) */
+static void stage_codes(const uint16_t *x, const float *row_scale, int64_t M, int64_t Mp, int64_t N, int64_t c0,
+                        int64_t c1, int8_t *stage) {
+    for (int64_t m = 0; m < Mp; ++m) {
+        int8_t *o = stage + m * FUSED_CHUNK;
+        if (m >= M) {
+            memset(o, 0, (size_t)(c1 - c0));
+            continue;
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / row_scale[m]);
+        /* the next chunk's part of this row: rows are N apart, so each chunk reads short runs, which the
+         * hardware prefetcher does not fetch ahead; requested here, they are in L2 when the next chunk starts */
+        for (int64_t j = c1; j < c1 + (c1 - c0) && j < N; j += 32) _mm_prefetch((const char *)(x + m * N + j), _MM_HINT_T1);
+        for (int64_t j = c0; j < c1; j += 16) {
+            const __m512 v = load16(x, 1, m * N + j, lanes_left(N - j));
+            _mm_store_si128((__m128i *)(o + j - c0), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+        }
+    }
+}
+
 /* Both products of a synchronous step in one read of W: out_down (M x N, bf16) = a . W * scale exactly as
  * seqep_down_int8, and out_up (M x K, fp32) = x . W^T exactly as seqep_up_int8. At 32-64 rows each product
  * alone streams all of W from memory; here the down product's B tiles, once loaded, are also turned into the
@@ -283,11 +303,15 @@ void seqep_down_to_up(const int8_t *down, int64_t Kp, int64_t Np, int8_t *up, in
  * sit inside the down product's loop, where the core mostly waits for memory: as separate passes they cost
  * 2.5 ms more per call (1000 x 180,000, 32 rows; a software prefetch of the next chunk during them was slower
  * still). Threads own ranges of 64-column groups; their partial up sums (exact int32) are added at the end.
- * a: Mp x Kp int8 (zero past M, K); x: Mp x Np int8 (zero past M, N); acc: threads x Mp x Kp int32;
- * scratch: threads x FUSED_CHUNK x Kp int8, 64-byte aligned. */
-void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale, const int8_t *down, int64_t M,
-                        int64_t Mp, int64_t K, int64_t Kp, int64_t N, int64_t Np, float scale, uint16_t *out_down,
-                        float *out_up, int32_t *acc, int8_t *scratch, int threads) {
+ * a: Mp x Kp int8 (zero past M, K); x: Mp x Np int8 (zero past M, N), or NULL and x_bf16 (M x N, the
+ * retrieval's output) quantised here, a chunk of columns at a time, with the row factors row_scale (so its
+ * separate quantisation pass, a read and a write of the whole state, is saved; the codes are the same:
+ * round(x * (1 / row_scale)) as seqep_quantize_rows). acc: threads x Mp x Kp int32; scratch: threads x
+ * FUSED_CHUNK x Kp int8; x_stage: threads x Mp x FUSED_CHUNK int8 (with x_bf16); all 64-byte aligned. */
+void seqep_down_up_int8(const int8_t *a, const int8_t *x, const uint16_t *x_bf16, const float *row_scale,
+                        const int8_t *down, int64_t M, int64_t Mp, int64_t K, int64_t Kp, int64_t N, int64_t Np,
+                        float scale, uint16_t *out_down, float *out_up, int32_t *acc, int8_t *scratch,
+                        int8_t *x_stage, int threads) {
     const int64_t block = Kp / 4 * 64, ksteps = Kp / 64, groups = Np / 64, hpairs = Kp / 32, hblocks = Kp / 16;
 #pragma omp parallel num_threads(threads)
     {
@@ -296,6 +320,7 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale
         int32_t c[4][256] __attribute__((aligned(64)));
         int32_t *my_acc = acc + (int64_t)id * Mp * Kp;
         int8_t *my_scratch = scratch + (int64_t)id * FUSED_CHUNK * Kp;
+        int8_t *my_stage = x_bf16 ? x_stage + (int64_t)id * Mp * FUSED_CHUNK : NULL;
         const int64_t g0 = groups * id / nt, g1 = groups * (id + 1) / nt;
         for (int64_t c0 = 64 * g0; c0 < 64 * g1; c0 += FUSED_CHUNK) {
             const int64_t c1 = c0 + FUSED_CHUNK < 64 * g1 ? c0 + FUSED_CHUNK : 64 * g1, rows4 = (c1 - c0) / 4;
@@ -329,6 +354,7 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale
                     }
                 }
             }
+            if (x_bf16) stage_codes(x_bf16, row_scale, M, Mp, N, c0, c1, my_stage);
             for (int64_t p = 0; p < hpairs; ++p) { /* up: this chunk's share of the reduction over N */
                 const int8_t *b0 = my_scratch + 2 * p * rows4 * 64, *b1 = b0 + rows4 * 64;
                 for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
@@ -339,12 +365,13 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const float *row_scale
                         _tile_loadd(0, c00, 64); _tile_loadd(1, c10, 64);
                         _tile_loadd(2, c00 + 256, 64); _tile_loadd(3, c10 + 256, 64);
                     }
-                    const int8_t *a0 = x + m0 * Np + c0, *a1 = a0 + 16 * Np;
+                    const int64_t lda = x_bf16 ? FUSED_CHUNK : Np;
+                    const int8_t *a0 = x_bf16 ? my_stage + m0 * FUSED_CHUNK : x + m0 * Np + c0, *a1 = a0 + 16 * lda;
                     for (int64_t s = 0; s < (c1 - c0) / 64; ++s) {
                         _tile_loadd(6, b0 + s * 1024, 64);
                         _tile_loadd(7, b1 + s * 1024, 64);
-                        _tile_loadd(4, a0 + s * 64, Np);
-                        _tile_loadd(5, a1 + s * 64, Np);
+                        _tile_loadd(4, a0 + s * 64, lda);
+                        _tile_loadd(5, a1 + s * 64, lda);
                         _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
                         _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
                     }

@@ -17,6 +17,8 @@
  *   cancellation: (A* / z*) expm1(dS - log(z / z*)), z* = sum A*, z = sum A* exp(dS) (both clamped at 1e-30).
  * Then out = w K (lq x d, bf16) and, if asked, w itself (weights_out, lq x U, bf16). A free row of only -inf
  * (no key) or with a NaN is NaN, as torch's softmax gives, or zeros if has_empty (as nan_to_num(0) gives).
+ * block_absmax (if not NULL): max |out| of each row's blocks of 32 queries (n x ceil(lq / 32)), which the next
+ * step's int8 product needs to quantise this state (amx_int8.PackedInt8.down_up): a pass over it saved.
  * Rows past n_base are copies of rows r % n_base (the stacked +-beta batch): key slot, cst and base are read
  * there. Rows are taken in `order` (sorted by slot), so a slot's keys are read from memory once per step and
  * from cache for the rows that share them. */
@@ -153,6 +155,14 @@ static inline void stream_out(const uint16_t *src, int64_t n, uint16_t *dst) {
     if (j < n) _mm512_mask_storeu_epi16(dst + j, (__mmask32)((1ull << (n - j)) - 1), _mm512_loadu_si512(src + j));
 }
 
+static inline float round_bf16(float v) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_set1_ps(v));
+    return _mm512_cvtss_f32(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+}
+
+/* where block m0 of row r reports: rows in order, then blocks */
+static inline int64_t task_of_row(int64_t r, int64_t m0, int64_t lq) { return r * ((lq + ROWS - 1) / ROWS) + m0 / ROWS; }
+
 /* C tiles 0-3 (rows 0-15 / 16-31 by columns c .. c+15 / c+16 .. c+31) into a fp32 block with ld floats a row */
 static inline void store_quad(float *block, int64_t ld, int64_t c) {
     _tile_stored(0, block + c, ld * 4);
@@ -164,7 +174,7 @@ static inline void store_quad(float *block, int64_t ld, int64_t c) {
 void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, const int64_t *slot,
                     const int64_t *order, const float *cst, const uint16_t *base, const float *scale, int64_t n,
                     int64_t n_base, int64_t lq, int64_t d, int64_t u, int64_t up, int64_t dp, int has_empty,
-                    uint16_t *weights_out, uint16_t *out, int threads) {
+                    uint16_t *weights_out, uint16_t *out, float *block_absmax, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
@@ -227,10 +237,17 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
                 }
                 store_quad(vb, dp, c);
             }
+            __m512 vmax = _mm512_setzero_ps();
             for (int64_t i = 0; i < rows; ++i) /* the block's rows, packed as they lie in out */
-                for (int64_t j = 0; j < d; j += 16)
-                    store_bf16(ob + i * d + j, _mm512_load_ps(vb + i * dp + j), lanes_left(d - j));
+                for (int64_t j = 0; j < d; j += 16) {
+                    const __mmask16 m = lanes_left(d - j);
+                    const __m512 v = _mm512_load_ps(vb + i * dp + j);
+                    store_bf16(ob + i * d + j, v, m);
+                    vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_abs_ps(v));
+                }
             stream_out(ob, rows * d, out + (r * lq + m0) * d);
+            if (block_absmax) /* max |out| of the block, as bf16 rounds it (rounding keeps the order) */
+                block_absmax[task_of_row(r, m0, lq)] = round_bf16(_mm512_reduce_max_ps(vmax));
         }
         _mm_sfence();
         free(qb); free(sb); free(wb); free(vb); free(ob);
