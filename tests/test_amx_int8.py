@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analog_ep import amx_int8, native_kernels
+from analog_ep import amx_int8, fast_retrieval, native_kernels
 from analog_ep.lowp_weights import Int8Weight, _quantize_rows
 
 needs_amx = pytest.mark.skipif(not amx_int8.available(), reason=f"AMX kernels: {amx_int8.unavailable_reason()}")
@@ -36,6 +36,9 @@ def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> N
 
     got_down, r, got_up = packed.down_up(h, x)  # before `up` alone has built the transposed layout
     assert torch.equal(r, rh) and torch.equal(got_down, want_down) and torch.equal(got_up, want_up)
+    xb = x.bfloat16()  # the retrieval's state, its row maxima known: quantised inside the kernel, same codes
+    assert all(torch.equal(a, b) for a, b in zip(packed.down_up(h, xb, xb.float().abs().amax(1)),
+                                                 packed.down_up(h, xb)))
 
     assert torch.equal(packed.up(x), want_up)
     got, r = packed.down_row_scaled(h)
@@ -170,16 +173,20 @@ def test_a_synchronous_step_reads_the_large_matrix_once(monkeypatch: pytest.Monk
 
     from analog_ep.estimators import EPConfig, ep_symmetric
 
-    calls = {"down_up": 0, "up": 0, "down_row_scaled": 0}
-    for name in calls:
+    calls = {"down_up": 0, "up": 0, "down_row_scaled": 0, "x_absmax": 0}
+    for name in ("down_up", "up", "down_row_scaled"):
         original = getattr(amx_int8.PackedInt8, name)
 
         def counted(self, *args, _original=original, _name=name):
             calls[_name] += 1
+            calls["x_absmax"] += _name == "down_up" and len(args) > 2 and args[2] is not None
             return _original(self, *args)
 
         monkeypatch.setattr(amx_int8.PackedInt8, name, counted)
     net = small_net("imdb", schedule="synchronous")
     x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    monkeypatch.setattr(fast_retrieval, "_COMPILED", {})
+    fast_retrieval.enable_compiled(True)  # the native retrieval, which reports its state's row maxima
     ep_symmetric(net, x, y, EPConfig(0.1, 20, 8, precision="int8"))
-    assert calls == {"down_up": 20 + 8, "up": 0, "down_row_scaled": 1}
+    # every step but each phase's first (its state was not made by the retrieval) skips the pass quantising x
+    assert calls == {"down_up": 20 + 8, "up": 0, "down_row_scaled": 1, "x_absmax": 19 + 7}
