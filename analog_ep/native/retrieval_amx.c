@@ -189,19 +189,25 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
             const int64_t r = order[task / ((lq + ROWS - 1) / ROWS)], m0 = (task % ((lq + ROWS - 1) / ROWS)) * ROWS;
             const int64_t rows = lq - m0 < ROWS ? lq - m0 : ROWS, rb = r % n_base;
             const uint16_t *kt_r = kt + slot[rb] * dp * up, *kv_r = kv + slot[rb] * up * dp;
+            /* queries: whole 32-column steps straight from q (rows past the block read the next row's queries,
+             * whose scores are dropped), the last partial step from a zero-padded copy; the whole block copied
+             * where its tiles would read past the end of q */
+            const uint16_t *qr = q + (r * lq + m0) * d;
+            const int direct = (r * lq + m0 + ROWS) * d <= n * lq * d;
+            const int64_t whole = direct ? d / 32 * 32 : 0;
             for (int64_t i = 0; i < ROWS; ++i) {
-                if (i < rows) {
-                    memcpy(qb + i * dp, q + (r * lq + m0 + i) * d, (size_t)(d * 2));
-                    memset(qb + i * dp + d, 0, (size_t)((dp - d) * 2));
-                } else {
-                    memset(qb + i * dp, 0, (size_t)(dp * 2));
-                }
+                uint16_t *o = qb + i * dp;
+                const int64_t from = whole, count = i < rows ? d - from : 0;
+                memcpy(o + from, qr + i * d + from, (size_t)(count * 2));
+                memset(o + from + count, 0, (size_t)((dp - from - count) * 2));
             }
             for (int64_t c = 0; c < up; c += 32) { /* scores: (32 x dp) . (dp x 32) per column pair */
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t k = 0; k < dp; k += 32) {
-                    _tile_loadd(4, qb + k, dp * 2);
-                    _tile_loadd(5, qb + 16 * dp + k, dp * 2);
+                    const uint16_t *a = k < whole ? qr + k : qb + k;
+                    const int64_t lda = (k < whole ? d : dp) * 2;
+                    _tile_loadd(4, a, lda);
+                    _tile_loadd(5, a + 16 * lda / 2, lda);
                     _tile_loadd(6, kt_r + ((k / 2) * up + c) * 2, up * 4);
                     _tile_loadd(7, kt_r + ((k / 2) * up + c + 16) * 2, up * 4);
                     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 5, 6);
