@@ -111,6 +111,46 @@ static inline void store_pair_bf16(const int32_t *left, const int32_t *right, in
 
 static inline int rows_left(int64_t m, int64_t M) { return M - m >= 16 ? 16 : (M - m <= 0 ? 0 : (int)(M - m)); }
 
+/* One 64-deep step of the 2 x 2 tile block: accumulators 0-3 (rows 0-15 / 16-31 by columns 0-15 / 16-31) +=
+ * rows a0, a1 (lda apart) . B tiles b0, b1 */
+static inline void quad_step(const int8_t *a0, const int8_t *a1, int64_t lda, const int8_t *b0, const int8_t *b1) {
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_loadd(4, a0, lda);
+    _tile_loadd(5, a1, lda);
+    _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
+    _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
+}
+
+static inline void rows_down_to_up(const int8_t *s, int8_t *o);
+
+/* 32 rows x 32 columns of a . W * scale into bf16 out (rows_left rows, cols_left columns of it; ld: out's row
+ * stride): a0 the 32 rows (lda apart), b the pair of 16-column blocks of the down layout (steps of 64 along K
+ * each). With up (the fused kernel's scratch, rows4 rows a K-block), the pair's tiles, as they are loaded,
+ * are also written there in the up layout. */
+static inline void down_pair(const int8_t *a0, int64_t lda, const int8_t *b, int64_t steps, int8_t *up,
+                             int64_t rows4, int64_t rows_left_, int64_t cols_left, float scale, uint16_t *out,
+                             int64_t ld) {
+    int32_t c[4][256] __attribute__((aligned(64)));
+    const int8_t *b0 = b, *b1 = b + steps * 1024, *a1 = a0 + 16 * lda;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t k = 0; k < steps; ++k) {
+        quad_step(a0 + k * 64, a1 + k * 64, lda, b0 + k * 1024, b1 + k * 1024);
+        if (up) /* the two blocks just loaded, into the up layout (4 K-blocks of 16 each) */
+            for (int q = 0; q < 4; ++q) {
+                int8_t *o = up + (4 * k + q) * rows4 * 64;
+                rows_down_to_up(b0 + k * 1024 + q * 256, o);
+                rows_down_to_up(b1 + k * 1024 + q * 256, o + 256);
+            }
+    }
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+    if (cols_left > 0) {
+        store_pair_bf16(c[0], c[2], rows_left(0, rows_left_), cols_left, scale, out, ld);
+        store_pair_bf16(c[1], c[3], rows_left(16, rows_left_), cols_left, scale, out + 16 * ld, ld);
+    }
+}
+
 /* out (M x N, bf16) = a (Mp x Kp int8, zero past M and K) . W * scale. Mp % 32 == 0. Parallel over pairs of
  * 16-column blocks; the pair's 2 x Kp x 16 bytes of W stay in cache for every 32-row block of a. */
 void seqep_down_int8(const int8_t *a, const int8_t *down, int64_t M, int64_t Mp, int64_t Kp, int64_t N, int64_t Np,
@@ -119,30 +159,11 @@ void seqep_down_int8(const int8_t *a, const int8_t *down, int64_t M, int64_t Mp,
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
-        int32_t c[4][256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < Np / 32; ++pair) {
-            const int8_t *b0 = down + 2 * pair * block, *b1 = b0 + block;
-            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-                const int8_t *a0 = a + m0 * Kp, *a1 = a0 + 16 * Kp;
-                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                for (int64_t k = 0; k < steps; ++k) {
-                    _tile_loadd(6, b0 + k * 1024, 64);
-                    _tile_loadd(7, b1 + k * 1024, 64);
-                    _tile_loadd(4, a0 + k * 64, Kp);
-                    _tile_loadd(5, a1 + k * 64, Kp);
-                    _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
-                    _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
-                }
-                _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
-                _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-                const int64_t n0 = 32 * pair;
-                if (n0 < N) {
-                    store_pair_bf16(c[0], c[2], rows_left(m0, M), N - n0, scale, out + m0 * N + n0, N);
-                    store_pair_bf16(c[1], c[3], rows_left(m0 + 16, M), N - n0, scale, out + (m0 + 16) * N + n0, N);
-                }
-            }
-        }
+        for (int64_t pair = 0; pair < Np / 32; ++pair)
+            for (int64_t m0 = 0; m0 < Mp; m0 += 32)
+                down_pair(a + m0 * Kp, Kp, down + 2 * pair * block, steps, NULL, 0, M - m0, N - 32 * pair, scale,
+                          out + m0 * N + 32 * pair, N);
         _mm_sfence();
         _tile_release();
     }
@@ -176,19 +197,13 @@ void seqep_up_int8(const int8_t *x, const float *row_scale, const int8_t *up, in
                     }
                     const int8_t *a0 = x + m0 * N, *a1 = a0 + 16 * N;
                     for (int64_t k = k0; k < k1; ++k) {
-                        _tile_loadd(6, b0 + k * 1024, 64);
-                        _tile_loadd(7, b1 + k * 1024, 64);
                         if (k < full) {
-                            _tile_loadd(4, a0 + k * 64, N);
-                            _tile_loadd(5, a1 + k * 64, N);
+                            quad_step(a0 + k * 64, a1 + k * 64, N, b0 + k * 1024, b1 + k * 1024);
                         } else { /* the last, partial 64 columns: zero-padded copy */
                             memset(tail, 0, sizeof tail);
                             for (int r = 0; r < 32; ++r) memcpy(tail[r], a0 + r * N + k * 64, (size_t)(N - k * 64));
-                            _tile_loadd(4, tail[0], 64);
-                            _tile_loadd(5, tail[16], 64);
+                            quad_step(tail[0], tail[16], 64, b0 + k * 1024, b1 + k * 1024);
                         }
-                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
-                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
                     }
                     _tile_stored(0, c00, 64); _tile_stored(1, c10, 64);
                     _tile_stored(2, c00 + 256, 64); _tile_stored(3, c10 + 256, 64);
@@ -317,43 +332,17 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const uint16_t *x_bf16
     {
         configure_tiles();
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        int32_t c[4][256] __attribute__((aligned(64)));
         int32_t *my_acc = acc + (int64_t)id * Mp * Kp;
         int8_t *my_scratch = scratch + (int64_t)id * FUSED_CHUNK * Kp;
         int8_t *my_stage = x_bf16 ? x_stage + (int64_t)id * Mp * FUSED_CHUNK : NULL;
         const int64_t g0 = groups * id / nt, g1 = groups * (id + 1) / nt;
         for (int64_t c0 = 64 * g0; c0 < 64 * g1; c0 += FUSED_CHUNK) {
             const int64_t c1 = c0 + FUSED_CHUNK < 64 * g1 ? c0 + FUSED_CHUNK : 64 * g1, rows4 = (c1 - c0) / 4;
-            for (int64_t pair = c0 / 32; pair < c1 / 32; ++pair) { /* down, and the pair into the up layout */
-                const int8_t *b0 = down + 2 * pair * block, *b1 = b0 + block;
-                const int64_t local = 2 * pair - c0 / 16; /* the pair's first 16-column block within the chunk */
-                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-                    const int8_t *a0 = a + m0 * Kp, *a1 = a0 + 16 * Kp;
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    for (int64_t k = 0; k < ksteps; ++k) {
-                        _tile_loadd(6, b0 + k * 1024, 64);
-                        _tile_loadd(7, b1 + k * 1024, 64);
-                        _tile_loadd(4, a0 + k * 64, Kp);
-                        _tile_loadd(5, a1 + k * 64, Kp);
-                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
-                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
-                        if (m0 == 0) /* the two blocks just loaded, into the up layout (4 kb steps each) */
-                            for (int q = 0; q < 4; ++q) {
-                                int8_t *o = my_scratch + ((4 * k + q) * rows4 + 4 * local) * 64;
-                                rows_down_to_up(b0 + k * 1024 + q * 256, o);
-                                rows_down_to_up(b1 + k * 1024 + q * 256, o + 256);
-                            }
-                    }
-                    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
-                    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-                    const int64_t n0 = 32 * pair;
-                    if (n0 < N) {
-                        store_pair_bf16(c[0], c[2], rows_left(m0, M), N - n0, scale, out_down + m0 * N + n0, N);
-                        store_pair_bf16(c[1], c[3], rows_left(m0 + 16, M), N - n0, scale,
-                                        out_down + (m0 + 16) * N + n0, N);
-                    }
-                }
-            }
+            for (int64_t pair = c0 / 32; pair < c1 / 32; ++pair) /* down, and the pair into the up layout */
+                for (int64_t m0 = 0; m0 < Mp; m0 += 32)
+                    down_pair(a + m0 * Kp, Kp, down + 2 * pair * block, ksteps,
+                              m0 == 0 ? my_scratch + 4 * (2 * pair - c0 / 16) * 64 : NULL, rows4, M - m0,
+                              N - 32 * pair, scale, out_down + m0 * N + 32 * pair, N);
             if (x_bf16) stage_codes(x_bf16, row_scale, M, Mp, N, c0, c1, my_stage);
             for (int64_t p = 0; p < hpairs; ++p) { /* up: this chunk's share of the reduction over N */
                 const int8_t *b0 = my_scratch + 2 * p * rows4 * 64, *b1 = b0 + rows4 * 64;
@@ -367,14 +356,8 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const uint16_t *x_bf16
                     }
                     const int64_t lda = x_bf16 ? FUSED_CHUNK : Np;
                     const int8_t *a0 = x_bf16 ? my_stage + m0 * FUSED_CHUNK : x + m0 * Np + c0, *a1 = a0 + 16 * lda;
-                    for (int64_t s = 0; s < (c1 - c0) / 64; ++s) {
-                        _tile_loadd(6, b0 + s * 1024, 64);
-                        _tile_loadd(7, b1 + s * 1024, 64);
-                        _tile_loadd(4, a0 + s * 64, lda);
-                        _tile_loadd(5, a1 + s * 64, lda);
-                        _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 5, 6);
-                        _tile_dpbssd(2, 4, 7); _tile_dpbssd(3, 5, 7);
-                    }
+                    for (int64_t s = 0; s < (c1 - c0) / 64; ++s)
+                        quad_step(a0 + s * 64, a1 + s * 64, lda, b0 + s * 1024, b1 + s * 1024);
                     _tile_stored(0, c00, 64); _tile_stored(1, c10, 64);
                     _tile_stored(2, c00 + 256, 64); _tile_stored(3, c10 + 256, 64);
                 }
