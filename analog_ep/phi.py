@@ -494,7 +494,7 @@ class EPNet(nn.Module):
         P = 1 if self.spec.num_projections else 0
         lp, base = inputs.lowp, inputs.lowp.base
         if P and n == 0:
-            h = state[1] if base is None else state[1] - base.states[1]
+            h = None if paired else (state[1] if base is None else state[1] - base.states[1])
             if self.spec.attention:  # a `Query`: the int8 product's row factors go into the scores
                 if lp.weights[0] is not None:
                     top_down, row_scale = ((paired.down, paired.row_scale) if paired
