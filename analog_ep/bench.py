@@ -626,13 +626,27 @@ def bench(
         "flop_formula": FLOP_FORMULA,
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }
-    peaks = job("peaks", build_shape(shapes[0]), 0, peak_sizes=list(peak_sizes))
-    report["peaks"] = {"fp32_gflops": peaks["fp32"]["gflops"], "bf16_gflops": peaks["bf16"]["gflops"],
-                       "by_size": {"fp32": peaks["fp32"]["by_size"], "bf16": peaks["bf16"]["by_size"]}}
     # fractions are of the fp32 peak on the exact path, else of the bf16 peak (also for int8: its products
     # run on int8 but the attention and every other product of the step stay bf16)
-    report["peaks"]["basis"] = "fp32" if precision == "fp32" else "bf16"
-    peak = report["peaks"][f"{report['peaks']['basis']}_gflops"]
+    basis = "fp32" if precision == "fp32" else "bf16"
+
+    def measure_peaks() -> float:
+        """Peaks measured again, the best of all measurements kept (a VM's slow moment must not lower the
+        peak and so raise every fraction); returns the basis peak."""
+        got = job("peaks", build_shape(shapes[0]), 0, peak_sizes=list(peak_sizes))
+        old = report.get("peaks", {"measured": []})
+        measured = old["measured"] + [{"fp32_gflops": got["fp32"]["gflops"], "bf16_gflops": got["bf16"]["gflops"],
+                                       "by_size": {"fp32": got["fp32"]["by_size"], "bf16": got["bf16"]["by_size"]}}]
+        report["peaks"] = {"fp32_gflops": max(m["fp32_gflops"] for m in measured),
+                           "bf16_gflops": max(m["bf16_gflops"] for m in measured),
+                           "by_size": measured[-1]["by_size"], "basis": basis, "measured": measured}
+        return report["peaks"][f"{basis}_gflops"]
+
+    def set_fractions(rec: dict, peak: float) -> None:
+        rec["peak_fraction"] = rec["gflops"] / peak
+        rec["relax_peak_fraction"] = rec["relax_gflops"] / peak if rec["relax_gflops"] else None
+
+    peak = measure_peaks()  # before the measurements, and again after them
     results: list[dict] = []
     report["results"] = results
     for name in shapes:
@@ -656,8 +670,7 @@ def bench(
                 peak_rss_mb=fast["peak_rss_mb"], load=fast["load"], all_seconds=fast["all_seconds"],
                 key_fraction=fast["key_fraction"],
             )
-            rec["peak_fraction"] = rec["gflops"] / peak
-            rec["relax_peak_fraction"] = rec["relax_gflops"] / peak if rec["relax_gflops"] else None
+            set_fractions(rec, peak)
             if inference:
                 rec["inference"] = job("inference", shape, b)
             if reference:
@@ -670,6 +683,9 @@ def bench(
             results.append(rec)
             if on_result:
                 on_result(report)  # partial report after each shape and batch (long runs can be cut short)
+    peak = measure_peaks()
+    for rec in results:
+        set_fractions(rec, peak)
     return report
 
 

@@ -40,7 +40,10 @@ def test_bench_json_has_the_documented_fields(capsys):
     report = json.loads(capsys.readouterr().out)
     assert {"machine", "settings", "peaks", "results", "flop_formula"} <= set(report)
     assert report["peaks"]["fp32_gflops"] > 0 and report["peaks"]["bf16_gflops"] > 0
+    measured = report["peaks"]["measured"]  # before and after the measurements: the best one is the peak
+    assert len(measured) == 2 and report["peaks"]["bf16_gflops"] == max(m["bf16_gflops"] for m in measured)
     (rec,) = report["results"]
+    assert rec["relax_peak_fraction"] == pytest.approx(rec["relax_gflops"] / report["peaks"]["bf16_gflops"])
     assert RECORD_FIELDS <= set(rec)
     assert rec["shape"] == "imdb-tiny" and rec["batch"] == 4
     assert rec["seconds_per_batch"] > 0 and rec["speedup_vs_reference"] > 0
