@@ -47,6 +47,18 @@ def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> N
 
 
 @needs_amx
+def test_the_one_pass_pair_with_many_rows_takes_longer_chunks_and_the_same_numbers() -> None:
+    gen = torch.Generator().manual_seed(5)
+    w, h = torch.randn(40, 2500, generator=gen), torch.randn(520, 40, generator=gen)
+    x = torch.randn(520, 2500, generator=gen).bfloat16()
+    packed = amx_int8.PackedInt8(w)
+    assert amx_int8.fused_chunk(544) > amx_int8.fused_chunk(64)
+    want = (*packed.down_row_scaled(h), packed.up(x))
+    for got in (packed.down_up(h, x), packed.down_up(h, x, x.float().abs().amax(1))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_row_quantiser_matches_torch_and_pads_with_zeros(dtype: torch.dtype) -> None:
     x = torch.randn(5, 70, generator=torch.Generator().manual_seed(1)).to(dtype)

@@ -289,13 +289,12 @@ void seqep_down_to_up(const int8_t *down, int64_t Kp, int64_t Np, int8_t *up, in
             rows_down_to_up(down + (nb * (Kp / 4) + 4 * kb) * 64, up + (kb * (Np / 4) + 4 * nb) * 64);
 }
 
-#define FUSED_CHUNK 512 /* columns per pass: the chunk's up layout (512 x Kp bytes) stays in L2 */
 
-/* int8 codes of columns c0 .. c1 of the bf16 rows x (M x N; zero past M and N) into stage (Mp x FUSED_CHUNK) */
+/* int8 codes of columns c0 .. c1 of the bf16 rows x (M x N; zero past M and N) into stage (Mp x chunk) */
 static void stage_codes(const uint16_t *x, const float *row_scale, int64_t M, int64_t Mp, int64_t N, int64_t c0,
-                        int64_t c1, int8_t *stage) {
+                        int64_t c1, int64_t chunk, int8_t *stage) {
     for (int64_t m = 0; m < Mp; ++m) {
-        int8_t *o = stage + m * FUSED_CHUNK;
+        int8_t *o = stage + m * chunk;
         if (m >= M) {
             memset(o, 0, (size_t)(c1 - c0));
             continue;
@@ -322,28 +321,29 @@ static void stage_codes(const uint16_t *x, const float *row_scale, int64_t M, in
  * retrieval's output) quantised here, a chunk of columns at a time, with the row factors row_scale (so its
  * separate quantisation pass, a read and a write of the whole state, is saved; the codes are the same:
  * round(x * (1 / row_scale)) as seqep_quantize_rows). acc: threads x Mp x Kp int32; scratch: threads x
- * FUSED_CHUNK x Kp int8; x_stage: threads x Mp x FUSED_CHUNK int8 (with x_bf16); all 64-byte aligned. */
+ * chunk x Kp int8; x_stage: threads x Mp x chunk int8 (with x_bf16); all 64-byte aligned. chunk: columns per
+ * pass (a multiple of 64), whose up layout and staged codes stay in L2 (amx_int8.fused_chunk). */
 void seqep_down_up_int8(const int8_t *a, const int8_t *x, const uint16_t *x_bf16, const float *row_scale,
                         const int8_t *down, int64_t M, int64_t Mp, int64_t K, int64_t Kp, int64_t N, int64_t Np,
                         float scale, uint16_t *out_down, float *out_up, int32_t *acc, int8_t *scratch,
-                        int8_t *x_stage, int threads) {
+                        int8_t *x_stage, int64_t chunk, int threads) {
     const int64_t block = Kp / 4 * 64, ksteps = Kp / 64, groups = Np / 64, hpairs = Kp / 32, hblocks = Kp / 16;
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
         int32_t *my_acc = acc + (int64_t)id * Mp * Kp;
-        int8_t *my_scratch = scratch + (int64_t)id * FUSED_CHUNK * Kp;
-        int8_t *my_stage = x_bf16 ? x_stage + (int64_t)id * Mp * FUSED_CHUNK : NULL;
+        int8_t *my_scratch = scratch + (int64_t)id * chunk * Kp;
+        int8_t *my_stage = x_bf16 ? x_stage + (int64_t)id * Mp * chunk : NULL;
         const int64_t g0 = groups * id / nt, g1 = groups * (id + 1) / nt;
-        for (int64_t c0 = 64 * g0; c0 < 64 * g1; c0 += FUSED_CHUNK) {
-            const int64_t c1 = c0 + FUSED_CHUNK < 64 * g1 ? c0 + FUSED_CHUNK : 64 * g1, rows4 = (c1 - c0) / 4;
+        for (int64_t c0 = 64 * g0; c0 < 64 * g1; c0 += chunk) {
+            const int64_t c1 = c0 + chunk < 64 * g1 ? c0 + chunk : 64 * g1, rows4 = (c1 - c0) / 4;
             for (int64_t pair = c0 / 32; pair < c1 / 32; ++pair) /* down, and the pair into the up layout */
                 for (int64_t m0 = 0; m0 < Mp; m0 += 32)
                     down_pair(a + m0 * Kp, Kp, down + 2 * pair * block, ksteps,
                               m0 == 0 ? my_scratch + 4 * (2 * pair - c0 / 16) * 64 : NULL, rows4, M - m0,
                               N - 32 * pair, scale, out_down + m0 * N + 32 * pair, N);
-            if (x_bf16) stage_codes(x_bf16, row_scale, M, Mp, N, c0, c1, my_stage);
+            if (x_bf16) stage_codes(x_bf16, row_scale, M, Mp, N, c0, c1, chunk, my_stage);
             for (int64_t p = 0; p < hpairs; ++p) { /* up: this chunk's share of the reduction over N */
                 const int8_t *b0 = my_scratch + 2 * p * rows4 * 64, *b1 = b0 + rows4 * 64;
                 for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
@@ -354,8 +354,8 @@ void seqep_down_up_int8(const int8_t *a, const int8_t *x, const uint16_t *x_bf16
                         _tile_loadd(0, c00, 64); _tile_loadd(1, c10, 64);
                         _tile_loadd(2, c00 + 256, 64); _tile_loadd(3, c10 + 256, 64);
                     }
-                    const int64_t lda = x_bf16 ? FUSED_CHUNK : Np;
-                    const int8_t *a0 = x_bf16 ? my_stage + m0 * FUSED_CHUNK : x + m0 * Np + c0, *a1 = a0 + 16 * lda;
+                    const int64_t lda = x_bf16 ? chunk : Np;
+                    const int8_t *a0 = x_bf16 ? my_stage + m0 * chunk : x + m0 * Np + c0, *a1 = a0 + 16 * lda;
                     for (int64_t s = 0; s < (c1 - c0) / 64; ++s)
                         quad_step(a0 + s * 64, a1 + s * 64, lda, b0 + s * 1024, b1 + s * 1024);
                     _tile_stored(0, c00, 64); _tile_stored(1, c10, 64);
