@@ -683,12 +683,16 @@ class EPNet(nn.Module):
                 deltas = nudged[0].reshape(rows, -1)
                 if lp.weights[k] is not None:
                     left_t = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype).t().contiguous()
-                    right = torch.empty(half + rows, a_star.shape[1], dtype=lp.dtype, device=a_star.device)
-                    right[:half].copy_(a_star)  # [a*; δ⁺; δ⁻] in bf16, without a converted copy of a* first
-                    right[half:].copy_(deltas)
-                    out = self._scratch(f"weights.{k}", (left_t.shape[0], right.shape[1]), dtype)
-                    for lo in range(0, right.shape[1], CONTRAST_BLOCK):  # bf16 product, fp32 result in place
-                        out[:, lo:lo + CONTRAST_BLOCK].copy_(torch.mm(left_t, right[:, lo:lo + CONTRAST_BLOCK]))
+                    out = self._scratch(f"weights.{k}", (left_t.shape[0], a_star.shape[1]), dtype)
+                    # [a*; δ⁺; δ⁻] in bf16 one block of columns at a time: the whole (3B, a) operand (46 MB at
+                    # SNLI) would be the batch's largest temporary, allocated late in the heap the process keeps
+                    right = torch.empty(half + rows, CONTRAST_BLOCK, dtype=lp.dtype, device=a_star.device)
+                    for lo in range(0, out.shape[1], CONTRAST_BLOCK):  # bf16 product, fp32 result in place
+                        hi = min(lo + CONTRAST_BLOCK, out.shape[1])
+                        block = right[:, :hi - lo]
+                        block[:half].copy_(a_star[:, lo:hi])
+                        block[half:].copy_(deltas[:, lo:hi])
+                        out[:, lo:hi].copy_(torch.mm(left_t, block))
                     grads[f"weights.{k}"] = out
                 else:
                     a_full = torch.cat([a_star, a_star]).to(dtype) + deltas.to(dtype)
