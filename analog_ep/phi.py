@@ -197,13 +197,22 @@ class Inputs:
     keep `x_query` once per sample: `rows` then says how many rows the relaxation runs.
     """
 
-    x_query: torch.Tensor | None  # (B,P,L,d) tokens the projection synapse reads (None when pooling)
+    x_query: torch.Tensor | None  # (B,S,L,d) the input tokens; projection p reads stream query_streams[p]
     keys: torch.Tensor | None  # (B,P,L,d) Hopfield stored patterns (= values)
     key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
     query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
     lowp: LowPrecision | None = None  # bf16 operands (precision="bf16"); None: the exact path
     rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
+    query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
+
+    def query_tokens(self) -> torch.Tensor:
+        """(B,P,L,d): the tokens each projection reads, gathered (a copy unless every stream is read once, in order).
+        Kept ungathered in `x_query`: SNLI's four projections read two streams, and a gathered copy held for
+        the batch was 30 MB of the fast path's peak."""
+        if list(self.query_streams) == list(range(self.x_query.shape[1])):
+            return self.x_query
+        return self.x_query[:, list(self.query_streams)]
 
     @property
     def batch_size(self) -> int:
@@ -220,7 +229,7 @@ class Inputs:
 
         tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
         return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times),
-                      rows=None if self.rows is None else self.rows * times)
+                      rows=None if self.rows is None else self.rows * times, query_streams=self.query_streams)
 
 
 class EPNet(nn.Module):
@@ -311,9 +320,9 @@ class EPNet(nn.Module):
         key_mask = (keys != 0).any(-1) if spec.mask_padding else None
         if self.proj_query is not None:  # Hopfield pooling: the query drive is the learned patterns
             return Inputs(None, keys, key_mask, self.proj_query.expand(x.shape[0], -1, -1, -1), None)
-        x_query = x[:, [p.query_stream for p in spec.projections]]
-        query_drive = torch.einsum("bpld,ped->bple", x_query, self.proj_weight)
-        return Inputs(x_query, keys, key_mask, query_drive, None)
+        streams = tuple(p.query_stream for p in spec.projections)
+        query_drive = torch.einsum("bpld,ped->bple", x[:, list(streams)], self.proj_weight)
+        return Inputs(x, keys, key_mask, query_drive, None, query_streams=streams)
 
     # ------------------------------------------------------------------ low precision (bf16 products)
     def low_precision_weights(self, kind: str = "bf16") -> list[LowPrecisionWeight | None]:
@@ -424,7 +433,8 @@ class EPNet(nn.Module):
         # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and
         # x_query once (B rows: the contrast needs the free batch's); masks live in `lowp.keys` (its counts)
         rows = free[-1].shape[0] * times
-        return Inputs(inputs.x_query, None, None, None, rep(inputs.flat_x), lowp, rows=rows), stacked
+        return Inputs(inputs.x_query, None, None, None, rep(inputs.flat_x), lowp, rows=rows,
+                      query_streams=inputs.query_streams), stacked
 
     def full_state(self, inputs: Inputs, state: State) -> State:
         """Undo `nudge_start`'s difference form: s* + δ for the projection layer, in the params' dtype."""
@@ -636,7 +646,7 @@ class EPNet(nn.Module):
             if self.proj_query is not None:
                 grads["proj_query"] = weighted.sum(0)
             else:
-                grads["proj_weight"] = torch.einsum("bple,bpld->ped", weighted, inputs.x_query)
+                grads["proj_weight"] = torch.einsum("bple,bpld->ped", weighted, inputs.query_tokens())
         bottoms = [fc_in, *fc[:-1]]
         for n, (h, a) in enumerate(zip(fc, bottoms)):
             hc = h * c
@@ -667,8 +677,14 @@ class EPNet(nn.Module):
             if self.proj_query is not None:
                 grads["proj_query"] = diff.sum(0).mul_(scale)
             else:
-                # x_query: the free batch's B rows (`nudge_start`)
-                grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, inputs.x_query).mul_(scale)
+                # x_query: the free batch's B rows (`nudge_start`); per projection where streams repeat, so that
+                # no gathered copy of the tokens is made
+                x, streams = inputs.x_query, inputs.query_streams
+                if list(streams) == list(range(x.shape[1])):
+                    grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, x).mul_(scale)
+                else:
+                    grads["proj_weight"] = torch.stack([torch.einsum("ble,bld->ed", diff[:, p], x[:, s])
+                                                        for p, s in enumerate(streams)]).mul_(scale)
             del diff  # B × the projection layer in fp32: not held through the larger products below
         fc = nudged[P:]
         for k, h in enumerate(fc):
