@@ -20,6 +20,9 @@ from analog_ep import native_kernels
 
 ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 bytes; kernels pair them)
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
+SMALL_MATRIX = 32 << 20  # int8 bytes of W below which the one-pass kernel may read it more than once per step
+ACC_BYTES = 256 << 10  # per-thread int32 partial sums of x·Wᵀ one call of the one-pass kernel keeps (in L2)
+LONG_CHUNK_ROWS = 512
 
 
 def _round_up(n: int, m: int) -> int:
@@ -30,7 +33,18 @@ def fused_chunk(rows: int) -> int:
     """Columns of W per pass of the one-pass kernel: its up layout of them (chunk x Kp bytes) and the staged
     codes (rows x chunk) stay in L2; with many rows, longer chunks halve the reloads of the rows' partial sums
     (SNLI's nudged 512 rows: 10.4-11.7 -> 9.5 ms, isolated; at 32-256 rows no better or slower)."""
-    return 1024 if rows >= 512 else 512
+    return 1024 if rows >= LONG_CHUNK_ROWS else 512
+
+
+def fused_rows(rows: int, Kp: int, Np: int) -> int:
+    """Rows per call of the one-pass kernel. Each call keeps a thread's int32 partial sums of x·Wᵀ (rows x Kp)
+    in L2 beside its staged codes and up layout; past ~256 KB of them they spill (SNLI's nudged 512 rows:
+    917 KB). Where W is small enough to read again cheaply (SNLI's 12 MB), the rows are split to keep them in
+    L2: SNLI nudged step 17.6 -> 15.1 ms (median of 6 interleaved rounds). At IMDB (180 MB) re-reading W
+    costs more than the spill (b128 nudged 93 -> 104 ms split): one call."""
+    if Kp * Np > SMALL_MATRIX:
+        return rows
+    return max(ROW_BLOCK, min(rows, ACC_BYTES // (4 * Kp) // ROW_BLOCK * ROW_BLOCK))
 
 
 def _switched_off() -> bool:
@@ -166,22 +180,26 @@ class PackedInt8:
         M = h.shape[0]
         Mp = _round_up(M, ROW_BLOCK)
         threads = torch.get_num_threads()
-        chunk = fused_chunk(Mp)
+        step = fused_rows(Mp, self.Kp, self.Np)
+        chunk = fused_chunk(step)
         qh, rh = _quantize_rows_with(self._lib, h, Mp, self.Kp)
         in_kernel = x_absmax is not None and x.dtype == torch.bfloat16 and x.is_contiguous()
         if in_kernel:
             amax = x_absmax.to(torch.float32).reshape(M, 1)
             rx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # `quantize_rows`' factors
-            qx, stage = None, self._buffer("stage", threads * Mp * chunk, torch.int8)
+            qx, stage = None, self._buffer("stage", threads * step * chunk, torch.int8)
         else:
             (qx, rx), stage = _quantize_rows_with(self._lib, x, Mp, self.Np), None
         down = torch.empty(M, self.N, dtype=torch.bfloat16)
         up = torch.empty(M, self.K, dtype=torch.float32)
-        acc = self._buffer("acc", threads * Mp * self.Kp, torch.int32)
+        acc = self._buffer("acc", threads * step * self.Kp, torch.int32)
         scratch = self._buffer("scratch", threads * chunk * self.Kp, torch.int8)
-        self._lib.seqep_down_up_int8(qh.data_ptr(), None if qx is None else qx.data_ptr(),
-                                     x.data_ptr() if in_kernel else None, rx.data_ptr(), self.down_layout.data_ptr(),
-                                     M, Mp, self.K, self.Kp, self.N, self.Np, self.scale, down.data_ptr(),
-                                     up.data_ptr(), acc.data_ptr(), scratch.data_ptr(),
-                                     None if stage is None else stage.data_ptr(), chunk, threads)
+        for m0 in range(0, M, step):
+            rows = min(step, M - m0)
+            self._lib.seqep_down_up_int8(
+                qh[m0:].data_ptr(), None if qx is None else qx[m0:].data_ptr(),
+                x[m0:].data_ptr() if in_kernel else None, rx[m0:].data_ptr(), self.down_layout.data_ptr(),
+                rows, _round_up(rows, ROW_BLOCK), self.K, self.Kp, self.N, self.Np, self.scale, down[m0:].data_ptr(),
+                up[m0:].data_ptr(), acc.data_ptr(), scratch.data_ptr(), None if stage is None else stage.data_ptr(),
+                chunk, threads)
         return down, rh, up

@@ -58,6 +58,24 @@ def test_the_one_pass_pair_with_many_rows_takes_longer_chunks_and_the_same_numbe
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_rows_are_split_only_where_the_matrix_is_cheap_to_read_again() -> None:
+    assert amx_int8.fused_rows(512, 448, 30016) == 128  # SNLI's nudged rows: partial sums kept in L2
+    assert amx_int8.fused_rows(64, 448, 30016) == 64
+    assert amx_int8.fused_rows(256, 1024, 180032) == 256  # IMDB: W is 180 MB, read once
+
+
+@needs_amx
+def test_the_one_pass_pair_split_into_row_blocks_gives_the_same_numbers() -> None:
+    gen = torch.Generator().manual_seed(6)
+    w, h = torch.randn(400, 700, generator=gen), torch.randn(300, 400, generator=gen)
+    x = torch.randn(300, 700, generator=gen).bfloat16()
+    packed = amx_int8.PackedInt8(w)
+    assert amx_int8.fused_rows(320, packed.Kp, packed.Np) == 128  # three calls: 128, 128 and 44 rows
+    want = (*packed.down_row_scaled(h), packed.up(x))
+    for got in (packed.down_up(h, x), packed.down_up(h, x, x.float().abs().amax(1))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_row_quantiser_matches_torch_and_pads_with_zeros(dtype: torch.dtype) -> None:
