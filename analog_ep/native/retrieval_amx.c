@@ -182,7 +182,7 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
         uint16_t *qb = aligned_alloc(64, (size_t)(ROWS * dp * 2));
         float *sb = aligned_alloc(64, (size_t)(ROWS * up * 4));
         uint16_t *wb = aligned_alloc(64, (size_t)(ROWS * up * 2));
-        float *vb = aligned_alloc(64, (size_t)(ROWS * dp * 4));
+        float *vb = aligned_alloc(64, (size_t)(ROWS * 32 * 4));
         uint16_t *ob = aligned_alloc(64, (size_t)(ROWS * dp * 2));
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < n * ((lq + ROWS - 1) / ROWS); ++task) {
@@ -231,7 +231,10 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
                 if (weights_out) memcpy(weights_out + row * u, w, (size_t)(u * 2));
             }
             if (!out) continue;
-            for (int64_t c = 0; c < dp; c += 32) { /* values: (32 x up) . (up x 32) per column pair */
+            /* values, 32 columns at a time: each (32 x up) . (up x 32) product is turned into bf16 rows of the
+             * block while its 4 KB are in L1 (a whole fp32 block, 40 KB at d = 300, spilled the cache) */
+            __m512 vmax = _mm512_setzero_ps();
+            for (int64_t c = 0; c < dp; c += 32) {
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t k = 0; k < up; k += 32) {
                     _tile_loadd(4, wb + k, up * 2);
@@ -241,16 +244,16 @@ void seqep_retrieve(const uint16_t *q, const uint16_t *kt, const uint16_t *kv, c
                     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 5, 6);
                     _tile_dpbf16ps(2, 4, 7); _tile_dpbf16ps(3, 5, 7);
                 }
-                store_quad(vb, dp, c);
-            }
-            __m512 vmax = _mm512_setzero_ps();
-            for (int64_t i = 0; i < rows; ++i) /* the block's rows, packed as they lie in out */
-                for (int64_t j = 0; j < d; j += 16) {
-                    const __mmask16 m = lanes_left(d - j);
-                    const __m512 v = _mm512_load_ps(vb + i * dp + j);
-                    store_bf16(ob + i * d + j, v, m);
-                    vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_abs_ps(v));
+                store_quad(vb, 32, 0);
+                const __mmask16 m0_ = lanes_left(d - c), m1_ = lanes_left(d - c - 16);
+                for (int64_t i = 0; i < rows; ++i) { /* the block's rows, packed as they lie in out */
+                    const __m512 v0 = _mm512_load_ps(vb + i * 32), v1 = _mm512_load_ps(vb + i * 32 + 16);
+                    store_bf16(ob + i * d + c, v0, m0_);
+                    store_bf16(ob + i * d + c + 16, v1, m1_);
+                    vmax = _mm512_mask_max_ps(vmax, m0_, vmax, _mm512_abs_ps(v0));
+                    vmax = _mm512_mask_max_ps(vmax, m1_, vmax, _mm512_abs_ps(v1));
                 }
+            }
             stream_out(ob, rows * d, out + (r * lq + m0) * d);
             if (block_absmax) /* max |out| of the block, as bf16 rounds it (rounding keeps the order) */
                 block_absmax[task_of_row(r, m0, lq)] = round_bf16(_mm512_reduce_max_ps(vmax));
