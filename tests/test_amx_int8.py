@@ -46,16 +46,23 @@ def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> N
     assert torch.equal(got, want_down)
 
 
-@needs_amx
-def test_the_one_pass_pair_with_many_rows_takes_longer_chunks_and_the_same_numbers() -> None:
-    gen = torch.Generator().manual_seed(5)
-    w, h = torch.randn(40, 2500, generator=gen), torch.randn(520, 40, generator=gen)
-    x = torch.randn(520, 2500, generator=gen).bfloat16()
+def _pair_equals_separate_products(k: int, n: int, rows: int, seed: int) -> amx_int8.PackedInt8:
+    """down_up (codes made outside and inside the kernel) against the two separate products, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    w, h = torch.randn(k, n, generator=gen), torch.randn(rows, k, generator=gen)
+    x = torch.randn(rows, n, generator=gen).bfloat16()
     packed = amx_int8.PackedInt8(w)
-    assert amx_int8.fused_chunk(544) > amx_int8.fused_chunk(64)
     want = (*packed.down_row_scaled(h), packed.up(x))
     for got in (packed.down_up(h, x), packed.down_up(h, x, x.float().abs().amax(1))):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+    return packed
+
+
+@needs_amx
+def test_the_one_pass_pair_with_many_rows_takes_longer_chunks_and_the_same_numbers() -> None:
+    assert amx_int8.fused_chunk(544) > amx_int8.fused_chunk(64)
+    packed = _pair_equals_separate_products(40, 2500, 520, seed=5)
+    assert amx_int8.fused_rows(544, packed.Kp, packed.Np) == 544  # one call: the long chunks are used
 
 
 def test_rows_are_split_only_where_the_matrix_is_cheap_to_read_again() -> None:
@@ -66,14 +73,8 @@ def test_rows_are_split_only_where_the_matrix_is_cheap_to_read_again() -> None:
 
 @needs_amx
 def test_the_one_pass_pair_split_into_row_blocks_gives_the_same_numbers() -> None:
-    gen = torch.Generator().manual_seed(6)
-    w, h = torch.randn(400, 700, generator=gen), torch.randn(300, 400, generator=gen)
-    x = torch.randn(300, 700, generator=gen).bfloat16()
-    packed = amx_int8.PackedInt8(w)
+    packed = _pair_equals_separate_products(400, 700, 300, seed=6)
     assert amx_int8.fused_rows(320, packed.Kp, packed.Np) == 128  # three calls: 128, 128 and 44 rows
-    want = (*packed.down_row_scaled(h), packed.up(x))
-    for got in (packed.down_up(h, x), packed.down_up(h, x, x.float().abs().amax(1))):
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @needs_amx
