@@ -181,6 +181,11 @@ class DistinctKeys:
     def rows(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        g = self.groups[0]
+        return g.packed.kt.device if g.packed is not None else g.keys.device
+
     @classmethod
     def build(cls, keys: torch.Tensor, key_mask: torch.Tensor | None, query_drive: torch.Tensor,
               gamma: float, dtype: torch.dtype) -> DistinctKeys:
@@ -260,7 +265,7 @@ class DistinctKeys:
         if len(self.groups) == 1:
             out = product(0, None, absmax).view(self.shape)
         else:
-            out = torch.empty(self.rows, *self.shape[2:], dtype=self.dtype)
+            out = torch.empty(self.rows, *self.shape[2:], dtype=self.dtype, device=self.device)
             for i, g in enumerate(self.groups):
                 product(i, out[g.rows], None if absmax is None else absmax[g.rows])
             out = out.view(self.shape)

@@ -91,12 +91,12 @@ def _ep_step_grads(net: EPNet, inputs, free, target, beta: float, steps: int, sy
     B = target.shape[0]
     if symmetric:
         inputs2, state = inputs.repeat(2), stack_states(free, free)
-        betas = torch.full((2 * B, 1), beta, dtype=target.dtype)
+        betas = torch.full((2 * B, 1), beta, dtype=target.dtype, device=target.device)
         betas[B:] = -beta
         target2, scale = target.repeat(2, 1), -1.0 / (2 * beta * B)
     else:
         inputs2, state, betas, target2, scale = inputs, free, beta, target, -1.0 / (beta * B)
-    coef = torch.full((2 * B,), scale, dtype=target.dtype)
+    coef = torch.full((2 * B,), scale, dtype=target.dtype, device=target.device)
     coef[B:] = -scale
     out = []
     for _ in range(steps):
