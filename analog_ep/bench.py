@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from analog_ep import dynamics, estimators
+from analog_ep import dynamics, estimators, native_kernels
 from analog_ep.allocator import keep_freed_memory
 from analog_ep.config import load_preset
 from analog_ep.errors import ConfigError, DataError
@@ -244,10 +244,10 @@ def machine_info() -> dict:
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         info["cpu"] = fields.get("Model name")
         info["caches"] = {k: fields[k] for k in ("L1d cache", "L2 cache", "L3 cache") if k in fields}
-        flags = fields.get("Flags", "").split()
-        info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     except (OSError, ValueError, subprocess.SubprocessError):
         pass
+    flags = native_kernels.cpu_flags() or []
+    info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile") if f in flags]
     try:
         with open("/proc/meminfo") as f:
             info["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)

@@ -37,14 +37,21 @@ def cache_dir() -> Path:
     return Path(base) / "native"
 
 
-def _cpu_missing() -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return ["Linux (AMX needs its arch_prctl permission call)"]
+def cpu_flags() -> list[str] | None:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo), or None where they cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return None
+    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def _cpu_missing() -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return ["Linux (AMX needs its arch_prctl permission call)"]
+    flags = cpu_flags()
+    if flags is None:
         return ["/proc/cpuinfo"]
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return [f for f in CPU_FLAGS if f not in flags]
 
 
