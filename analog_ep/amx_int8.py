@@ -22,7 +22,7 @@ ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 by
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
 SMALL_MATRIX = 32 << 20  # int8 bytes of W below which the one-pass kernel may read it more than once per step
 ACC_BYTES = 256 << 10  # per-thread int32 partial sums of x·Wᵀ one call of the one-pass kernel keeps (in L2)
-LONG_CHUNK_ROWS = 512
+LONG_CHUNK_ROWS = 512  # rows from which the one-pass kernel takes 1,024 columns per pass (`fused_chunk`)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -40,7 +40,7 @@ def fused_rows(rows: int, Kp: int, Np: int) -> int:
     """Rows per call of the one-pass kernel. Each call keeps a thread's int32 partial sums of x·Wᵀ (rows x Kp)
     in L2 beside its staged codes and up layout; past ~256 KB of them they spill (SNLI's nudged 512 rows:
     917 KB). Where W is small enough to read again cheaply (SNLI's 12 MB), the rows are split to keep them in
-    L2: SNLI nudged step 17.6 -> 15.1 ms (median of 6 interleaved rounds). At IMDB (180 MB) re-reading W
+    L2: SNLI nudged step 17.2 -> 15.1 ms (median of 8 interleaved rounds). At IMDB (180 MB) re-reading W
     costs more than the spill (b128 nudged 93 -> 104 ms split): one call."""
     if Kp * Np > SMALL_MATRIX:
         return rows

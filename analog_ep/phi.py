@@ -206,13 +206,16 @@ class Inputs:
     rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
     query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
 
+    @property
+    def streams_in_order(self) -> bool:
+        """Projection p reads stream p: `x_query` is already the (B,P,L,d) tokens, no gather needed."""
+        return list(self.query_streams) == list(range(self.x_query.shape[1]))
+
     def query_tokens(self) -> torch.Tensor:
-        """(B,P,L,d): the tokens each projection reads, gathered (a copy unless every stream is read once, in order).
+        """(B,P,L,d): the tokens each projection reads, gathered (a copy unless `streams_in_order`).
         Kept ungathered in `x_query`: SNLI's four projections read two streams, and a gathered copy held for
         the batch was 30 MB of the fast path's peak."""
-        if list(self.query_streams) == list(range(self.x_query.shape[1])):
-            return self.x_query
-        return self.x_query[:, list(self.query_streams)]
+        return self.x_query if self.streams_in_order else self.x_query[:, list(self.query_streams)]
 
     @property
     def batch_size(self) -> int:
@@ -679,12 +682,12 @@ class EPNet(nn.Module):
             else:
                 # x_query: the free batch's B rows (`nudge_start`); per projection where streams repeat, so that
                 # no gathered copy of the tokens is made
-                x, streams = inputs.x_query, inputs.query_streams
-                if list(streams) == list(range(x.shape[1])):
+                x = inputs.x_query
+                if inputs.streams_in_order:
                     grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, x).mul_(scale)
                 else:
                     grads["proj_weight"] = torch.stack([torch.einsum("ble,bld->ed", diff[:, p], x[:, s])
-                                                        for p, s in enumerate(streams)]).mul_(scale)
+                                                        for p, s in enumerate(inputs.query_streams)]).mul_(scale)
             del diff  # B × the projection layer in fp32: not held through the larger products below
         fc = nudged[P:]
         for k, h in enumerate(fc):

@@ -29,14 +29,19 @@ from analog_ep.reference import reference_ep_symmetric
 DEFAULT_BATCHES = {"imdb-paper": [32, 128], "snli-paper": [256]}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    _sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    _sync(device)
     return (time.perf_counter() - t) / repeats
 
 
