@@ -2,11 +2,17 @@
 
 A checkpoint is a `torch.save`d dict: {"format": 1, "spec": GraphSpec dict, "model": state_dict,
 **extra}. Tensors are saved on CPU, so a model trained on CUDA loads on a CPU-only machine.
+
+Checkpoints hold tensors and plain data only (dicts, lists, numbers, strings), and are read with
+`torch.load(..., weights_only=True)`: a file someone shared cannot run code when it is opened. A file
+that holds any other pickled object is refused with the reason; `convert_trusted_checkpoint` (the
+`seqep checkpoint-convert --trust` command) rewrites such a file once, for a user who trusts it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,12 +60,23 @@ def resolve_checkpoint(path: str | Path, which: str = BEST) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, which: str = BEST) -> dict:
-    file = resolve_checkpoint(path, which)
+def _read_weights_only(file: Path) -> Any:
+    """torch.load restricted to tensors and plain containers; a pickled object is refused, never built."""
     try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file} holds a pickled Python object, which seqep does not unpickle (opening it could run code). "
+            f"If you trust where it came from, convert it once: seqep checkpoint-convert --trust {file}"
+            f" (loader said: {str(err).splitlines()[0]})") from err
     except Exception as err:  # truncated or not a torch file
         raise CheckpointError(f"cannot read checkpoint {file}: {err}. Re-train or pick another checkpoint.") from err
+
+
+def load_checkpoint(path: str | Path, which: str = BEST) -> dict:
+    """The checkpoint dict of a file or run directory, read without running any code it may hold."""
+    file = resolve_checkpoint(path, which)
+    ckpt = _read_weights_only(file)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "spec" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{file} is not a seqep checkpoint (format {FORMAT}) with 'spec' and 'model'")
     return ckpt
@@ -75,3 +92,40 @@ def load_model(path: str | Path, which: str = BEST, device: str | torch.device =
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path} does not match this version of seqep's model: {err}") from err
     return net.to(device), ckpt
+
+
+def _plain(obj: Any) -> Any:
+    """Tensors and plain containers only: numpy arrays become tensors, tuples lists, anything else refused."""
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    raise CheckpointError(f"cannot convert a {type(obj).__name__} to plain data: this is not a seqep checkpoint")
+
+
+def convert_trusted_checkpoint(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Rewrite a checkpoint that holds pickled objects as tensors + plain data (loadable with weights_only).
+
+    This *does* unpickle `src` (it may run code): call it only on files whose origin you trust.
+    """
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=False)  # explicit trust: the one exception
+    except Exception as err:
+        raise CheckpointError(f"cannot read {src}: {err}") from err
+    if not isinstance(ckpt, dict) or "spec" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{src} is not a seqep checkpoint (a dict with 'spec' and 'model')")
+    atomic_torch_save(_plain(ckpt), dst)
+    _read_weights_only(dst)  # what was written must load the safe way
+    return dst

@@ -17,6 +17,7 @@ ANALOG_COMMAND_MODULES = (
     "analog_ep.commands.gdu",
     "analog_ep.commands.train",
     "analog_ep.commands.bench",
+    "analog_ep.commands.checkpoint",
 )
 
 

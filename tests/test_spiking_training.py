@@ -257,7 +257,7 @@ def _rows(run: Path) -> list[tuple]:
 
 
 def _last(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
