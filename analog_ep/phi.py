@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
-from analog_ep.fast_retrieval import DistinctKeys, Query, enable_compiled
+from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
+from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
-from analog_ep.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
 
 State = list[torch.Tensor]
 LowPrecisionWeight = Bf16Weight | Int8Weight

@@ -18,8 +18,8 @@ import json
 
 import torch
 
-from analog_ep.checkpoint import load_model
-from analog_ep.training import load_run_data
+from analog_ep.train.checkpoint import load_model
+from analog_ep.train.trainer import load_run_data
 
 
 def steps_to_settle(run_dir: str, samples: int, tol: float, max_steps: int, seed: int = 0) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sweep import fmt, summarise
 
-from analog_ep.plots import plot_frontier
+from analog_ep.train.plots import plot_frontier
 
 
 def parse_run(text: str) -> tuple[str, list[Path]]:

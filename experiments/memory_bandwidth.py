@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from analog_ep.allocator import keep_freed_memory
-from analog_ep.lowp_weights import Int8Weight, enable_compiled_quantizers, int8_available, int8_kernel_name
+from analog_ep.fast.allocator import keep_freed_memory
+from analog_ep.fast.lowp_weights import Int8Weight, enable_compiled_quantizers, int8_available, int8_kernel_name
 
 FC1 = {"imdb": (1000, 180_000), "snli": (400, 30_000)}  # (out, in) of the paper shapes' first FC synapse
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     (root / "summary.md").write_text(md)
     print(md)
 
-    from analog_ep.plots import plot_frontier
+    from analog_ep.train.plots import plot_frontier
 
     curves: dict[str, list] = {name: [root / f"{name}-seed{s}" for s in seeds] for name, _ in variants}
     for extra in args.extra_run:

@@ -1,6 +1,8 @@
 """Spiking backend: runs analog_ep's Φ with rate-coded spiking units (docs/spiking.md).
 
-    from spiking_ep import to_spiking, evaluate_spiking
+    from spiking_ep import to_spiking
+
+    from spiking_ep import evaluate_spiking
     snet = to_spiking("runs/imdb")                     # or an EPNet; coding="sigma_delta" | "if" | ...
     result = evaluate_spiking(snet, batches, timesteps=(32, 64, 128, 256))
 

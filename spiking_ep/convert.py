@@ -3,7 +3,7 @@
 A `SpikingNet` is a reference to an `EPNet` plus *how its units communicate* (coding, trace time
 constant, attention winner rule). Nothing about the architecture is copied: shapes, weights, γ, the
 schedule and the nudge all come from the EPNet, so a fine-tuned spiking model is still an analog
-model too. `to_spiking(run_dir)` loads through `analog_ep.checkpoint.load_model` (map_location CPU),
+model too. `to_spiking(run_dir)` loads through `analog_ep.train.checkpoint.load_model` (map_location CPU),
 so a checkpoint trained on CUDA converts and runs on a CPU-only machine.
 """
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from analog_ep.checkpoint import load_model
 from analog_ep.errors import ConfigError
 from analog_ep.phi import EPNet
+from analog_ep.train.checkpoint import load_model
 from spiking_ep.attention import ATTENTION_MODES, SpikingAttention
-from spiking_ep.neurons import CODINGS, Coding, make_coding
+from spiking_ep.units.neurons import CODINGS, Coding, make_coding
 
 SPIKING_CONFIG = "spiking.json"
 DEFAULT_CODING = "sigma_delta"  # chosen by measurement: docs/spiking.md, "Choosing the coding"

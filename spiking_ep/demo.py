@@ -2,7 +2,7 @@
 
 Stages, each re-runnable on its own (a second `seqep demo` picks up where an interrupted one stopped):
 
-1. train    the IMDB `smoke` preset into OUT (default runs/demo) with `analog_ep.training.train_run`;
+1. train    the IMDB `smoke` preset into OUT (default runs/demo) with `analog_ep.train.trainer.train_run`;
             a finished run is reused (unless --fresh), an interrupted one resumes from checkpoints/last.pt
 2. convert  sigma-delta units (the default coding), OUT/spiking.json
 3. compare  `seqep compare` on the test subset under the cmos45nm and loihi profiles: OUT/compare/
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from analog_ep.errors import ConfigError, DataError
-from analog_ep.runs import write_json
+from analog_ep.train.run_dir import write_json
 
 DEFAULT_OUT = Path("runs") / "demo"
 DEFAULT_TIMESTEPS = (8, 16, 32, 64)
@@ -70,9 +70,9 @@ def prepare_out_dir(out: Path, fresh: bool) -> None:
 
 def train_stage(out: Path, fresh: bool, progress: bool, command: str) -> dict[str, Any]:
     """Train the smoke preset, resume an interrupted run, or reuse a finished one."""
-    from analog_ep.config import load_preset
-    from analog_ep.runs import load_run_config
-    from analog_ep.training import train_run
+    from analog_ep.train.config import load_preset
+    from analog_ep.train.run_dir import load_run_config
+    from analog_ep.train.trainer import train_run
 
     prepare_out_dir(out, fresh)
     report_path = out / "report.json"
@@ -93,7 +93,7 @@ def nir_stage(out: Path, progress: bool) -> dict[str, Any]:
     """Export OUT/model.nir and run it through norse against our reference on the first test samples."""
     import torch
 
-    from analog_ep.checkpoint import load_model
+    from analog_ep.train.checkpoint import load_model
     from spiking_ep.evaluate import run_batches
     from spiking_ep.nir_export import check_round_trip, export_nir
 
@@ -117,7 +117,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, timesteps: Sequence[int] = DEFAULT_T
              limit: int | None = None, skip: Sequence[str] = (), progress: bool = True,
              command: str = "seqep demo", threads: int | None = 1) -> dict[str, Any]:
     """All four stages; returns (and writes to OUT/demo.json) what the final table shows."""
-    from spiking_ep.compare import torch_threads
+    from spiking_ep.energy.compare import torch_threads
 
     unknown = set(skip) - set(STAGES)
     if unknown:
@@ -128,8 +128,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, timesteps: Sequence[int] = DEFAULT_T
 
 def _run_stages(out: Path, timesteps: Sequence[int], fresh: bool, limit: int | None, skip: Sequence[str],
                 progress: bool, command: str) -> dict[str, Any]:
-    from spiking_ep.compare import CompareOptions, compare_run, headline, load_report
     from spiking_ep.convert import save_spiking_config, to_spiking
+    from spiking_ep.energy.compare import CompareOptions, compare_run, headline, load_report
 
     start = time.perf_counter()
     data_dir = resolve_data_dir()
@@ -171,7 +171,7 @@ def _run_stages(out: Path, timesteps: Sequence[int], fresh: bool, limit: int | N
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The final table (`compare.console_table`) between the training result and the NIR round trip."""
-    from spiking_ep.compare import console_table
+    from spiking_ep.energy.compare import console_table
 
     lines = [f"seqep demo: {summary['out']}  (wall time {summary['seconds']['total'] / 60:.1f} min)"]
     train = summary.get("train")

@@ -20,7 +20,7 @@ from analog_ep.errors import ConfigError
 from analog_ep.phi import EPNet, State
 from spiking_ep.convert import DEFAULT_CODING, SpikingNet, to_spiking
 from spiking_ep.dynamics import SpikingState, init_state, new_record, spiking_step
-from spiking_ep.neurons import SigmaDeltaCoding
+from spiking_ep.units.neurons import SigmaDeltaCoding
 
 READOUTS = ("final", "window")
 
@@ -49,7 +49,7 @@ def run_batches(run_dir: str | Path, split: str = "test", limit: int | None = No
     With `limit`, a seeded random subset (kept in stored order): the stored splits are ordered by label,
     so "the first N" would be one class only.
     """
-    from analog_ep.training import batches, load_run_data, seeded_subset
+    from analog_ep.train.trainer import batches, load_run_data, seeded_subset
 
     cfg, task, embedding = load_run_data(run_dir, progress=progress)
     dataset = task.splits[split]

@@ -1,6 +1,8 @@
 """The dataset pipeline shared by both backends: IMDB and SNLI as token ids plus one frozen embedding.
 
-    from analog_ep.data import load_task, embed_batch
+    from analog_ep.data import load_task
+
+    from analog_ep.data import embed_batch
     task = load_task("imdb")                     # SEQEP_DATA_DIR, else the Hugging Face hub
     x = embed_batch(ids, task.embedding)         # (B, S, L) ids -> (B, S, L, d), padding exactly zero
 

@@ -12,11 +12,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from synthetic import token_presence_task  # noqa: E402
 
-from analog_ep.checkpoint import load_model, save_model  # noqa: E402
 from analog_ep.estimators import EPConfig, make_estimator  # noqa: E402
 from analog_ep.models import build_spec  # noqa: E402
 from analog_ep.phi import EPNet  # noqa: E402
-from analog_ep.training_core import accuracy, layer_param_groups, param_lrs, train_step  # noqa: E402
+from analog_ep.train.checkpoint import load_model, save_model  # noqa: E402
+from analog_ep.train.inner_loop import accuracy, layer_param_groups, param_lrs, train_step  # noqa: E402
 
 CFG = EPConfig(beta=0.1, free_steps=20, nudge_steps=8)
 SEQ_LEN, DIM = 12, 16

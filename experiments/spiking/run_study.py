@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from analog_ep.checkpoint import load_model
+from analog_ep.train.checkpoint import load_model
 from spiking_ep.convert import to_spiking
 from spiking_ep.evaluate import batches_from_run, evaluate_spiking, plot_accuracy_vs_timesteps, timesteps_for_gap
 

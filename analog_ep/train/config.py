@@ -1,0 +1,237 @@
+"""Run configuration: four typed sections, loaded from TOML presets, validated, overridable.
+
+Presets live in `experiments/presets/<task>-<preset>.toml` (e.g. `imdb-cpu.toml`). Every value can be
+overridden from the command line with `--set section.key=value` (or `--set key=value` when the key
+name is unique across sections); values are parsed as TOML literals (`--set train.lrs=[1e-3,5e-4]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analog_ep.errors import ConfigError
+from analog_ep.estimators import ESTIMATORS
+from analog_ep.phi import PRECISIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(os.environ.get("SEQEP_PRESET_DIR", Path(__file__).resolve().parents[2] / "experiments" / "presets"))
+PRESETS = ("smoke", "cpu", "paper")
+
+
+@dataclass
+class DataConfig:
+    task: str = "imdb"
+    data_dir: str | None = None
+    max_len: int | None = None  # None: the task's default (IMDB 600, SNLI 25 per sentence)
+    vectors: str = "glove50"
+    oov: str = "drop"
+    min_freq: int = 1
+    max_vocab: int | None = None
+    val_size: float = 0.1
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    exact_match: bool = False  # sentence pairs: one more input channel, 1 where the word is in the other sentence
+
+    @property
+    def extra_channels(self) -> int:
+        """Input channels per token beyond the word vector (the exact-match flag)."""
+        return int(self.exact_match)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [1000, 40])
+    attention: bool = True
+    gamma: float | None = None  # None: 1/sqrt(d) for IMDB, 0.16 for SNLI
+    mask_padding: bool = False
+    pool_queries: int = 0
+    input_norm: str = "none"  # "standardize" each dimension or "whiten" (ZCA), train-token-frequency weighted
+    input_scale: float | None = None  # None: auto, word-vector entries scaled to RMS 0.6 (GloVe-50's own)
+    bias_offset: float = 1.0
+    init_gain: float = 1.0
+    schedule: str = "alternating"
+
+
+@dataclass
+class EPSection:
+    estimator: str = "ep_symmetric"
+    beta: float = 0.1
+    free_steps: int = 50
+    nudge_steps: int = 25
+    tol: float | None = None
+    eval_free_steps: int | None = None  # None: free_steps
+    eval_tol: float | None = None
+    precision: str = "fp32"  # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md);
+    # "int8": the fast path with the large FC products in int8 (CPU with oneDNN; pays off at the paper IMDB shape)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "adam"
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-5, 5e-5, 5e-5])
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    min_lr: float = 1e-5
+    seed: int = 0
+    max_minutes: float | None = None
+    checkpoint_minutes: float = 5.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ep: EPSection = field(default_factory=EPSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = ("data", "model", "ep", "train")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        unknown = set(raw) - set(cls.SECTIONS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {list(cls.SECTIONS)}")
+        cfg = cls()
+        for name in cls.SECTIONS:
+            for key, value in (raw.get(name) or {}).items():
+                set_value(cfg, name, key, value, source)
+        validate(cfg, source)
+        return cfg
+
+
+CHOICES = {
+    ("data", "task"): ("imdb", "snli"),
+    ("data", "oov"): ("drop", "unk"),
+    ("model", "schedule"): ("alternating", "synchronous"),
+    ("model", "input_norm"): ("none", "standardize", "whiten"),
+    ("ep", "estimator"): ESTIMATORS,
+    ("ep", "precision"): PRECISIONS,
+    ("train", "optimizer"): ("adam", "adam_unfused", "sgd"),
+    ("train", "lr_schedule"): ("cosine", "constant"),
+    ("train", "dtype"): ("float32", "float64", "bfloat16"),
+}
+POSITIVE = {("ep", "beta"), ("ep", "free_steps"), ("ep", "nudge_steps"), ("train", "epochs"),
+            ("train", "batch_size"), ("train", "eval_batch_size"), ("train", "log_every")}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def set_value(cfg: RunConfig, section: str, key: str, value: Any, source: str = "config") -> None:
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; allowed in [{section}]: {sorted(hints)}")
+    if not _type_ok(value, hints[key]):
+        raise ConfigError(f"{source}: {section}.{key} = {value!r} has the wrong type; expected {hints[key]}")
+    if hints[key] is float or (isinstance(value, int) and float in typing.get_args(hints[key])):
+        value = float(value) if value is not None else None
+    if isinstance(value, list) and typing.get_args(hints[key]) == (float,):
+        value = [float(v) for v in value]
+    setattr(obj, key, value)
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {section}.{key} = {value!r}; choose one of {list(allowed)}")
+    for section, key in POSITIVE:
+        if getattr(getattr(cfg, section), key) <= 0:
+            raise ConfigError(f"{source}: {section}.{key} must be > 0")
+    if cfg.data.exact_match and cfg.data.task != "snli":
+        raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
+    if any(n <= 0 for n in cfg.model.hidden):
+        raise ConfigError(f"{source}: model.hidden sizes must be > 0, got {cfg.model.hidden}")
+    if any(lr < 0 for lr in cfg.train.lrs) or not cfg.train.lrs:
+        raise ConfigError(f"{source}: train.lrs must be one or more non-negative learning rates")
+
+
+def parse_override(text: str) -> tuple[str | None, str, Any]:
+    """'section.key=value' or 'key=value' → (section or None, key, parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set ep.beta=0.2")
+    path, raw = text.split("=", 1)
+    section, _, key = path.strip().rpartition(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words are strings: --set data.vectors=w2v:300
+    if raw.strip().lower() in ("none", "null"):
+        value = None
+    return section or None, key, value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section is None:
+            owners = [s for s in cfg.SECTIONS if key in typing.get_type_hints(type(getattr(cfg, s)))]
+            if len(owners) != 1:
+                raise ConfigError(f"--set {text!r}: key {key!r} is {'ambiguous' if owners else 'unknown'}; "
+                                  f"write it as section.key (sections: {list(cfg.SECTIONS)})")
+            section = owners[0]
+        if section not in cfg.SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; sections: {list(cfg.SECTIONS)}")
+        set_value(cfg, section, key, value, source=f"--set {text}")
+    validate(cfg, "--set")
+    return cfg
+
+
+def preset_path(task: str, preset: str) -> Path:
+    return PRESET_DIR / f"{task}-{preset}.toml"
+
+
+def load_toml(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def load_preset(task: str, preset: str) -> RunConfig:
+    path = preset_path(task, preset)
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+        raise ConfigError(f"no preset {preset!r} for task {task!r} ({path}); available: {available}")
+    cfg = load_toml(path)
+    if cfg.data.task != task:
+        raise ConfigError(f"{path} is a preset for task {cfg.data.task!r}, not {task!r}")
+    return cfg

@@ -1,0 +1,67 @@
+"""Run directories: where a training run keeps its config, metrics, checkpoints, report and plots.
+
+    RUN_DIR/config.json          resolved RunConfig (+ the command line that made it)
+    RUN_DIR/metrics.jsonl        one JSON object per logged step ("kind": "step") and per epoch ("epoch")
+    RUN_DIR/checkpoints/best.pt  best-on-validation model (what `evaluate` and `convert` read)
+    RUN_DIR/checkpoints/last.pt  model + optimiser + progress, for --resume
+    RUN_DIR/report.json          final numbers
+    RUN_DIR/plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from analog_ep.errors import ConfigError
+from analog_ep.train.config import RunConfig
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=str) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption
+            continue
+    return rows
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.json: pass a directory written by `seqep train --out DIR`")
+    raw = json.loads(path.read_text())
+    return RunConfig.from_dict(raw["config"], source=str(path))
+
+
+def software_versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    import analog_ep
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "seqep": getattr(analog_ep, "__version__", "0.1.0"), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}

@@ -1,0 +1,382 @@
+"""The trainer: data → model → EP epochs with checkpoints, metrics and resume → test once → report.
+
+Nothing is lost on interruption: `last.pt` is written atomically at every epoch end, every
+`train.checkpoint_minutes`, and on Ctrl-C; `--resume` continues from the exact batch where it stopped
+(batch order is a function of (seed, epoch), so the resumed run sees the same batches).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from analog_ep.data import TaskData, embed_batch, load_task
+from analog_ep.dynamics import free_phase
+from analog_ep.errors import CheckpointError, ConfigError
+from analog_ep.estimators import EPConfig, Estimator, make_estimator
+from analog_ep.fast.allocator import keep_freed_memory
+from analog_ep.fast.lowp_weights import int8_available, int8_kernel_name
+from analog_ep.models import build_spec
+from analog_ep.phi import EPNet, enable_compiled_kernels
+from analog_ep.train.checkpoint import BEST, LAST, load_checkpoint, save_model
+from analog_ep.train.config import RunConfig
+from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
+from analog_ep.train.run_dir import append_jsonl, software_versions, write_json
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_task_for(cfg: RunConfig, progress: bool = True) -> TaskData:
+    d = cfg.data
+    return load_task(d.task, data_dir=d.data_dir, max_len=d.max_len, vectors=d.vectors, min_freq=d.min_freq,
+                     max_vocab=d.max_vocab, oov=d.oov, val_size=d.val_size, train_limit=d.train_limit,
+                     eval_limit=d.eval_limit, seed=cfg.train.seed, progress=progress)
+
+
+def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
+    m = cfg.model
+    options = dict(seq_len=task.max_len, dim=task.dim + cfg.data.extra_channels, hidden=tuple(m.hidden),
+                   num_classes=task.num_classes,
+                   attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
+                   bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
+    if m.gamma is not None:
+        options["gamma"] = m.gamma
+    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(
+        model_embedding(cfg, task))
+    net = EPNet(build_spec(task.name, **options), seed=cfg.train.seed)
+    return net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
+
+
+TARGET_INPUT_RMS = 0.6
+WHITEN_FLOOR = 1e-6  # eigenvalues below this fraction of the largest are not amplified further ("whiten")
+
+
+def auto_input_scale(embedding: torch.Tensor) -> float:
+    """Scale that brings the word vectors' entries to RMS 0.6 (what GloVe-50 has natively).
+
+    Gensim word2vec trained on IMDB has entries of RMS ≈ 0.07: without rescaling the input barely
+    moves the hard-sigmoid units, the network learns its biases first and saturates (measured: 50 %
+    accuracy after 90 batches). Rows 0 and 1 (PAD, UNK) are zeros and are left out.
+    """
+    rms = float(embedding[2:].float().pow(2).mean().sqrt()) if embedding.shape[0] > 2 else 0.0
+    return round(TARGET_INPUT_RMS / rms, 4) if rms > 0 else 1.0
+
+
+def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
+    """The frozen word vectors as the model sees them (`model.input_norm`); PAD and UNK stay zero.
+
+    Statistics are weighted by train-token counts (what the network actually reads). "standardize"
+    centres and scales each dimension: word2vec trained on IMDB has a large component shared by all
+    words, so mean-pooled reviews are nearly parallel and the hard-sigmoid units see almost no
+    review-to-review variation. "whiten" (ZCA) also decorrelates the dimensions: every direction of
+    the token distribution gets unit variance, so the informative low-variance directions of
+    correlated 300-d vectors are not drowned by a few dominant ones (a linear probe is unchanged).
+    """
+    emb = task.embedding.float()
+    if cfg.model.input_norm == "none":
+        return emb
+    counts = torch.bincount(task.train.ids.flatten().long(), minlength=emb.shape[0])[: emb.shape[0]].float()
+    counts[:2] = 0  # PAD, UNK
+    w = counts / counts.sum().clamp(min=1)
+    mean = w @ emb
+    centred = emb - mean
+    if cfg.model.input_norm == "whiten":
+        cov = (centred * w[:, None]).t().double() @ centred.double()
+        evals, evecs = torch.linalg.eigh(cov)
+        scale = evals.clamp(min=evals.max() * WHITEN_FLOOR).rsqrt()
+        out = (centred.double() @ (evecs * scale) @ evecs.t()).float()
+    else:
+        out = centred / (w @ centred.pow(2)).sqrt().clamp(min=1e-6)
+    out[:2] = 0
+    return out
+
+
+def load_run_data(run_dir: str | Path, progress: bool = True) -> tuple[RunConfig, TaskData, torch.Tensor]:
+    """A run directory's config, its data set and the model's view of the word vectors.
+
+    The one way every consumer of a trained run (evaluate, spiking conversion, comparison reports)
+    gets exactly the inputs the model was trained on.
+    """
+    from analog_ep.train.run_dir import load_run_config
+
+    cfg = load_run_config(run_dir)
+    task = load_task_for(cfg, progress)
+    return cfg, task, model_embedding(cfg, task)
+
+
+def ep_config(cfg: RunConfig) -> EPConfig:
+    return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol, precision=cfg.ep.precision)
+
+
+def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
+    lrs = cfg.train.lrs[0] if len(cfg.train.lrs) == 1 else cfg.train.lrs
+    try:
+        groups = layer_param_groups(net, lrs, cfg.train.weight_decay)
+    except ValueError as err:
+        raise ConfigError(f"train.lrs: {err}") from err
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups)
+    # "adam" is fused: one pass over each parameter instead of ~10 (0.1 s instead of ~0.5 s per batch for the
+    # paper's 180 M-weight IMDB model on 2 cores; CPU and CUDA builds have it). Its rounding differs from
+    # torch's per-tensor loop, which "adam_unfused" keeps (runs before session 5 used it: same digits)
+    fused = cfg.train.optimizer == "adam" and all(p.device.type in ("cpu", "cuda") for p in net.parameters())
+    return torch.optim.Adam(groups, fused=fused or None)
+
+
+def seeded_subset(size: int, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """Indices of a seeded random `limit` of `size` samples, in stored order (all of them without a limit).
+
+    Never "the first N": the stored IMDB/SNLI splits are sorted by label, so those would be one class."""
+    n = size if limit is None else min(limit, size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, order: torch.Tensor | None = None,
+            start: int = 0, exact_match: bool = False):
+    """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.
+
+    `exact_match` (`data.exact_match`) appends the pair-overlap channel (`data.exact_match_flags`).
+    """
+    n = len(dataset)
+    index = order if order is not None else torch.arange(n)
+    for i in range(start * batch_size, n, batch_size):
+        idx = index[i:i + batch_size]
+        ids = dataset.ids[idx].to(device)
+        yield embed_batch(ids, embedding, exact_match).to(dtype), dataset.labels[idx].to(device)
+
+
+@torch.no_grad()
+def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig, progress: bool = False,
+                   desc: str = "eval") -> dict:
+    """Accuracy of the free-phase prediction on a whole split, plus the mean final residual."""
+    steps = cfg.ep.eval_free_steps or cfg.ep.free_steps
+    dtype = net.weights[0].dtype
+    correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
+    predictions = []
+    it = batches(dataset, embedding, cfg.train.eval_batch_size, net.weights[0].device, dtype,
+                 exact_match=cfg.data.exact_match)
+    n_batches = math.ceil(len(dataset) / cfg.train.eval_batch_size)
+    for x, y in tqdm(it, total=n_batches, desc=desc, disable=not progress, leave=False, file=sys.stderr):
+        state, trace = free_phase(net, net.prepare(x), steps, tol=cfg.ep.eval_tol, track=True)
+        pred = state[-1].argmax(-1)
+        predictions.append(pred.cpu())
+        correct += int((pred == y).sum())
+        total += len(y)
+        residual = max(residual, trace.final_residual)
+    return {"accuracy": correct / max(total, 1), "n": total, "seconds": time.perf_counter() - start,
+            "max_final_residual": residual, "predictions": torch.cat(predictions) if predictions else None}
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epoch in progress (0-based)
+    batch: int = 0  # next batch index within the epoch
+    step: int = 0  # optimiser steps so far
+    best_val: float = -1.0
+    best_epoch: int = -1
+    elapsed: float = 0.0  # training seconds before this process
+
+
+RESUMABLE_CHANGES = ("epochs", "max_minutes")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                 command: str = "") -> None:
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if not resume and (self.ckpt_dir / LAST).exists():
+            raise ConfigError(f"{self.run_dir} already holds a run: add --resume to continue it, "
+                              "or pick another --out")
+        if resume and not (self.ckpt_dir / LAST).exists():
+            raise CheckpointError(f"nothing to resume in {self.run_dir} (no checkpoints/{LAST})")
+        self.resume, self.command = resume, command
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
+        if cfg.ep.precision == "int8" and not int8_available(cfg.train.device):
+            raise ConfigError(f"ep.precision = int8 needs the CPU and an AMX CPU or a torch build with oneDNN "
+                              f"(train.device is {cfg.train.device}); use ep.precision=bf16")
+        if cfg.ep.precision != "fp32":
+            enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
+            if cfg.train.device == "cpu":
+                keep_freed_memory()  # its per-step tensors of tens of MB reuse the heap instead of faulting pages in
+        seed_everything(cfg.train.seed)
+        self.task = load_task_for(cfg, self.progress)
+        self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
+        self.net = build_model(cfg, self.task)
+        self.optimizer = make_optimizer(cfg, self.net)
+        self.batches_per_epoch = math.ceil(len(self.task.train) / cfg.train.batch_size)
+        total = max(cfg.train.epochs * self.batches_per_epoch, 1)
+        if cfg.train.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=total, eta_min=min(cfg.train.min_lr, min(cfg.train.lrs)))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.state = Progress()
+        if self.resume:
+            self._load_last()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.unlink(missing_ok=True)
+        write_json(self.run_dir / "config.json", {"config": self.cfg.to_dict(), "command": self.command,
+                                                  "data_info": self.task.info, "spec": self.net.spec.to_dict(),
+                                                  "int8_kernel": int8_kernel_name() if self.cfg.ep.precision == "int8"
+                                                  else None})
+
+    def _load_last(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_dir / LAST)
+        saved, now = ckpt.get("config") or {}, self.cfg.to_dict()
+        for cfg in (saved, now):  # a resumed run may be given more epochs or more time, nothing else
+            for key in RESUMABLE_CHANGES:
+                cfg.get("train", {}).pop(key, None)
+        if saved != now:
+            raise CheckpointError(f"{self.run_dir}: the saved run used a different config; resume without --preset"
+                                  "/--set changes (except train.epochs / train.max_minutes), or use a new --out")
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = Progress(**ckpt["progress"])
+        torch.set_rng_state(ckpt["rng"])
+
+    def _save_last(self) -> None:
+        save_model(self.ckpt_dir / LAST, self.net, config=self.cfg.to_dict(), optimizer=self.optimizer.state_dict(),
+                   scheduler=self.scheduler.state_dict(), progress=vars(self.state).copy(),
+                   rng=torch.get_rng_state())
+
+    # ------------------------------------------------------------------ loop
+    def _estimator(self) -> Estimator:
+        name = self.cfg.ep.estimator
+        lrs = param_lrs(self.optimizer, self.net) if name == "cep" else None
+        return make_estimator(name, ep_config(self.cfg), lrs=lrs)
+
+    def _out_of_time(self, t0: float) -> bool:
+        limit = self.cfg.train.max_minutes
+        return limit is not None and self.state.elapsed + time.perf_counter() - t0 > 60 * limit
+
+    def train(self) -> None:
+        cfg, st = self.cfg, self.state
+        dtype = self.net.weights[0].dtype
+        t0 = time.perf_counter()
+        last_ckpt = time.perf_counter()
+        stop = False
+        while st.epoch < cfg.train.epochs and not stop:
+            order = torch.randperm(len(self.task.train), generator=torch.Generator().manual_seed(
+                cfg.train.seed * 1000 + st.epoch))
+            epoch_start, seen, correct, loss_sum, res_max = time.perf_counter(), 0, 0, 0.0, 0.0
+            bar = tqdm(total=self.batches_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+                       disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+            for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
+                                order, start=st.batch, exact_match=cfg.data.exact_match):
+                b0 = time.perf_counter()
+                est = train_step(self.net, self._estimator(), x, y, self.optimizer)
+                self.scheduler.step()
+                if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+                    raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
+                                             "the learning rates or β (try --set train.lrs=[...])")
+                seen += len(y)
+                correct += int((est.output.argmax(-1) == y).sum())
+                loss_sum += est.loss * len(y)
+                res_max = max(res_max, est.free_trace.final_residual)
+                st.batch += 1
+                st.step += 1
+                bar.update(1)
+                bar.set_postfix(acc=f"{correct / seen:.3f}", loss=f"{loss_sum / seen:.3f}",
+                                res=f"{est.free_trace.final_residual:.1e}")
+                if st.step % cfg.train.log_every == 0:
+                    append_jsonl(self.metrics_path, {
+                        "kind": "step", "step": st.step, "epoch": st.epoch + st.batch / self.batches_per_epoch,
+                        "loss": est.loss, "batch_accuracy": float((est.output.argmax(-1) == y).float().mean()),
+                        "free_residual": est.free_trace.final_residual, "free_steps": est.free_trace.steps,
+                        "seconds_per_batch": time.perf_counter() - b0, "lr": self.optimizer.param_groups[0]["lr"]})
+                if time.perf_counter() - last_ckpt > 60 * cfg.train.checkpoint_minutes:
+                    self._save_last()
+                    last_ckpt = time.perf_counter()
+                if self._out_of_time(t0):
+                    stop = True
+                    break
+            bar.close()
+            epoch_done = st.batch >= self.batches_per_epoch
+            val = evaluate_split(self.net, self.task.val, self.embedding, cfg, self.progress, desc="val")
+            row = {"kind": "epoch", "epoch": st.epoch + (1 if epoch_done else st.batch / self.batches_per_epoch),
+                   "train_accuracy": correct / max(seen, 1), "train_loss": loss_sum / max(seen, 1),
+                   "val_accuracy": val["accuracy"], "max_free_residual": res_max,
+                   "epoch_seconds": time.perf_counter() - epoch_start, "val_seconds": val["seconds"],
+                   "elapsed_minutes": (st.elapsed + time.perf_counter() - t0) / 60}
+            append_jsonl(self.metrics_path, row)
+            if self.progress:
+                print(f"epoch {row['epoch']:.2f}: train acc {row['train_accuracy']:.4f}  val acc "
+                      f"{val['accuracy']:.4f}  ({row['epoch_seconds']:.0f} s)", file=sys.stderr)
+            if val["accuracy"] > st.best_val:
+                st.best_val, st.best_epoch = val["accuracy"], st.epoch + 1
+                save_model(self.ckpt_dir / BEST, self.net, config=self.cfg.to_dict(), epoch=st.epoch + 1,
+                           val_accuracy=val["accuracy"])
+            if epoch_done:
+                st.epoch, st.batch = st.epoch + 1, 0
+            st.elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._save_last()
+            last_ckpt = time.perf_counter()
+
+    # ------------------------------------------------------------------ finish
+    def finish(self, status: str = "completed") -> dict:
+        from analog_ep.train.checkpoint import load_model
+        from analog_ep.train.plots import plot_run
+
+        cfg = self.cfg
+        best, _ = load_model(self.run_dir, BEST, device=cfg.train.device)
+        best = best.to(getattr(torch, cfg.train.dtype))
+        val = evaluate_split(best, self.task.val, self.embedding, cfg, self.progress, desc="val (best)")
+        test = evaluate_split(best, self.task.test, self.embedding, cfg, self.progress, desc="test")
+        x, _ = next(batches(self.task.val, self.embedding, 64, cfg.train.device, best.weights[0].dtype,
+                            exact_match=cfg.data.exact_match))
+        _, trace = free_phase(best, best.prepare(x), max(cfg.ep.free_steps, cfg.ep.eval_free_steps or 0),
+                              record_phi=True)
+        report = {
+            "status": status, "task": cfg.data.task, "estimator": cfg.ep.estimator,
+            "test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "best_epoch": self.state.best_epoch,
+            "epochs_completed": self.state.epoch + self.state.batch / self.batches_per_epoch,
+            "train_minutes": self.state.elapsed / 60, "test_eval_seconds": test["seconds"],
+            "n_train": len(self.task.train), "n_val": val["n"], "n_test": test["n"],
+            "data": self.task.info, "seed": cfg.train.seed, "device": cfg.train.device, "dtype": cfg.train.dtype,
+            "software": software_versions(), "command": self.command,
+            "free_phase_trace": {"residuals": trace.residuals, "phi": trace.phi},
+            "parameters": sum(p.numel() for p in best.parameters()),
+        }
+        write_json(self.run_dir / "report.json", report)
+        plot_run(self.run_dir)
+        return report
+
+
+def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+              command: str = "") -> dict:
+    """Train (or resume) a run and write its report. Ctrl-C saves `last.pt` and still writes a report."""
+    trainer = Trainer(cfg, run_dir, resume, progress, command)
+    trainer.setup()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        trainer._save_last()
+        print(f"\ninterrupted: progress saved; continue with `seqep train --out {run_dir} --resume`", file=sys.stderr)
+        if (trainer.ckpt_dir / BEST).exists():
+            trainer.finish(status="interrupted")
+        raise
+    return trainer.finish()

@@ -1,0 +1,113 @@
+"""NIR export of the spiking FC part and its round trip: nir.write → nir.read → norse from_nir → run.
+
+Tolerance of the round trip (docs/energy.md, "NIR"): norse must reproduce our reference's output spike
+trains; float32 sums taken in another order could flip a spike at an exact threshold tie, so we allow
+≥ 99 % identical trains and a count difference ≤ 1 per unit. Measured: identical (0 differences).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analog_ep.models import build_spec
+from analog_ep.phi import EPNet
+from analog_ep.train.checkpoint import save_model
+from spiking_ep.nir_export import (
+    NOT_EXPRESSIBLE,
+    check_round_trip,
+    export_nir,
+    graph_input,
+    readout,
+    run_norse,
+    simulate_exported,
+)
+from tests.helpers import trained_tiny_imdb
+
+nir = pytest.importorskip("nir")
+pytest.importorskip("norse")
+
+
+def tiny(model: str, **options) -> EPNet:
+    return EPNet(build_spec(model, tiny=True, bias_offset=1.0, **options), seed=0)
+
+
+def test_graph_has_if_units_and_w_and_wT_edges(tmp_path):
+    net = tiny("imdb")
+    export = export_nir(net, tmp_path / "net.nir")
+    graph = nir.read(export.path)
+    names = net.spec.layer_names[1:]  # fc1, fc2, out: the projection layer is not exported
+    assert all(isinstance(graph.nodes[n], nir.IF) for n in names)
+    assert all(np.all(graph.nodes[n].v_reset == 0) and np.all(graph.nodes[n].v_threshold == 1) for n in names)
+    w2 = net.weights[1].detach().numpy()
+    np.testing.assert_allclose(graph.nodes["w_fc2"].weight, w2 / 2)
+    np.testing.assert_allclose(graph.nodes["wT_fc2"].weight, w2.T / 2)
+    np.testing.assert_allclose(graph.nodes["w_fc2"].bias, net.biases[1].detach().numpy() / 2)
+    edges = set(graph.edges)
+    assert {("fc1", "w_fc2"), ("w_fc2", "fc2"), ("fc2", "wT_fc2"), ("wT_fc2", "fc1"), ("input", "w_fc1")} <= edges
+    assert graph.nodes["input"].input_type["input"].tolist() == [net.spec.fc_input_size]
+    meta = graph.metadata
+    assert all(f"not_expressible.{k}" in meta for k in NOT_EXPRESSIBLE)
+    assert "reset to 0" in meta["semantics"] and "precomputed" in meta["input"]
+    assert json.loads(meta["layers"]) == names
+
+
+@pytest.mark.parametrize("model", ["imdb", "snli", "mlp"])
+def test_round_trip_through_norse_reproduces_our_spikes(model, tmp_path):
+    net = tiny(model)
+    path = export_nir(net, tmp_path / f"{model}.nir").path
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, net.spec.num_streams, net.spec.seq_len, net.spec.dim, generator=g)
+    result = check_round_trip(path, net, x, steps=64)
+    assert result["output_spikes_per_sample"]["ours"] > 0  # the check is not vacuous
+    assert result["identical_output_trains"] >= 0.99 and result["max_count_difference"] <= 1
+    assert result["prediction_match_norse"] >= 0.99
+
+
+def test_dt_does_not_change_the_imported_network(tmp_path):
+    """No time constants in the graph: norse's dt (1 ms default) must not matter."""
+    net = tiny("imdb")
+    path = export_nir(net, tmp_path / "net.nir").path
+    fc_input, _ = graph_input(net, torch.randn(4, 1, net.spec.seq_len, net.spec.dim))
+    assert torch.equal(run_norse(path, fc_input, 40, dt=1e-3), run_norse(path, fc_input, 40, dt=1e-4))
+
+
+def test_reset_semantics_are_reset_to_zero_on_both_sides(tmp_path):
+    """One IF unit with a constant current 0.4 per step: reset to zero fires every 3rd step (rate 1/3, not 0.4)."""
+    net = EPNet(build_spec("mlp", input_size=1, hidden=(), num_classes=1), seed=0)
+    with torch.no_grad():
+        net.weights[0].fill_(0.8)  # I = u/2 = 0.8·x/2 = 0.4 for x = 1
+        net.biases[0].zero_()
+    path = export_nir(net, tmp_path / "one.nir").path
+    x = torch.ones(1, 1)
+    ours = simulate_exported(net, x, 30)[-1]
+    theirs = run_norse(path, x, 30)
+    assert torch.equal(ours, theirs) and ours.sum() == 10
+    assert ours[:, 0, 0].nonzero().flatten().tolist()[:3] == [2, 5, 8]
+
+
+def test_exported_trained_network_agrees_with_analog(tmp_path):
+    """The semantic gap (clamp, reset to zero, no traces, no attention feedback) is small on a trained model."""
+    net, (x, y) = trained_tiny_imdb()
+    path = export_nir(net, tmp_path / "trained.nir").path
+    result = check_round_trip(path, net, x[:100], steps=256, y=y[:100])
+    assert result["identical_output_trains"] >= 0.99
+    assert result["agreement_with_analog"] >= 0.9 and result["accuracy"] >= result["analog_accuracy"] - 0.1
+    fc_input, analog_pred = graph_input(net, x[:8])
+    assert readout(simulate_exported(net, fc_input, 256)[-1]).shape == analog_pred.shape
+
+
+def test_cli_export_nir_states_what_is_left_out(tmp_path, capsys):
+    from analog_ep.cli import main
+
+    run = tmp_path / "run"
+    save_model(run / "checkpoints" / "best.pt", tiny("imdb"))
+    assert main(["export-nir", str(run), str(tmp_path / "out.nir"), "--check", "8", "--steps", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax attention" in out and "plasticity" in out and "norse round trip" in out
+    assert nir.read(tmp_path / "out.nir").metadata["source_run"] == str(run)
+    assert main(["export-nir", str(run), str(tmp_path / "b.nir"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == 10
