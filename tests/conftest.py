@@ -1,10 +1,25 @@
 """Fixtures shared by every test folder (helpers that are not fixtures live in tests/helpers.py)."""
 
+import os
+
 import pytest
 import torch
 
 from analog_ep.phi import EPNet
-from tests.helpers import TINY_VARIANTS, tiny_net
+from tests.helpers import TINY_VARIANTS, real_data_dir, tiny_net
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Real-data tests find ../shared/data beside the clone without SEQEP_DATA_DIR, as `make test` does."""
+    found = real_data_dir()
+    if found is not None and not os.environ.get("SEQEP_DATA_DIR"):
+        os.environ["SEQEP_DATA_DIR"] = str(found)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The one place a `realdata` test is skipped: no data folder on this machine."""
+    if item.get_closest_marker("realdata") is not None and real_data_dir() is None:
+        pytest.skip("no real data: set SEQEP_DATA_DIR, or put the shared data folder at ../shared/data")
 
 
 @pytest.fixture(params=sorted(TINY_VARIANTS))

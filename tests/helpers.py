@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def real_data_dir() -> Path | None:
+    """The real data folder for `realdata` tests: $SEQEP_DATA_DIR, else ../shared/data beside the clone."""
+    env = os.environ.get("SEQEP_DATA_DIR")
+    candidate = Path(env) if env else SHARED_DATA
+    return candidate.resolve() if (candidate / "imdb").is_dir() else None
+
 
 TINY_VARIANTS = {
     "imdb": dict(model="imdb"),

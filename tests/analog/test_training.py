@@ -6,13 +6,10 @@ import pytest
 import torch
 
 from analog_ep.cli import main
-from analog_ep.data import resolve_data_dir
 from analog_ep.errors import ConfigError
 from analog_ep.train.checkpoint import load_model
 from analog_ep.train.config import PRESET_DIR, RunConfig, apply_overrides, load_preset, load_toml, parse_override
 from analog_ep.train.trainer import Trainer, train_run
-
-needs_data = pytest.mark.skipif(resolve_data_dir(None) is None, reason="SEQEP_DATA_DIR not set")
 
 
 def test_every_preset_file_loads_and_validates():
@@ -81,7 +78,6 @@ def tiny_config(**extra) -> RunConfig:
     return apply_overrides(cfg, TINY_RUN + [f"{k}={v}" for k, v in extra.items()])
 
 
-@needs_data
 @pytest.mark.realdata
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
     straight = train_run(tiny_config(), tmp_path / "a", progress=False)
@@ -109,7 +105,6 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
     assert resumed["test_accuracy"] == straight["test_accuracy"]
 
 
-@needs_data
 @pytest.mark.realdata
 def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
     with pytest.raises(Exception, match="nothing to resume"):
@@ -119,7 +114,6 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
         Trainer(tiny_config(), tmp_path / "r")
 
 
-@needs_data
 @pytest.mark.realdata
 def test_smoke_preset_beats_70_percent_and_evaluate_reproduces_it(tmp_path, capsys):
     run = tmp_path / "smoke"

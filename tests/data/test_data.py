@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from analog_ep.data import SequenceDataset, TaskData, embed_batch, load_task, re
 from analog_ep.data import sources as sources_mod
 from analog_ep.data.tokenizer import tokenize
 from analog_ep.errors import DataError
+from tests.helpers import real_data_dir
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -646,24 +646,7 @@ def test_cli_json_and_table(data_dir: Path, cache_dir: Path, capsys: pytest.Capt
 # -------------------------------------------------------------------------------------------- real data
 
 
-def _real_data_dir() -> Path | None:
-    try:
-        found = resolve_data_dir()
-    except DataError:
-        found = None
-    if found is None:
-        candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
-        found = candidate if candidate.is_dir() else None
-    return found if found is not None and (found / "imdb").is_dir() else None
-
-
-REAL = _real_data_dir()
-
-
-def realdata(test: Callable) -> Callable:
-    """Marked `realdata`; skipped where neither SEQEP_DATA_DIR nor ../shared/data exists."""
-    skip = pytest.mark.skipif(REAL is None, reason="no real data dir (set SEQEP_DATA_DIR)")
-    return pytest.mark.realdata(skip(test))
+REAL = real_data_dir()
 
 
 @pytest.fixture(scope="module")
@@ -681,7 +664,7 @@ def real_snli(real_cache: Path) -> TaskData:
     return load_task("snli", data_dir=REAL, cache_dir=real_cache, progress=False)
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_imdb_counts(real_imdb: TaskData) -> None:
     t = real_imdb
     assert len(t.train) + len(t.val) == 25_000 and len(t.test) == 25_000
@@ -693,7 +676,7 @@ def test_real_imdb_counts(real_imdb: TaskData) -> None:
     assert 0.05 < t.info["truncation"]["test"]["fraction_truncated"] < 0.1
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_imdb_vocab_has_no_test_only_token(real_imdb: TaskData) -> None:
     def tokens(split: str) -> set[str]:
         with gzip.open(REAL / "imdb" / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
@@ -708,14 +691,14 @@ def test_real_imdb_vocab_has_no_test_only_token(real_imdb: TaskData) -> None:
     assert not test_only_with_vector & vocab
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_imdb_second_load_is_a_fast_cache_hit(real_imdb: TaskData, real_cache: Path) -> None:
     again = load_task("imdb", data_dir=REAL, cache_dir=real_cache, progress=False)
     assert again.info["cache_hit"] and again.info["load_seconds"] < 2.0
     assert torch.equal(again.test.ids, real_imdb.test.ids) and torch.equal(again.embedding, real_imdb.embedding)
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_snli_counts_and_subset_flag(real_snli: TaskData) -> None:
     t = real_snli
     assert t.val.labels.bincount().tolist() == [3_329, 3_235, 3_278] and len(t.val) == 9_842
@@ -727,7 +710,7 @@ def test_real_snli_counts_and_subset_flag(real_snli: TaskData) -> None:
 
 
 @pytest.mark.slow
-@realdata
+@pytest.mark.realdata
 def test_real_imdb_w2v300_memory(tmp_path: Path) -> None:
     """Build IMDB at L=600 with 300-d word2vec in a fresh process; peak RSS must stay well under 2 GB."""
     code = (

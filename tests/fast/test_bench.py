@@ -371,11 +371,8 @@ def test_a_net_that_ran_the_fast_path_can_be_copied_and_pickled():
 
 @pytest.mark.realdata
 def test_real_bench_inputs_are_an_embedded_training_batch_whose_words_repeat():
-    from analog_ep.data import resolve_data_dir
     from analog_ep.fast.retrieval import kept_fraction
 
-    if resolve_data_dir(None) is None:
-        pytest.skip("no shared data directory")
     shape = bench.build_shape("snli-cpu")
     assert bench.resolve_inputs("auto", "snli-cpu") == "real" and bench.resolve_inputs("auto", "snli-tiny") == "random"
     x, y = bench.real_batch(shape, 8)

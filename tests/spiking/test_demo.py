@@ -56,17 +56,9 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
         run_demo(tmp_path / "demo", skip=["train", "plots"])
 
 
-def _data_dir() -> Path | None:
-    env = os.environ.get("SEQEP_DATA_DIR")
-    candidate = Path(env) if env else (REPO / ".." / "shared" / "data").resolve()
-    return candidate if (candidate / "imdb").is_dir() else None
-
-
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_full_demo_runs_in_under_ten_minutes(tmp_path):
-    if _data_dir() is None:
-        pytest.skip("no real data (SEQEP_DATA_DIR or ../shared/data)")
     start = time.perf_counter()
     summary = run_demo(tmp_path / "demo", progress=False)
     wall = time.perf_counter() - start

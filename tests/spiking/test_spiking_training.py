@@ -215,10 +215,7 @@ def test_seqep_train_dispatches_to_the_spiking_backend(monkeypatch, tmp_path, ca
 def test_cli_from_scratch_then_finetune_on_imdb(tmp_path, capsys):
     """End to end on real IMDB (a tiny subset): the from-scratch run is itself a run directory to fine-tune."""
     from analog_ep.cli import main
-    from analog_ep.data import resolve_data_dir
 
-    if resolve_data_dir(None) is None:
-        pytest.skip("no shared data directory")
     scratch, tuned = tmp_path / "scratch", tmp_path / "tuned"
     assert main(["spiking-train", "--from-scratch", "--task", "imdb", "--preset", "smoke", "--set",
                  "data.train_limit=128", "--set", "data.eval_limit=128", "--set", "model.hidden=[16,8]",
@@ -363,11 +360,8 @@ def test_run_batches_subset_is_seeded_and_holds_both_classes(tmp_path):
     """Stored splits are ordered by label: a --limit subset must be drawn at random (seeded), not the first N
     (which made `seqep compare --limit` and the demo's NIR check one-class samples before session 4)."""
     from analog_ep.cli import main
-    from analog_ep.data import resolve_data_dir
     from spiking_ep.evaluate import batches_from_run, run_batches
 
-    if resolve_data_dir(None) is None:
-        pytest.skip("no shared data directory")
     run = tmp_path / "run"
     assert main(["train", "--task", "imdb", "--preset", "smoke", "--set", "data.train_limit=64", "--set",
                  "data.eval_limit=200", "--set", "model.hidden=[8,4]", "--set", "train.epochs=1",
