@@ -8,18 +8,26 @@ MSE loss ℓ = ½‖s^N − onehot(y)‖² and are meant to be *descended*.
 - `ep_symmetric`: ĝ = −(1/2β)[∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})]    (the paper's choice; ±β run as one batch)
 - `cep`: continual EP: weights move at every nudged step by (η/β)[∂Φ/∂θ(s_{k+1}) − ∂Φ/∂θ(s_k)]
 - `bptt`: backprop through the same dynamics, truncated to the last K steps (`bptt`) or full (`bptt_full`)
+
+`make_estimator(name, cfg)` reads them from one registry, `ESTIMATORS` (name -> function); configs and the CLI
+take their choices from it, and `register_estimator` adds one's own under a new name.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
+from types import MappingProxyType
 
 import torch
 
 from analog_ep.dynamics import RelaxTrace, free_phase, relax
+from analog_ep.errors import ConfigError
 from analog_ep.phi import PRECISIONS, EPNet, Inputs, State, mse_loss, one_hot_target, signed_coef
+
+LearningRates = dict[str, float] | float  # one for all parameters, or one per parameter name
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def cep(
     x: torch.Tensor,
     labels: torch.Tensor,
     cfg: EPConfig,
-    lrs: dict[str, float] | float,
+    lrs: LearningRates,
     set_grad: bool = True,
 ) -> Estimate:
     """Continual EP: the nudged phase moves the weights at every step, using only s_k and s_{k+1}.
@@ -181,26 +189,99 @@ def bptt(
     return Estimate(grads, state[-1].detach(), float(loss.detach()), trace)
 
 
-ESTIMATORS = ("ep_symmetric", "ep_two_phase", "cep", "bptt", "bptt_full")
-
 Estimator = Callable[[EPNet, torch.Tensor, torch.Tensor], Estimate]
 
 
-def make_estimator(name: str, cfg: EPConfig, lrs: dict[str, float] | float | None = None) -> Estimator:
-    """An estimator callable by name. C-EP needs its per-parameter step sizes `lrs`."""
-    if name == "ep_symmetric":
-        return lambda net, x, y: ep_symmetric(net, x, y, cfg)
-    if name == "ep_two_phase":
-        return lambda net, x, y: ep_two_phase(net, x, y, cfg)
-    if name == "cep":
+@dataclass(frozen=True)
+class RegisteredEstimator:
+    """An estimator function `fn(net, x, labels, cfg)`, or `fn(net, x, labels, cfg, lrs)` when it moves the
+    weights itself and needs its step sizes (`needs_lrs`, as C-EP does)."""
+
+    fn: Callable[..., Estimate]
+    needs_lrs: bool = False
+
+
+_REGISTRY: dict[str, RegisteredEstimator] = {
+    "ep_symmetric": RegisteredEstimator(ep_symmetric),
+    "ep_two_phase": RegisteredEstimator(ep_two_phase),
+    "cep": RegisteredEstimator(cep, needs_lrs=True),
+    "bptt": RegisteredEstimator(bptt),
+    "bptt_full": RegisteredEstimator(partial(bptt, truncate=None)),
+}
+BUILTIN_ESTIMATORS = tuple(_REGISTRY)
+
+ESTIMATORS: Mapping[str, RegisteredEstimator] = MappingProxyType(_REGISTRY)
+"""Every estimator by name, the built-in ones and those added by `register_estimator` (a live, read-only view:
+usable as argparse `choices` and wherever the known names are listed)."""
+
+
+def register_estimator(name: str, fn: Callable[..., Estimate], *, needs_lrs: bool = False,
+                       overwrite: bool = False) -> Callable[..., Estimate]:
+    """Make `fn(net, x, labels, cfg) -> Estimate` known to `make_estimator` (and so to configs) as `name`.
+
+    `needs_lrs=True`: `fn` takes the per-parameter step sizes as a fifth argument (see `cep`). A name already
+    taken is refused unless `overwrite=True`. Returns `fn`.
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import ESTIMATORS, EPConfig, EPNet, build_spec, make_estimator, register_estimator
+        >>> from analog_ep.estimators import ep_symmetric, unregister_estimator
+        >>> def small_beta(net, x, labels, cfg):
+        ...     return ep_symmetric(net, x, labels, EPConfig(cfg.beta / 10, cfg.free_steps, cfg.nudge_steps))
+        >>> _ = register_estimator("ep_small_beta", small_beta)
+        >>> net = EPNet(build_spec("mlp", tiny=True, bias_offset=1.0), seed=0)
+        >>> x, y = torch.randn(4, 1, 1, 20), torch.tensor([0, 1, 2, 0])
+        >>> make_estimator("ep_small_beta", EPConfig(free_steps=20, nudge_steps=5))(net, x, y).output.shape
+        torch.Size([4, 3])
+        >>> unregister_estimator("ep_small_beta")
+        >>> "ep_small_beta" in ESTIMATORS
+        False
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"an estimator name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ConfigError(f"estimator {name!r}: {fn!r} is not callable; register a function fn(net, x, labels, cfg)")
+    if name in _REGISTRY and not overwrite:
+        raise ConfigError(f"estimator {name!r} is already registered; pick another name or pass overwrite=True")
+    _REGISTRY[name] = RegisteredEstimator(fn, needs_lrs)
+    return fn
+
+
+def unregister_estimator(name: str) -> None:
+    """Forget an estimator added by `register_estimator` (the built-in ones stay)."""
+    if name in BUILTIN_ESTIMATORS:
+        raise ConfigError(f"estimator {name!r} is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
+
+
+def make_estimator(name: str, cfg: EPConfig, lrs: LearningRates | None = None) -> Estimator:
+    """An estimator callable `estimator(net, x, labels)` by name. C-EP needs its per-parameter step sizes `lrs`.
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import EPConfig, EPNet, build_spec, make_estimator
+        >>> net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0), seed=0)
+        >>> x, y = torch.randn(4, 1, 12, 8), torch.tensor([0, 1, 1, 0])
+        >>> estimate = make_estimator("ep_symmetric", EPConfig(beta=0.1, free_steps=20, nudge_steps=5))(net, x, y)
+        >>> sorted(estimate.grads) == sorted(name for name, _ in net.named_parameters())
+        True
+        >>> estimate.output.shape, estimate.loss > 0
+        (torch.Size([4, 2]), True)
+        >>> make_estimator("ep_magic", EPConfig())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        analog_ep.errors.ConfigError: unknown estimator 'ep_magic'; choose one of ep_symmetric, ep_two_phase, cep, ...
+    """
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown estimator {name!r}; choose one of {', '.join(_REGISTRY)} "
+                          "(or add yours with analog_ep.register_estimator)")
+    if entry.needs_lrs:
         if lrs is None:
-            raise ValueError("the cep estimator needs per-parameter learning rates (lrs)")
-        return lambda net, x, y: cep(net, x, y, cfg, lrs)
-    if name == "bptt":
-        return lambda net, x, y: bptt(net, x, y, cfg)
-    if name == "bptt_full":
-        return lambda net, x, y: bptt(net, x, y, cfg, truncate=None)
-    raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+            raise ConfigError(f"the {name} estimator needs per-parameter learning rates: pass lrs "
+                              "(one float, or a dict parameter name -> learning rate)")
+        return lambda net, x, labels: entry.fn(net, x, labels, cfg, lrs)
+    return lambda net, x, labels: entry.fn(net, x, labels, cfg)
 
 
 def cep_on_copy(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, lr: float) -> Estimate:
@@ -210,5 +291,6 @@ def cep_on_copy(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig
 
 __all__ = [
     "EPConfig", "Estimate", "ESTIMATORS", "ep_two_phase", "ep_symmetric", "cep", "bptt", "make_estimator",
+    "register_estimator", "unregister_estimator", "RegisteredEstimator",
     "cep_on_copy", "write_grads", "Inputs",
 ]

@@ -1,11 +1,26 @@
 """EP, symmetric EP, C-EP and BPTT: agreement (GDU), convergence, and the estimator interface."""
 
+import argparse
+from dataclasses import replace
+
 import pytest
 import torch
 
 from analog_ep import reference
 from analog_ep.dynamics import free_phase
-from analog_ep.estimators import EPConfig, cep, cep_on_copy, ep_symmetric, ep_two_phase, make_estimator
+from analog_ep.errors import ConfigError
+from analog_ep.estimators import (
+    BUILTIN_ESTIMATORS,
+    ESTIMATORS,
+    EPConfig,
+    cep,
+    cep_on_copy,
+    ep_symmetric,
+    ep_two_phase,
+    make_estimator,
+    register_estimator,
+    unregister_estimator,
+)
 from analog_ep.gdu import angle_deg, compare_grads, gdu_curve, gdu_report
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
@@ -108,10 +123,83 @@ def test_truncated_bptt_equals_full_bptt_on_a_converged_free_phase():
 
 
 def test_unknown_estimator_and_cep_without_lr_are_errors():
-    with pytest.raises(ValueError, match="unknown estimator"):
+    with pytest.raises(ConfigError, match="unknown estimator 'ep_magic'; choose one of ep_symmetric, ep_two_phase, "
+                                          "cep, bptt, bptt_full"):
         make_estimator("ep_magic", EPConfig())
-    with pytest.raises(ValueError, match="learning rates"):
+    with pytest.raises(ConfigError, match="learning rates"):
         make_estimator("cep", EPConfig())
+
+
+@pytest.fixture
+def registered():
+    """Names registered by a test, forgotten afterwards (the registry is process-wide)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        unregister_estimator(name)
+
+
+def test_a_registered_estimator_is_made_by_name_and_listed_with_the_built_in_ones(registered):
+    calls = []
+
+    def halved_beta(net, x, labels, cfg):
+        calls.append(cfg.beta)
+        return ep_symmetric(net, x, labels, replace(cfg, beta=cfg.beta / 2))
+
+    assert register_estimator("ep_halved_beta", halved_beta) is halved_beta
+    registered.append("ep_halved_beta")
+    assert "ep_halved_beta" in ESTIMATORS and list(ESTIMATORS)[:5] == list(BUILTIN_ESTIMATORS)
+    net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0), seed=0).double()
+    x, y = random_inputs(net.spec, 4)
+    got = make_estimator("ep_halved_beta", EPConfig(0.2, 20, 5))(net, x, y).grads
+    want = make_estimator("ep_symmetric", EPConfig(0.1, 20, 5))(net, x, y).grads
+    assert calls == [0.2]
+    for name in want:
+        assert torch.equal(got[name], want[name])
+    # configs and the CLI take their choices from the same registry
+    from analog_ep.train.config import RunConfig
+
+    assert RunConfig.from_dict({"ep": {"estimator": "ep_halved_beta"}}).ep.estimator == "ep_halved_beta"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--estimator", choices=ESTIMATORS)
+    assert parser.parse_args(["--estimator", "ep_halved_beta"]).estimator == "ep_halved_beta"
+    unregister_estimator("ep_halved_beta")
+    with pytest.raises(ConfigError, match="unknown estimator 'ep_halved_beta'"):
+        make_estimator("ep_halved_beta", EPConfig())
+
+
+def test_a_registered_estimator_can_ask_for_learning_rates(registered):
+    seen = {}
+
+    def with_lrs(net, x, labels, cfg, lrs):
+        seen["lrs"] = lrs
+        return cep(net, x, labels, cfg, lrs)
+
+    register_estimator("my_cep", with_lrs, needs_lrs=True)
+    registered.append("my_cep")
+    with pytest.raises(ConfigError, match="needs per-parameter learning rates"):
+        make_estimator("my_cep", EPConfig())
+    net = EPNet(build_spec("mlp", tiny=True, bias_offset=1.0), seed=0).double()
+    x, y = random_inputs(net.spec, 4)
+    assert make_estimator("my_cep", EPConfig(0.1, 20, 5), lrs=1e-3)(net, x, y).applied
+    assert seen["lrs"] == 1e-3
+
+
+def test_registering_refuses_taken_names_and_bad_entries(registered):
+    with pytest.raises(ConfigError, match="already registered.*overwrite=True"):
+        register_estimator("ep_symmetric", ep_two_phase)
+    with pytest.raises(ConfigError, match="not callable"):
+        register_estimator("mine", "ep_symmetric")
+    with pytest.raises(ConfigError, match="non-empty string"):
+        register_estimator("", ep_symmetric)
+    with pytest.raises(ConfigError, match="built in"):
+        unregister_estimator("bptt")
+    register_estimator("mine", ep_symmetric)
+    registered.append("mine")
+    register_estimator("mine", ep_two_phase, overwrite=True)
+    assert ESTIMATORS["mine"].fn is ep_two_phase
+    with pytest.raises(TypeError):
+        ESTIMATORS["other"] = ep_symmetric  # the view is read-only: names enter through register_estimator
 
 
 def test_free_phase_converges_on_an_untrained_network(tiny_net64):
