@@ -61,7 +61,22 @@ def relax(
     cost per step, and the nudged phases (written around that point) start from a true fixed point of
     the dynamics they run, which two-phase EP needs. The state returned is in full form. `refine=False`
     skips it: symmetric EP without early exit does not need it (an offset of s* moves s⁺ and s⁻ alike and
-    cancels in their contrast: same angle to float64, 0.53° / 0.37° at the paper shapes, session 4).
+    cancels in their contrast: the same angle to float64 either way, 0.53° / 0.37° at the paper shapes).
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import EPNet, build_spec, relax
+        >>> net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0), seed=0).double()
+        >>> inputs = net.prepare(torch.randn(3, 1, 12, 8, dtype=torch.float64))
+        >>> state, trace = relax(net, inputs, net.zero_state(3), steps=60, tol=1e-9)   # free phase: β = 0
+        >>> trace.steps < 60 and trace.final_residual < 1e-9                # converged, stopped early
+        True
+        >>> [tuple(s.shape) for s in state]            # projection, FC 32 and 10, output: prediction = argmax
+        [(3, 1, 12, 8), (3, 32), (3, 10), (3, 2)]
+        >>> target = torch.nn.functional.one_hot(torch.tensor([0, 1, 1]), 2).double()
+        >>> nudged, _ = relax(net, inputs, state, steps=10, beta=0.5, target=target)   # nudged towards y
+        >>> bool(((nudged[-1] - target).abs() < (state[-1] - target).abs()).all())
+        True
     """
     if residual not in ("all", "fc"):
         raise ValueError(f"residual must be 'all' or 'fc', got {residual!r}")

@@ -67,7 +67,19 @@ def compare_grads(est: Grads, ref: Grads, layer_of: dict[str, str], noise_floor:
 
 
 def gdu_report(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, cep_lr: float = 1e-6) -> dict:
-    """Compare two-phase EP, symmetric EP and C-EP with BPTT truncated to the last K free-phase steps."""
+    """Compare two-phase EP, symmetric EP and C-EP with BPTT truncated to the last K free-phase steps.
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import EPConfig, EPNet, build_spec
+        >>> net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0, schedule="synchronous"), seed=0).double()
+        >>> x, y = torch.randn(8, 1, 12, 8, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> report = gdu_report(net, x, y, EPConfig(beta=0.001, free_steps=40, nudge_steps=6))
+        >>> sorted(report)
+        ['cep', 'config', 'ep_symmetric', 'ep_two_phase']
+        >>> report["ep_symmetric"]["angle_deg"] < 1.0      # EP's update = BPTT's gradient as β → 0
+        True
+    """
     ref = bptt(net, x, labels, cfg, set_grad=False)
     inputs = net.prepare(x)
     with torch.no_grad():

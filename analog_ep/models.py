@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from analog_ep.errors import ConfigError
 from analog_ep.phi import GraphSpec, Projection
 
 SNLI_PROJECTIONS = (
@@ -45,11 +46,26 @@ MODELS = {"imdb": imdb, "snli": snli, "mlp": mlp}
 
 
 def build_spec(name: str, tiny: bool = False, **overrides) -> GraphSpec:
-    """A model spec by name; `tiny=True` gives a seconds-sized version for tests and quick checks."""
+    """A model spec by name; `tiny=True` gives a seconds-sized version for tests and quick checks.
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import EPNet, build_spec
+        >>> spec = build_spec("snli", tiny=True, bias_offset=1.0)      # premise and hypothesis, 6 tokens of 8
+        >>> spec.num_streams, spec.seq_len, spec.dim, spec.layers, spec.num_projections
+        (2, 6, 8, (24, 3), 4)
+        >>> net = EPNet(spec, seed=0)                                   # the parameters of Φ
+        >>> [tuple(s.shape) for s in net.zero_state(5)]                 # projections, FC 24, 3 classes
+        [(5, 4, 6, 8), (5, 24), (5, 3)]
+        >>> net.phi(net.prepare(torch.randn(5, 2, 6, 8)), net.zero_state(5)).shape   # Φ per sample
+        torch.Size([5])
+        >>> build_spec("imdb", hidden=(64,)).layers                     # any size is a keyword
+        (64, 2)
+    """
     try:
         factory = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
     kwargs = dict(TINY[name]) if tiny else {}
     kwargs.update(overrides)
     return factory(**kwargs)
