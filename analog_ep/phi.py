@@ -1,4 +1,4 @@
-"""The network *is* its scalar primitive Φ: graph spec, parameters, and Φ's analytic gradients.
+"""The network *is* its scalar primitive Φ: parameters, Φ, and Φ's analytic gradients.
 
     Φ(X, s; θ) = Σ_p Σ_t ⟨W₀ᵖ x^{q(p)}_t, sᵖ_t⟩  +  Σ_n ⟨h^{n+1}, W_n a^n + b_n⟩
 
@@ -8,231 +8,43 @@ input when there is no projection layer: a plain MLP) and `a^n = h^n` after that
 states and weights, so ∂Φ/∂s and ∂Φ/∂θ are plain matrix products: no autograd graph is needed in the
 relaxation loop. `analog_ep.reference` keeps an autograd path on Φ as the test oracle.
 
-State layout used everywhere: a list of tensors, `[proj (B,P,L,d)]` (only if P > 0) followed by the FC
-layers `(B, n_k)`; the last one is the output.
+The graph's shapes are a `GraphSpec` (`analog_ep.spec`); the per-batch constants and the layer states are
+`Inputs` and `State` (`analog_ep.state`, layout `[proj (B,P,L,d)]` if P > 0, then the FC layers `(B, n_k)`).
+This module computes Φ exactly. The CPU fast path (`prepare(x, precision="bf16" | "int8")`) computes the same
+Φ on low-precision operands; each operation that has such a form hands it to `analog_ep.fast.lowp_phi` in one
+place, where `Inputs.lowp` is set, and that module (with its native kernels) is loaded only then.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import asdict, dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
-from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, enable_compiled_quantizers
-from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.hopfield import hopfield_retrieve
+from analog_ep.spec import GraphSpec, Projection
+from analog_ep.state import Inputs, State
 
-State = list[torch.Tensor]
-LowPrecisionWeight = Bf16Weight | Int8Weight
+if TYPE_CHECKING:
+    from analog_ep.fast.lowp_weights import LowPrecisionWeight
+    from analog_ep.fast.retrieval import Query
 
+__all__ = ["PRECISIONS", "EPNet", "GraphSpec", "Inputs", "Projection", "State", "enable_compiled_kernels",
+           "mse_loss", "one_hot_target", "signed_coef"]
 
-@dataclass(frozen=True)
-class Projection:
-    """A projection layer: queries built from input stream `query_stream`, keys = values = `key_stream`.
-
-    With `GraphSpec.pool_queries = m > 0` the queries are instead m learned patterns (Hopfield pooling)
-    and `query_stream` is unused.
-    """
-
-    query_stream: int
-    key_stream: int
+PRECISIONS = ("fp32", "bf16", "int8")  # bf16: the fast path's large products on bf16 operands; int8: FC ones in int8
+FAST_PATH_CACHES = ("_lowp_cache", "_scratch_pool")  # what the fast path keeps on the net between batches
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    """Shapes of one Φ graph. Everything the two backends need to rebuild the same network."""
+def _fast() -> ModuleType:
+    """The fast path's operations, imported on first use: the exact path never loads them or their kernels."""
+    from analog_ep.fast import lowp_phi
 
-    num_streams: int
-    seq_len: int
-    dim: int
-    layers: tuple[int, ...]
-    projections: tuple[Projection, ...] = ()
-    attention: bool = True
-    gamma: float | None = None  # Hopfield inverse temperature; None -> 1/sqrt(dim)
-    mask_padding: bool = False
-    pool_queries: int = 0  # > 0: m learned query patterns per projection (Hopfield pooling), not per token
-    activation: str = "hard_sigmoid"
-    schedule: str = "alternating"  # or "synchronous" (the reference code); see EPNet.step
-    init_gain: float = 1.0
-    input_scale: float = 1.0  # word vectors are multiplied by this before entering Φ
-    bias_offset: float = 0.0  # added to initial biases: 1.0 starts units mid-range, off σ's kink at u = 0
-    name: str = field(default="custom", compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("a graph needs at least one fully connected layer (the output)")
-        if self.pool_queries < 0 or (self.pool_queries and not self.projections):
-            raise ValueError("pool_queries must be ≥ 0 and needs at least one projection layer")
-        if self.pool_queries and not self.attention:
-            raise ValueError("pool_queries > 0 needs attention=True: without the Hopfield retrieval a pooled "
-                             "layer never sees the tokens (ablate with pool_queries=0, attention=False)")
-        if any(n <= 0 for n in self.layers) or min(self.num_streams, self.seq_len, self.dim) <= 0:
-            raise ValueError(f"all sizes must be positive: {self}")
-        for p in self.projections:
-            if not (0 <= p.query_stream < self.num_streams and 0 <= p.key_stream < self.num_streams):
-                raise ValueError(f"projection {p} refers to a stream outside 0..{self.num_streams - 1}")
-        get_activation(self.activation)
-        if self.schedule not in ("alternating", "synchronous"):
-            raise ValueError(f"schedule must be 'alternating' or 'synchronous', got {self.schedule!r}")
-
-    @property
-    def num_projections(self) -> int:
-        return len(self.projections)
-
-    @property
-    def num_classes(self) -> int:
-        return self.layers[-1]
-
-    @property
-    def hopfield_gamma(self) -> float:
-        return self.gamma if self.gamma is not None else 1.0 / math.sqrt(self.dim)
-
-    @property
-    def proj_len(self) -> int:
-        """Rows of each projection layer: one per token, or one per learned query when pooling."""
-        return self.pool_queries or self.seq_len
-
-    @property
-    def fc_input_size(self) -> int:
-        if self.num_projections:
-            return self.num_projections * self.proj_len * self.dim
-        return self.num_streams * self.seq_len * self.dim
-
-    @property
-    def layer_names(self) -> list[str]:
-        names = ["proj"] if self.num_projections else []
-        return names + [f"fc{i + 1}" for i in range(len(self.layers) - 1)] + ["out"]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        d["projections"] = [[p.query_stream, p.key_stream] for p in self.projections]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GraphSpec:
-        d = dict(d)
-        d["layers"] = tuple(d["layers"])
-        d["projections"] = tuple(Projection(*p) for p in d.get("projections", ()))
-        return cls(**d)
-
-
-PRECISIONS = ("fp32", "bf16", "int8")  # int8: bf16 path with the large FC products in int8
-LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype in the bf16 path
-
-
-@dataclass
-class LowPrecision:
-    """bf16 operands of the large products for one batch (`EPNet.prepare(x, precision="bf16")`).
-
-    The big synapses (≥ LOWP_MIN_WEIGHTS weights) and the Hopfield retrieval run on bf16 operands: oneDNN
-    accumulates in fp32 (AMX / AVX-512 BF16) and rounds the result to bf16. Biases, the nudge, the FC
-    layers' states and the EP contrast (∂Φ/∂θ) stay in the parameters' dtype; the projection states are
-    bf16 in the free phase (they are outputs of a bf16 product, storing them wider adds no information).
-
-    With attention the retrieval runs over each sequence's distinct keys (`fast_retrieval.DistinctKeys`,
-    exact), and the constant half of the query, X W₀ᵀ, enters only through scores γ X W₀ᵀ Kᵀ computed
-    once per batch: the per-step scores are those plus (W₁ᵀ h¹) (γK)ᵀ, and the (B, P, L, d) query is
-    never formed.
-    """
-
-    dtype: torch.dtype
-    weights: list[LowPrecisionWeight | None]  # W_k in low precision (`lowp_weights`), None where small
-    keys: DistinctKeys | None  # the retrieval's keys, deduplicated, with its constant scores (attention only)
-    query_drive: torch.Tensor | None  # (B,P,Lq,d) X W₀ᵀ (no attention only)
-    flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
-    base: DeltaBase | None = None  # set for the nudged phases (`EPNet.nudge_start`)
-
-    def repeat(self, times: int) -> LowPrecision:
-        if self.base is not None:
-            raise ValueError("repeat the inputs before EPNet.nudge_start, not after")
-
-        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.cat([t] * times)
-
-        keys = None if self.keys is None else self.keys.repeat(times)
-        return LowPrecision(self.dtype, self.weights, keys, rep(self.query_drive), rep(self.flat_x))
-
-
-@dataclass
-class PairedProducts:
-    """One state's two products with the first synapse (fast path): `down` = h W over `row_scale` (None: already
-    whole) into the projection layer, `up` = a Wᵀ into FC-1."""
-
-    down: torch.Tensor
-    row_scale: torch.Tensor | None
-    up: torch.Tensor
-
-    def scaled_down(self) -> torch.Tensor:
-        return self.down if self.row_scale is None else self.down.mul_(self.row_scale.to(self.down.dtype))
-
-
-@dataclass
-class DeltaBase:
-    """The free fixed point s* that the fast path's nudged phases are written relative to.
-
-    `up[k]` = W_k a*_k and `down[k]` = W_kᵀ h*_{k+1} in the parameters' dtype, for the synapses whose
-    products the nudged steps take on differences; `retrieval` is softmax(γ Q* Kᵀ) (bf16, one tensor
-    per group of `DistinctKeys`) with attention, Q* without. The EP signal lives in s − s*: everything
-    differenced stays out of bf16 rounding.
-    """
-
-    states: State  # s*: FC layers one row per nudged row (params' dtype), projection once per sample (bf16)
-    up: list[torch.Tensor | None]
-    down: list[torch.Tensor | None]
-    retrieval: list[torch.Tensor] | torch.Tensor | None
-
-
-@dataclass
-class Inputs:
-    """Per-batch constants of the relaxation: computed once, reused at every step.
-
-    `query_drive` (= X W₀ᵀ, the bottom-up half of ∂Φ/∂sᵖ) does not depend on the state, so it is
-    computed once per batch instead of once per step. On the fast path (`lowp` set) the fp32 `keys` and
-    `query_drive` are dropped once `lowp` holds what the steps read (memory), and the nudged phases' inputs
-    keep `x_query` once per sample: `rows` then says how many rows the relaxation runs.
-    """
-
-    x_query: torch.Tensor | None  # (B,S,L,d) the input tokens; projection p reads stream query_streams[p]
-    keys: torch.Tensor | None  # (B,P,L,d) Hopfield stored patterns (= values)
-    key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
-    query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
-    flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
-    lowp: LowPrecision | None = None  # bf16 operands (precision="bf16"); None: the exact path
-    rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
-    query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
-
-    @property
-    def streams_in_order(self) -> bool:
-        """Projection p reads stream p: `x_query` is already the (B,P,L,d) tokens, no gather needed."""
-        return list(self.query_streams) == list(range(self.x_query.shape[1]))
-
-    def query_tokens(self) -> torch.Tensor:
-        """(B,P,L,d): the tokens each projection reads, gathered (a copy unless `streams_in_order`).
-        Kept ungathered in `x_query`: SNLI's four projections read two streams, and a gathered copy held for
-        the batch was 30 MB of the fast path's peak."""
-        return self.x_query if self.streams_in_order else self.x_query[:, list(self.query_streams)]
-
-    @property
-    def batch_size(self) -> int:
-        if self.rows is not None:  # always set with `lowp` (`prepare`, `nudge_start`)
-            return self.rows
-        t = self.keys if self.keys is not None else self.flat_x
-        return t.shape[0]
-
-    def repeat(self, times: int) -> Inputs:
-        """The same inputs stacked `times` along the batch (for batched ±β phases)."""
-
-        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
-
-        tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
-        return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times),
-                      rows=None if self.rows is None else self.rows * times, query_streams=self.query_streams)
+    return lowp_phi
 
 
 class EPNet(nn.Module):
@@ -252,11 +64,11 @@ class EPNet(nn.Module):
         self.reset_parameters(seed)
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the per-batch caches behind: low-precision weights are rebuilt on demand,
-        and int8 ones hold oneDNN's opaque packed tensors, which can be neither deep-copied nor pickled."""
+        """Copies and pickles leave the fast path's per-batch caches behind: low-precision weights are rebuilt on
+        demand, and int8 ones hold oneDNN's opaque packed tensors, which can be neither deep-copied nor pickled."""
         state = dict(super().__getstate__())
-        state.pop("_lowp_cache", None)
-        state.pop("_scratch_pool", None)
+        for name in FAST_PATH_CACHES:
+            state.pop(name, None)
         return state
 
     # ------------------------------------------------------------------ parameters
@@ -295,21 +107,19 @@ class EPNet(nn.Module):
         """Per-batch constants from embedded tokens x: (B, S, L, d).
 
         precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
-        large products run on bf16 operands (`Inputs.lowp`); see `LowPrecision`. "int8": the same, with the
-        large FC products in int8 (`lowp_weights.Int8Weight`; CPU builds with oneDNN only).
+        large products run on bf16 operands (`Inputs.lowp`, `analog_ep.fast.lowp_phi`). "int8": the same,
+        with the large FC products in int8 (`lowp_weights.Int8Weight`; CPU builds with oneDNN only).
         `weights`: low-precision weights built once by `low_precision_weights` for batches that share
         the same parameters (inference); by default they are rebuilt here, as training needs.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        inputs = self._prepare_exact(x)
+        inputs = self._exact_inputs(x)
         if precision != "fp32":
-            inputs.lowp = self._low_precision_inputs(inputs, torch.bfloat16, precision, weights)
-            inputs.keys = inputs.query_drive = None  # in `lowp` now; the exact path's alone would read them
-            inputs.rows = x.shape[0]
+            return _fast().prepare(self, inputs, precision, weights)
         return inputs
 
-    def _prepare_exact(self, x: torch.Tensor) -> Inputs:
+    def _exact_inputs(self, x: torch.Tensor) -> Inputs:
         spec = self.spec
         expected = (spec.num_streams, spec.seq_len, spec.dim)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -327,135 +137,33 @@ class EPNet(nn.Module):
         query_drive = torch.einsum("bpld,ped->bple", x[:, list(streams)], self.proj_weight)
         return Inputs(x, keys, key_mask, query_drive, None, query_streams=streams)
 
-    # ------------------------------------------------------------------ low precision (bf16 products)
     def low_precision_weights(self, kind: str = "bf16") -> list[LowPrecisionWeight | None]:
-        """Low-precision copies of the large FC weights (None for small synapses), rebuilt on every call.
-
-        kind "bf16": refreshed in place in buffers kept on the net (no new allocation: on a VM a fresh
-        360 MB buffer costs more than the conversion itself); "int8": quantised and pre-packed anew
-        (`lowp_weights.Int8Weight`). Not cached across calls: optimizers update parameters in place
-        without always bumping their version counters (fused Adam does not), so a cache could silently
-        serve stale weights. `release_low_precision()` frees them.
-        """
-        big = [w.numel() >= LOWP_MIN_WEIGHTS for w in self.weights]
-        old = getattr(self, "_lowp_cache", None) or [None] * len(self.weights)
-        if kind == "int8":
-            self._lowp_cache = None
-            # AMX buffers are refilled in place; anything else (oneDNN's packed copies) is freed before building
-            old = [p if isinstance(p, Int8Weight) and p.kernel == "amx" else None for p in old]
-            lows: list[LowPrecisionWeight | None] = [Int8Weight(w, previous=prev) if b else None
-                                                     for w, prev, b in zip(self.weights, old, big)]
-        elif kind == "bf16":
-            lows = [Bf16Weight(w, prev) if b else None for w, prev, b in zip(self.weights, old, big)]
-        else:
-            raise ValueError(f"low-precision kind must be 'bf16' or 'int8', got {kind!r}")
-        self._lowp_cache = lows
-        return lows
-
-    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reusable buffer that nobody else references (checked), else a new one kept for next time.
-
-        For the fast path's largest per-batch outputs (the FC-1 gradient): reusing memory the process
-        already owns avoids first-touch page faults that cost as much as the product itself on this VM.
-        Up to two buffers per name (the caller may still hold the previous batch's result).
-        """
-        pool = self.__dict__.setdefault("_scratch_pool", {}).setdefault(name, [])
-        for buf in pool:
-            # free iff no C++ holder (e.g. as a .grad) and no Python holder besides the pool, `buf`, the call
-            if buf.shape == shape and buf.dtype == dtype and buf._use_count() == 1 and sys.getrefcount(buf) <= 3:
-                return buf
-        buf = torch.empty(shape, dtype=dtype, device=self.weights[0].device)
-        if len(pool) < 2:
-            pool.append(buf)
-        return buf
+        """Low-precision copies of the large FC weights, rebuilt on every call (`lowp_phi.low_precision_weights`).
+        Pass them to `prepare` to reuse them across batches while the parameters do not change."""
+        return _fast().low_precision_weights(self, kind)
 
     def release_low_precision(self) -> None:
         """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
-        self._lowp_cache = None
-
-    def _low_precision_inputs(self, inputs: Inputs, dtype: torch.dtype, kind: str,
-                              weights: list[LowPrecisionWeight | None] | None = None) -> LowPrecision:
-        weights = weights if weights is not None else self.low_precision_weights(kind)
-        keys = qd = flat_x = None
-        if inputs.keys is not None:
-            if self.spec.attention:
-                keys = DistinctKeys.build(inputs.keys, inputs.key_mask, inputs.query_drive, self.spec.hopfield_gamma,
-                                          dtype)
-            else:
-                qd = inputs.query_drive.to(dtype)
-        if inputs.flat_x is not None and weights[0] is not None:
-            flat_x = inputs.flat_x.to(dtype)
-        return LowPrecision(dtype, weights, keys, qd, flat_x)
+        _fast().release_low_precision(self)
 
     def nudge_start(self, inputs: Inputs, free: State, times: int = 1) -> tuple[Inputs, State]:
         """Inputs and starting state of the nudged phase(s), `times` copies of the batch (2 for ±β).
 
-        Exact path: `inputs.repeat(times)` and the free state stacked. Fast path (`inputs.lowp`): the
-        nudged states are written relative to the free fixed point s* (`DeltaBase`; the projection state
-        starts at δ = 0) and the s*-terms of the large products are computed here, once, in the params'
-        dtype. Hand the final nudged state to `full_state` before taking ∂Φ/∂θ.
+        Exact path: `inputs.repeat(times)` and the free state stacked. The fast path writes the nudged states
+        relative to the free fixed point (`lowp_phi.nudge_start`): hand the final nudged state to `full_state`
+        before taking ∂Φ/∂θ.
         """
-        lp = inputs.lowp
-        if lp is None:
-            rep = inputs.repeat(times) if times > 1 else inputs
-            return rep, [s.repeat(times, *([1] * (s.dim() - 1))) if times > 1 else s for s in free]
-
-        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t if t is None or times == 1 else torch.cat([t] * times)
-
-        P = 1 if self.spec.num_projections else 0
-        stacked = [rep(s) for s in free[P:]]  # the projection layer starts at δ = 0 (below)
-        dtype = self.biases[0].dtype
-        up: list[torch.Tensor | None] = [None] * len(self.weights)
-        down: list[torch.Tensor | None] = [None] * len(self.weights)
-        for k, w in enumerate(self.weights):
-            n = k + P  # the FC layer synapse k feeds (state index)
-            if n == 0:
-                continue  # fed by the constant input
-            from_proj = bool(P) and k == 0
-            if lp.weights[k] is not None or from_proj:
-                a = free[n - 1].reshape(free[n - 1].shape[0], -1).to(dtype)
-                up[k] = torch.mm(a, w.t()).repeat(times, 1)
-            if lp.weights[k] is not None and not from_proj:
-                down[k] = torch.mm(free[n], w).repeat(times, 1)
-        retrieval = None
-        if P:
-            q = self._low_precision_drive(inputs, free, 0)  # the query at s*, as the free phase computes it
-            if self.spec.attention:
-                retrieval = DistinctKeys.repeat_weights(lp.keys.attention(q), times)
-            else:
-                retrieval = rep(q)
-            delta_shape = (free[0].shape[0] * times, *free[0].shape[1:])
-            stacked.insert(0, torch.zeros(delta_shape, dtype=lp.dtype, device=free[0].device))
-        # the projection's s* once per sample (the contrast and `full_state` read it), the FC layers' per row
-        base = DeltaBase(free[:P] + [rep(s) for s in free[P:]], up, down, retrieval)
-        if times == 1:
-            return replace(inputs, lowp=replace(lp, base=base)), stacked
-        keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
-        lowp = LowPrecision(lp.dtype, lp.weights, keys, None, rep(lp.flat_x), base)
-        # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and
-        # x_query once (B rows: the contrast needs the free batch's); masks live in `lowp.keys` (its counts)
-        rows = free[-1].shape[0] * times
-        return Inputs(inputs.x_query, None, None, None, rep(inputs.flat_x), lowp, rows=rows,
-                      query_streams=inputs.query_streams), stacked
+        if inputs.lowp is not None:
+            return _fast().nudge_start(self, inputs, free, times)
+        rep = inputs.repeat(times) if times > 1 else inputs
+        return rep, [s.repeat(times, *([1] * (s.dim() - 1))) if times > 1 else s for s in free]
 
     def full_state(self, inputs: Inputs, state: State) -> State:
-        """Undo `nudge_start`'s difference form: s* + δ for the projection layer, in the params' dtype."""
-        lp = inputs.lowp
-        if lp is None or lp.base is None or not self.spec.num_projections:
-            return state
-        dtype = self.biases[0].dtype
-        s_star = lp.base.states[0]
-        if s_star.shape[0] != state[0].shape[0]:  # ±β copies of the batch: s* is stored once per sample
-            s_star = s_star.repeat(state[0].shape[0] // s_star.shape[0], *([1] * (s_star.dim() - 1)))
-        return [s_star.to(dtype) + state[0].to(dtype), *state[1:]]
-
-    def _delta_projection(self, lp: LowPrecision, delta_q: torch.Tensor | Query) -> torch.Tensor:
-        """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16 (nudged phase, fast path)."""
-        if self.spec.attention:
-            return lp.keys.delta_retrieve(lp.base.retrieval, delta_q)
-        q = lp.base.retrieval.to(torch.float32)
-        return (self.activation(q + delta_q.to(torch.float32)) - self.activation(q)).to(lp.dtype)
+        """The nudged state as full values: the exact path stores them so already; the fast path's difference
+        form is undone (`lowp_phi.full_state`)."""
+        if inputs.lowp is not None:
+            return _fast().full_state(self, inputs, state)
+        return state
 
     def zero_state(self, batch: int) -> State:
         spec = self.spec
@@ -473,14 +181,14 @@ class EPNet(nn.Module):
         return None, state, inputs.flat_x
 
     # ------------------------------------------------------------------ ∂Φ/∂s
-    def layer_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor:
+    def layer_drive(self, inputs: Inputs, state: State, n: int) -> torch.Tensor | Query:
         """∂Φ/∂s for layer n (state index): bottom-up `a W_nᵀ + b` plus top-down `h^{n+1} W_{n+1}`.
 
         Two matrix products per synapse per full step: one into each of the two layers it joins.
-        With `inputs.lowp` the large products run on bf16 operands (see `_low_precision_drive`).
+        With `inputs.lowp` the large products run on low-precision operands (`lowp_phi.layer_drive`).
         """
         if inputs.lowp is not None:
-            return self._low_precision_drive(inputs, state, n)
+            return _fast().layer_drive(self, inputs, state, n)
         P = 1 if self.spec.num_projections else 0
         if P and n == 0:
             top_down = torch.mm(state[1], self.weights[0]).view_as(state[0])
@@ -492,82 +200,11 @@ class EPNet(nn.Module):
             drive = torch.addmm(drive, state[n + 1], self.weights[k + 1])
         return drive
 
-    def _low_precision_drive(self, inputs: Inputs, state: State, n: int,
-                             paired: PairedProducts | None = None) -> torch.Tensor | Query:
-        """`layer_drive` of the fast path. Large products on bf16 operands, the rest in the params' dtype.
-
-        With attention the projection "drive" returned here is only the top-down half of the query,
-        W₁ᵀh¹ (X W₀ᵀ enters through the constant scores of `LowPrecision.keys`). In the nudged phases
-        (`lp.base` set, see `nudge_start`) every bf16 product is taken on the difference from the free fixed point s*,
-        `W a = W a* + W (a − a*)`, with `W a*` computed once in the params' dtype: rounding is then
-        relative to the small EP signal, not to the state, and the contrast s⁺ − s⁻ survives. The
-        projection state is then stored as its difference δ from s*, and the projection drive is
-        δQ = W₁ᵀ(h¹ − h¹*) (the rest of Q is folded into s*'s attention, `DeltaBase.retrieval`).
-        """
-        P = 1 if self.spec.num_projections else 0
-        lp, base = inputs.lowp, inputs.lowp.base
-        if P and n == 0:
-            h = None if paired else (state[1] if base is None else state[1] - base.states[1])
-            if self.spec.attention:  # a `Query`: the int8 product's row factors go into the scores
-                if lp.weights[0] is not None:
-                    top_down, row_scale = ((paired.down, paired.row_scale) if paired
-                                           else lp.weights[0].down_row_scaled(h))
-                    return Query(top_down.view(state[0].shape), row_scale)
-                return Query(torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype))
-            if lp.weights[0] is not None:
-                top_down = (paired.scaled_down() if paired else lp.weights[0].down(h)).view(state[0].shape)
-            else:
-                top_down = torch.mm(h, self.weights[0]).view(state[0].shape).to(lp.dtype)
-            if base is None:  # no attention: σ needs the whole query
-                return top_down.add_(lp.query_drive)
-            return top_down
-        k = n - P
-        bias, w_low = self.biases[k], lp.weights[k]
-        if n == 0:  # the flattened input (no projection layer): constant, no delta needed
-            drive = (w_low.up(lp.flat_x).to(bias.dtype).add_(bias) if w_low is not None
-                     else torch.addmm(bias, inputs.flat_x, self.weights[k].t()))
-        else:
-            below = state[n - 1].reshape(state[n - 1].shape[0], -1)
-            from_proj = P and n == 1
-            if base is not None and (w_low is not None or from_proj):
-                if not from_proj:  # FC state: full values, take the difference; projection: already δ
-                    below = below - base.states[n - 1].reshape(below.shape)
-                if w_low is None:
-                    product = torch.mm(below.to(bias.dtype), self.weights[k].t())
-                else:
-                    product = paired.up if paired and from_proj else w_low.up(below)
-                drive = product.to(bias.dtype).add_(base.up[k]).add_(bias)
-            elif w_low is not None:
-                drive = (paired.up if paired and from_proj else w_low.up(below)).to(bias.dtype).add_(bias)
-            else:
-                drive = torch.addmm(bias, below.to(bias.dtype), self.weights[k].t())
-        if n + 1 < len(state):
-            above, w_low = state[n + 1], lp.weights[k + 1]
-            if w_low is None:
-                drive = torch.addmm(drive, above, self.weights[k + 1])
-            elif base is not None:
-                drive = drive.add_(w_low.down(above - base.states[n + 1]).to(drive.dtype)).add_(base.down[k + 1])
-            else:
-                drive = drive.add_(w_low.down(above).to(drive.dtype))
-        return drive
-
     def drives(self, inputs: Inputs, state: State) -> State:
         """∂Φ/∂s for every layer (no nudging), all from the same state."""
         if inputs.lowp is not None:
-            paired = self._paired_products(inputs, state)
-            return [self._low_precision_drive(inputs, state, n, paired) for n in range(len(state))]
+            return _fast().drives(self, inputs, state)
         return [self.layer_drive(inputs, state, n) for n in range(len(state))]
-
-    def _paired_products(self, inputs: Inputs, state: State) -> PairedProducts | None:
-        """Both products of the projection → FC-1 synapse from one state (fast path), which the int8 kernels
-        take in one read of the 180 M-weight matrix; None where there is no such low-precision synapse."""
-        lp = inputs.lowp
-        if not self.spec.num_projections or lp.weights[0] is None:
-            return None
-        h = state[1] if lp.base is None else state[1] - lp.base.states[1]
-        x = state[0].reshape(state[0].shape[0], -1)
-        absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
-        return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
 
     def phi(self, inputs: Inputs, state: State) -> torch.Tensor:
         """Φ per sample (B,), on the exact path's inputs (`prepare(x)`)."""
@@ -595,11 +232,8 @@ class EPNet(nn.Module):
     ) -> torch.Tensor:
         """New state of layer n from its drive: Hopfield retrieval (projection) or σ(drive + nudge)."""
         if self.spec.num_projections and n == 0:
-            lp = inputs.lowp
-            if lp is not None and lp.base is not None:  # nudged phase of the fast path: δs¹ from δQ
-                return self._delta_projection(lp, drive)
-            if lp is not None and self.spec.attention:
-                return lp.keys.retrieve(drive)
+            if inputs.lowp is not None:
+                return _fast().update_projection(self, inputs, drive)
             if self.spec.attention:
                 return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
             return self.activation(drive)
@@ -660,89 +294,22 @@ class EPNet(nn.Module):
     def symmetric_contrast(self, inputs: Inputs, nudged: State, scale: float) -> dict[str, torch.Tensor]:
         """scale · Σ_b [∂Φ/∂θ(s⁺_b) − ∂Φ/∂θ(s⁻_b)] for the ±β nudged states stacked as [s⁺; s⁻].
 
-        `inputs`, `nudged` as `nudge_start(…, times=2)` and `relax` leave them. Exact path: the same
-        numbers as `phi_param_grads` with coef = (+scale…, −scale…). Fast path: read from the difference
-        form directly. With a± = a* + δ± the projection synapse's contrast is
-        (h⁺ − h⁻) a*ᵀ + h⁺ δ⁺ᵀ − h⁻ δ⁻ᵀ, one bf16 product over the 3B rows [h⁺ − h⁻; h⁺; −h⁻] × [a*; δ⁺; δ⁻]
-        in which every operand is rounded relative to its own size (and δ⁺ ≈ −δ⁻: nothing cancels);
-        W₀'s contrast Σ_t (δ⁺ − δ⁻)_t x_tᵀ needs B rows, not 2B, and s* drops out exactly.
+        `inputs`, `nudged` as `nudge_start(…, times=2)` and `relax` leave them: `phi_param_grads` with
+        coef = (+scale…, −scale…), or, for the fast path's difference form, the same contrast read from the
+        differences directly (`lowp_phi.symmetric_contrast`).
         """
-        lp = inputs.lowp
-        rows = nudged[-1].shape[0]
-        half = rows // 2
-        if lp is None or lp.base is None:
-            return self.phi_param_grads(inputs, nudged, signed_coef(half, scale, nudged[-1]))
-        dtype = self.biases[0].dtype
-        P = 1 if self.spec.num_projections else 0
-        grads: dict[str, torch.Tensor] = {}
-        if P:
-            diff = nudged[0][:half].to(dtype).sub_(nudged[0][half:])  # s⁺ − s⁻ of the projection layer, fp32
-            if self.proj_query is not None:
-                grads["proj_query"] = diff.sum(0).mul_(scale)
-            else:
-                # x_query: the free batch's B rows (`nudge_start`); per projection where streams repeat, so that
-                # no gathered copy of the tokens is made
-                x = inputs.x_query
-                if inputs.streams_in_order:
-                    grads["proj_weight"] = torch.einsum("bple,bpld->ped", diff, x).mul_(scale)
-                else:
-                    grads["proj_weight"] = torch.stack([torch.einsum("ble,bld->ed", diff[:, p], x[:, s])
-                                                        for p, s in enumerate(inputs.query_streams)]).mul_(scale)
-            del diff  # B × the projection layer in fp32: not held through the larger products below
-        fc = nudged[P:]
-        for k, h in enumerate(fc):
-            hp, hm = h[:half], h[half:]
-            grads[f"biases.{k}"] = (hp - hm).sum(0).mul_(scale)
-            n = k + P
-            if n == 0:  # the constant flattened input
-                x = inputs.flat_x[:half]
-                grads[f"weights.{k}"] = torch.mm((hp - hm).t(), x).mul_(scale)
-            elif P and n == 1:  # from the projection layer, stored as δ from s*
-                a_star = lp.base.states[0].reshape(half, -1)  # s* of the projection: once per sample
-                deltas = nudged[0].reshape(rows, -1)
-                if lp.weights[k] is not None:
-                    left_t = torch.cat([hp - hm, hp, -hm]).mul_(scale).to(lp.dtype).t().contiguous()
-                    out = self._scratch(f"weights.{k}", (left_t.shape[0], a_star.shape[1]), dtype)
-                    # [a*; δ⁺; δ⁻] in bf16 one block of columns at a time: the whole (3B, a) operand (46 MB at
-                    # SNLI) would be the batch's largest temporary, allocated late in the heap the process keeps
-                    right = torch.empty(half + rows, CONTRAST_BLOCK, dtype=lp.dtype, device=a_star.device)
-                    for lo in range(0, out.shape[1], CONTRAST_BLOCK):  # bf16 product, fp32 result in place
-                        hi = min(lo + CONTRAST_BLOCK, out.shape[1])
-                        block = right[:, :hi - lo]
-                        block[:half].copy_(a_star[:, lo:hi])
-                        block[half:].copy_(deltas[:, lo:hi])
-                        out[:, lo:hi].copy_(torch.mm(left_t, block))
-                    grads[f"weights.{k}"] = out
-                else:
-                    a_full = torch.cat([a_star, a_star]).to(dtype) + deltas.to(dtype)
-                    signed = torch.cat([hp, -hm]).mul_(scale)
-                    grads[f"weights.{k}"] = torch.mm(signed.t(), a_full)
-            else:
-                below = fc[k - 1]
-                signed = torch.cat([hp, -hm]).mul_(scale)
-                grads[f"weights.{k}"] = torch.mm(signed.t(), below)
-        return {name: grads[name] for name, _ in self.named_parameters()}
+        if inputs.lowp is not None and inputs.lowp.base is not None:
+            return _fast().symmetric_contrast(self, inputs, nudged, scale)
+        return self.phi_param_grads(inputs, nudged, signed_coef(nudged[-1].shape[0] // 2, scale, nudged[-1]))
 
     def named_param_dict(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
 
-CONTRAST_BLOCK = 8192  # columns per block of the fast path's bf16 gradient product (fp32 output in place)
-
-
 def enable_compiled_kernels(enabled: bool = True) -> None:
-    """Use fused, one-pass versions of the fast path's softmax kernels.
-
-    The free phase's scores-plus-softmax and the nudged phases' softmax difference
-    (`fast_retrieval.delta_attention`) each become one pass over the scores. Where our C kernels load
-    (`native_kernels`: AVX-512 with AMX, a C compiler) they are those, else `torch.compile`d ones (about 2×
-    to 4× faster than torch's bf16 softmax; the first call compiles, ~10-40 s, then cached on disk by
-    inductor). Off by default; `seqep bench` and `seqep train` turn it on. Results equal the eager kernels'
-    up to fp32 rounding. Without our int8 kernels it also compiles the oneDNN int8 path's quantisers
-    (`lowp_weights.enable_compiled_quantizers`).
-    """
-    enable_compiled(enabled)
-    enable_compiled_quantizers(enabled)
+    """Fused one-pass kernels for the fast path's retrieval and int8 quantisers; see
+    `analog_ep.fast.lowp_phi.enable_compiled_kernels`."""
+    _fast().enable_compiled_kernels(enabled)
 
 
 def signed_coef(batch: int, scale: float, like: torch.Tensor) -> torch.Tensor:

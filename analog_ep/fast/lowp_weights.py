@@ -165,3 +165,6 @@ class Int8Weight:
         if self.kernel == "amx":
             return self.packed.down_up(h, x, x_absmax)
         return (*self.down_row_scaled(h), self.up(x))
+
+
+LowPrecisionWeight = Bf16Weight | Int8Weight
