@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from analog_ep.bench.runner import SHAPES, Shape, build_shape, count_flops, flat_grads, make_net, random_batch
+from analog_ep.bench import SHAPES, Shape, build_shape, count_flops, flat_grads, make_net, random_batch
 from analog_ep.estimators import EPConfig, ep_symmetric
 from analog_ep.gdu import angle_deg
 from analog_ep.phi import enable_compiled_kernels

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="32,64", help="comma-separated row counts (default 32,64)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # the allocator policy `seqep bench` runs under (session 4 on; session 3's files ran without)
+    keep_freed_memory()  # the allocator policy `seqep bench` runs under
     batches = [int(b) for b in args.batches.split(",")]
     w = (torch.randn(*FC1[args.fc1]) / FC1[args.fc1][1] ** 0.5).to(torch.bfloat16)
     gb = w.numel() * w.element_size() / 1e9

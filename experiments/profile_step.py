@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from analog_ep.bench.runner import INPUTS, SHAPES, bench_batch, build_shape, make_net, resolve_inputs
+from analog_ep.bench import INPUTS, SHAPES, bench_batch, build_shape, make_net, resolve_inputs
 from analog_ep.dynamics import relax
 from analog_ep.fast.allocator import keep_freed_memory
 from analog_ep.phi import enable_compiled_kernels, one_hot_target, signed_coef

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from analog_ep.bench.runner import CPU_SHAPES, PAPER_SHAPES, SHAPES, bench, summary_table
+from analog_ep.bench import CPU_SHAPES, PAPER_SHAPES, SHAPES, bench, compare_training, summary_table
 from analog_ep.errors import ConfigError
 
 EPILOG = """\
@@ -100,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     if args.accuracy:
         if any(s not in CPU_SHAPES for s in shapes):
             raise ConfigError(f"--accuracy trains the CPU shapes only ({', '.join(CPU_SHAPES)}); pick one with --shape")
-        from analog_ep.bench.runner import compare_training
-
         results = [compare_training(name, args.train_limit, args.epochs, args.data_dir, args.tol, log,
                                     args.compile_kernels) for name in shapes]
         print(json.dumps({"accuracy": results}, indent=2))
