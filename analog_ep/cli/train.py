@@ -105,8 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
     command = "seqep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, command=command)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stopped:  # last.pt saved (or kept) and the resume command printed
+        return getattr(stopped, "exit_code", 130)
     print(f"\n{report['task']} · {report['estimator']} · {report['epochs_completed']:.2f} epochs in "
           f"{report['train_minutes']:.1f} min\n"
           f"  val accuracy  {report['val_accuracy']:.4f}  (best epoch {report['best_epoch']})\n"

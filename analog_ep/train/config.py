@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     checkpoint_minutes: float = 5.0
+    checkpoint_every: int | None = None  # also write last.pt every N optimiser steps (None: by time only)
     device: str = "cpu"
     dtype: str = "float32"
     log_every: int = 20
@@ -174,6 +175,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {section}.{key} must be > 0")
     if cfg.data.exact_match and cfg.data.task != "snli":
         raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
+    if cfg.train.checkpoint_every is not None and cfg.train.checkpoint_every <= 0:
+        raise ConfigError(f"{source}: train.checkpoint_every must be > 0 steps, or none (checkpoint by time only)")
     if any(n <= 0 for n in cfg.model.hidden):
         raise ConfigError(f"{source}: model.hidden sizes must be > 0, got {cfg.model.hidden}")
     if any(lr < 0 for lr in cfg.train.lrs) or not cfg.train.lrs:

@@ -1,16 +1,18 @@
 """The trainer: data → model → EP epochs with checkpoints, metrics and resume → test once → report.
 
-Nothing is lost on interruption: `last.pt` is written atomically at every epoch end, every
-`train.checkpoint_minutes`, and on Ctrl-C; `--resume` continues from the exact batch where it stopped
-(batch order is a function of (seed, epoch), so the resumed run sees the same batches).
+Nothing is lost on interruption: `last.pt` is written atomically (`lifecycle.RunDir`) at every epoch end,
+every `train.checkpoint_minutes` (and every `train.checkpoint_every` steps), and on Ctrl-C or SIGTERM
+after the batch in progress; `--resume` continues from the exact batch where it stopped (batch order is a
+function of (seed, epoch), so the resumed run sees the same batches) and metrics.jsonl from the
+checkpoint's row, so the resumed run's files are the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,16 +20,18 @@ from tqdm import tqdm
 
 from analog_ep.data import TaskData, embed_batch, load_task
 from analog_ep.dynamics import free_phase
-from analog_ep.errors import CheckpointError, ConfigError
+from analog_ep.errors import ConfigError
 from analog_ep.estimators import EPConfig, Estimator, make_estimator
 from analog_ep.fast.allocator import keep_freed_memory
 from analog_ep.fast.lowp_weights import int8_available, int8_kernel_name
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
-from analog_ep.train.checkpoint import BEST, LAST, load_checkpoint, save_model
+from analog_ep.train.checkpoint import BEST, save_model
 from analog_ep.train.config import RunConfig
 from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
-from analog_ep.train.run_dir import append_jsonl, software_versions, write_json
+from analog_ep.train.lifecycle import EpochTally, Progress, RunDir, refuse_changes
+from analog_ep.train.run_dir import software_versions, write_json
+from analog_ep.train.stop_signals import Interrupted, StopRequest, stop_between_batches
 
 
 def seed_everything(seed: int) -> None:
@@ -181,30 +185,16 @@ def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig,
             "max_final_residual": residual, "predictions": torch.cat(predictions) if predictions else None}
 
 
-@dataclass
-class Progress:
-    epoch: int = 0  # epoch in progress (0-based)
-    batch: int = 0  # next batch index within the epoch
-    step: int = 0  # optimiser steps so far
-    best_val: float = -1.0
-    best_epoch: int = -1
-    elapsed: float = 0.0  # training seconds before this process
-
-
-RESUMABLE_CHANGES = ("epochs", "max_minutes")
+# what a resumed run may be given anew: more epochs or time, other checkpoint intervals (nothing it learns)
+RESUMABLE_CHANGES = ("train.epochs", "train.max_minutes", "train.checkpoint_minutes", "train.checkpoint_every")
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
                  command: str = "") -> None:
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        if not resume and (self.ckpt_dir / LAST).exists():
-            raise ConfigError(f"{self.run_dir} already holds a run: add --resume to continue it, "
-                              "or pick another --out")
-        if resume and not (self.ckpt_dir / LAST).exists():
-            raise CheckpointError(f"nothing to resume in {self.run_dir} (no checkpoints/{LAST})")
+        self.cfg, self.progress = cfg, progress
+        self.run = RunDir(Path(run_dir), resume=resume)
+        self.run_dir, self.ckpt_dir, self.metrics_path = self.run.path, self.run.checkpoints, self.run.metrics
         self.resume, self.command = resume, command
 
     # ------------------------------------------------------------------ setup
@@ -232,35 +222,32 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.state = Progress()
+        self._t0 = self._epoch_t0 = time.perf_counter()  # where this process's seconds are counted from
+        self.run.start()  # the directory's lock, held until `close`
         if self.resume:
             self._load_last()
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.unlink(missing_ok=True)
         write_json(self.run_dir / "config.json", {"config": self.cfg.to_dict(), "command": self.command,
                                                   "data_info": self.task.info, "spec": self.net.spec.to_dict(),
                                                   "int8_kernel": int8_kernel_name() if self.cfg.ep.precision == "int8"
                                                   else None})
 
+    def close(self) -> None:
+        """Give the run directory's lock back."""
+        self.run.close()
+
     def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.ckpt_dir / LAST)
-        saved, now = ckpt.get("config") or {}, self.cfg.to_dict()
-        for cfg in (saved, now):  # a resumed run may be given more epochs or more time, nothing else
-            for key in RESUMABLE_CHANGES:
-                cfg.get("train", {}).pop(key, None)
-        if saved != now:
-            raise CheckpointError(f"{self.run_dir}: the saved run used a different config; resume without --preset"
-                                  "/--set changes (except train.epochs / train.max_minutes), or use a new --out")
+        ckpt, self.state = self.run.load_last()
+        refuse_changes(self.run_dir, ckpt.get("config") or {}, self.cfg.to_dict(), RESUMABLE_CHANGES,
+                       may_change="train.epochs, train.max_minutes and the checkpoint intervals")
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.state = Progress(**ckpt["progress"])
         torch.set_rng_state(ckpt["rng"])
 
     def _save_last(self) -> None:
-        save_model(self.ckpt_dir / LAST, self.net, config=self.cfg.to_dict(), optimizer=self.optimizer.state_dict(),
-                   scheduler=self.scheduler.state_dict(), progress=vars(self.state).copy(),
-                   rng=torch.get_rng_state())
+        self._keep_time()
+        self.run.save_last(self.net, self.state, config=self.cfg.to_dict(), optimizer=self.optimizer.state_dict(),
+                           scheduler=self.scheduler.state_dict())
 
     # ------------------------------------------------------------------ loop
     def _estimator(self) -> Estimator:
@@ -268,60 +255,64 @@ class Trainer:
         lrs = param_lrs(self.optimizer, self.net) if name == "cep" else None
         return make_estimator(name, ep_config(self.cfg), lrs=lrs)
 
-    def _out_of_time(self, t0: float) -> bool:
+    def _out_of_time(self) -> bool:
         limit = self.cfg.train.max_minutes
-        return limit is not None and self.state.elapsed + time.perf_counter() - t0 > 60 * limit
+        return limit is not None and self.state.elapsed + time.perf_counter() - self._t0 > 60 * limit
 
-    def train(self) -> None:
+    def _checkpoint_due(self, last_ckpt: float) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return (time.perf_counter() - last_ckpt > 60 * self.cfg.train.checkpoint_minutes
+                or every is not None and self.state.step % every == 0)
+
+    def train(self, stop: StopRequest | None = None) -> None:
+        """Epochs from where `self.state` stands; `stop` (a signal asked to stop) is checked between batches."""
         cfg, st = self.cfg, self.state
+        stop = stop or StopRequest()
         dtype = self.net.weights[0].dtype
-        t0 = time.perf_counter()
-        last_ckpt = time.perf_counter()
-        stop = False
-        while st.epoch < cfg.train.epochs and not stop:
+        self._t0 = last_ckpt = time.perf_counter()
+        out_of_time = False
+        while st.epoch < cfg.train.epochs and not out_of_time:
             order = torch.randperm(len(self.task.train), generator=torch.Generator().manual_seed(
                 cfg.train.seed * 1000 + st.epoch))
-            epoch_start, seen, correct, loss_sum, res_max = time.perf_counter(), 0, 0, 0.0, 0.0
+            self._epoch_t0, tally = time.perf_counter(), st.tally
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
             for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
                                 order, start=st.batch, exact_match=cfg.data.exact_match):
+                stop.check()
                 b0 = time.perf_counter()
                 est = train_step(self.net, self._estimator(), x, y, self.optimizer)
                 self.scheduler.step()
                 if not all(torch.isfinite(p).all() for p in self.net.parameters()):
                     raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
                                              "the learning rates or β (try --set train.lrs=[...])")
-                seen += len(y)
-                correct += int((est.output.argmax(-1) == y).sum())
-                loss_sum += est.loss * len(y)
-                res_max = max(res_max, est.free_trace.final_residual)
+                tally.add(est.output, y, est.loss, residual=est.free_trace.final_residual)
                 st.batch += 1
                 st.step += 1
                 bar.update(1)
-                bar.set_postfix(acc=f"{correct / seen:.3f}", loss=f"{loss_sum / seen:.3f}",
+                bar.set_postfix(acc=f"{tally.accuracy:.3f}", loss=f"{tally.loss:.3f}",
                                 res=f"{est.free_trace.final_residual:.1e}")
                 if st.step % cfg.train.log_every == 0:
-                    append_jsonl(self.metrics_path, {
+                    self.run.log({
                         "kind": "step", "step": st.step, "epoch": st.epoch + st.batch / self.batches_per_epoch,
                         "loss": est.loss, "batch_accuracy": float((est.output.argmax(-1) == y).float().mean()),
                         "free_residual": est.free_trace.final_residual, "free_steps": est.free_trace.steps,
                         "seconds_per_batch": time.perf_counter() - b0, "lr": self.optimizer.param_groups[0]["lr"]})
-                if time.perf_counter() - last_ckpt > 60 * cfg.train.checkpoint_minutes:
+                if self._checkpoint_due(last_ckpt):
                     self._save_last()
                     last_ckpt = time.perf_counter()
-                if self._out_of_time(t0):
-                    stop = True
+                if self._out_of_time():
+                    out_of_time = True
                     break
             bar.close()
             epoch_done = st.batch >= self.batches_per_epoch
             val = evaluate_split(self.net, self.task.val, self.embedding, cfg, self.progress, desc="val")
             row = {"kind": "epoch", "epoch": st.epoch + (1 if epoch_done else st.batch / self.batches_per_epoch),
-                   "train_accuracy": correct / max(seen, 1), "train_loss": loss_sum / max(seen, 1),
-                   "val_accuracy": val["accuracy"], "max_free_residual": res_max,
-                   "epoch_seconds": time.perf_counter() - epoch_start, "val_seconds": val["seconds"],
-                   "elapsed_minutes": (st.elapsed + time.perf_counter() - t0) / 60}
-            append_jsonl(self.metrics_path, row)
+                   "train_accuracy": tally.accuracy, "train_loss": tally.loss,
+                   "val_accuracy": val["accuracy"], "max_free_residual": tally.max_residual,
+                   "epoch_seconds": tally.seconds + time.perf_counter() - self._epoch_t0,
+                   "val_seconds": val["seconds"], "elapsed_minutes": (st.elapsed + time.perf_counter() - self._t0) / 60}
+            self.run.log(row)
             if self.progress:
                 print(f"epoch {row['epoch']:.2f}: train acc {row['train_accuracy']:.4f}  val acc "
                       f"{val['accuracy']:.4f}  ({row['epoch_seconds']:.0f} s)", file=sys.stderr)
@@ -331,10 +322,17 @@ class Trainer:
                            val_accuracy=val["accuracy"])
             if epoch_done:
                 st.epoch, st.batch = st.epoch + 1, 0
-            st.elapsed += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            st.tally = EpochTally()  # a partial epoch (out of time) is reported; its resumed rest starts afresh
+            self._epoch_t0 = time.perf_counter()
             self._save_last()
             last_ckpt = time.perf_counter()
+
+    def _keep_time(self) -> None:
+        """Move this process's training seconds into the state that `last.pt` saves."""
+        now = time.perf_counter()
+        self.state.elapsed += now - self._t0
+        self.state.tally.seconds += now - self._epoch_t0
+        self._t0 = self._epoch_t0 = now
 
     # ------------------------------------------------------------------ finish
     def finish(self, status: str = "completed") -> dict:
@@ -368,15 +366,28 @@ class Trainer:
 
 def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
               command: str = "") -> dict:
-    """Train (or resume) a run and write its report. Ctrl-C saves `last.pt` and still writes a report."""
+    """Train (or resume) a run and write its report.
+
+    Ctrl-C or SIGTERM: the batch in progress is finished, `last.pt` saved, the resume command printed,
+    and `Interrupted` raised (its `exit_code` 128 + the signal). After Ctrl-C a run with a best checkpoint
+    still writes its report (status "interrupted"); after SIGTERM, which comes with a deadline, it does not.
+    """
     trainer = Trainer(cfg, run_dir, resume, progress, command)
-    trainer.setup()
     try:
-        trainer.train()
-    except KeyboardInterrupt:
-        trainer._save_last()
-        print(f"\ninterrupted: progress saved; continue with `seqep train --out {run_dir} --resume`", file=sys.stderr)
-        if (trainer.ckpt_dir / BEST).exists():
-            trainer.finish(status="interrupted")
-        raise
-    return trainer.finish()
+        trainer.setup()
+        try:
+            with stop_between_batches() as stop:
+                trainer.train(stop)
+        except Interrupted as stopped:
+            trainer._save_last()
+            print(f"\n{trainer.run.interrupted_message(trainer.state)}", file=sys.stderr)
+            if stopped.signum == signal.SIGINT and (trainer.ckpt_dir / BEST).exists():
+                trainer.finish(status="interrupted")
+            raise
+        except KeyboardInterrupt:
+            print(f"\nstopped in the middle of a batch: it was not saved; `{trainer.run.resume_command}` continues "
+                  f"from the last checkpoint ({trainer.run.last})", file=sys.stderr)
+            raise
+        return trainer.finish()
+    finally:
+        trainer.close()
