@@ -13,9 +13,14 @@ import torch
 
 from analog_ep.dynamics import free_phase
 from analog_ep.estimators import EPConfig, bptt, cep_on_copy, ep_symmetric, ep_two_phase, stack_states
+from analog_ep.errors import SeqepError
 from analog_ep.phi import EPNet, mse_loss, one_hot_target
 
 Grads = dict[str, torch.Tensor]
+
+
+class GDUUndefinedError(SeqepError):
+    """The agreement is 0/0 here (a gradient is exactly zero); the message says why and what to change."""
 
 
 def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,34 +71,64 @@ def compare_grads(est: Grads, ref: Grads, layer_of: dict[str, str], noise_floor:
     return {"angle_deg": angle_deg(whole_e, whole_r), "layers": per_layer}
 
 
+def saturation(state: list[torch.Tensor]) -> list[float]:
+    """Fraction of each layer's units sitting exactly on a clamp boundary (s = 0 or s = 1), where σ' = 0."""
+    return [float(((s == 0) | (s == 1)).double().mean()) for s in state]
+
+
+def _norm(grads: Grads) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def gdu_diagnostics(net: EPNet, free: list[torch.Tensor], residual: float, ref: Grads, cfg: EPConfig) -> dict:
+    """Why EP and BPTT may disagree on this network: no fixed point, or units saturated at the fixed point.
+
+    The agreement theorem needs a converged free phase and σ differentiable there as β → 0. A unit on a
+    clamp boundary has σ' = 0, so BPTT's gradient through it is zero, while a nudge of finite β can push it
+    off the boundary: EP then measures something BPTT cannot (the paper's initialisation, bias offset 0,
+    leaves many output units at 0). Smaller β shrinks that gap; a bias offset > 0 moves units off it.
+    """
+    names = net.spec.layer_names
+    sat = saturation(free)
+    warnings = []
+    if not residual < 1e-4:
+        warnings.append(f"the free phase is not at a fixed point after T1 = {cfg.free_steps} steps (residual "
+                        f"{residual:.2g}): raise --free-steps")
+    if sat[-1] > 0:
+        warnings.append(f"{100 * sat[-1]:.0f} % of the output units are saturated at the free fixed point (σ' = 0): "
+                        f"BPTT's gradient through them is zero while a nudge of β = {cfg.beta} moves them; expect "
+                        "disagreement that shrinks with β (try --beta 0.01) or a bias offset > 0 (--bias-offset 1)")
+    return {"saturated_fraction": dict(zip(names, sat)), "bptt_grad_norm": _norm(ref), "warnings": warnings}
+
+
 def gdu_report(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, cep_lr: float = 1e-6) -> dict:
     """Compare two-phase EP, symmetric EP and C-EP with BPTT truncated to the last K free-phase steps.
 
-    Example:
-        >>> import torch
-        >>> from analog_ep import EPConfig, EPNet, build_spec
-        >>> net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0, schedule="synchronous"), seed=0).double()
-        >>> x, y = torch.randn(8, 1, 12, 8, dtype=torch.float64), torch.randint(0, 2, (8,))
-        >>> report = gdu_report(net, x, y, EPConfig(beta=0.001, free_steps=40, nudge_steps=6))
-        >>> sorted(report)
-        ['cep', 'config', 'ep_symmetric', 'ep_two_phase']
-        >>> report["ep_symmetric"]["angle_deg"] < 1.0      # EP's update = BPTT's gradient as β → 0
-        True
+    Refuses (GDUUndefinedError) where an angle would be 0/0: a gradient that is exactly zero.
     """
     ref = bptt(net, x, labels, cfg, set_grad=False)
     inputs = net.prepare(x)
     with torch.no_grad():
-        _, trace = free_phase(net, inputs, cfg.free_steps)
+        free, trace = free_phase(net, inputs, cfg.free_steps)
+    diagnostics = gdu_diagnostics(net, free, trace.final_residual, ref.grads, cfg)
+    if diagnostics["bptt_grad_norm"] == 0:
+        raise GDUUndefinedError("BPTT's gradient is exactly zero, so there is no direction to agree with: "
+                                + "; ".join(diagnostics["warnings"] or ["every path to the output is saturated"]))
     estimates = {
         "ep_two_phase": ep_two_phase(net, x, labels, cfg, set_grad=False).grads,
         "ep_symmetric": ep_symmetric(net, x, labels, cfg, set_grad=False).grads,
         "cep": cep_on_copy(net, x, labels, cfg, cep_lr).grads,
     }
+    for name, grads in estimates.items():
+        if _norm(grads) == 0:
+            raise GDUUndefinedError(f"{name}'s update is exactly zero (the nudge moved no unit): "
+                                    + "; ".join(diagnostics["warnings"] or [f"raise β above {cfg.beta}"]))
     report = {name: compare_grads(g, ref.grads, net.param_layer) for name, g in estimates.items()}
     report["config"] = {
         "beta": cfg.beta, "free_steps": cfg.free_steps, "nudge_steps": cfg.nudge_steps, "cep_lr": cep_lr,
         "batch": int(x.shape[0]), "free_phase_final_residual": trace.final_residual,
     }
+    report["diagnostics"] = diagnostics
     return report
 
 

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("ep_two_phase", "ep_symmetric", "cep"):
         layers = ", ".join(f"{k} {v['rel_rms_error']:.3g}" for k, v in report[name]["layers"].items())
         print(f"{name:<14}{report[name]['angle_deg']:>14.3f}°   {layers}")
+    for warning in report["diagnostics"]["warnings"]:
+        print(f"warning: {warning}")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0
