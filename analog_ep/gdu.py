@@ -12,8 +12,8 @@ import math
 import torch
 
 from analog_ep.dynamics import free_phase
-from analog_ep.estimators import EPConfig, bptt, cep_on_copy, ep_symmetric, ep_two_phase, stack_states
 from analog_ep.errors import SeqepError
+from analog_ep.estimators import EPConfig, bptt, cep_on_copy, ep_symmetric, ep_two_phase, stack_states
 from analog_ep.phi import EPNet, mse_loss, one_hot_target
 
 Grads = dict[str, torch.Tensor]
