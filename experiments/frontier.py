@@ -4,7 +4,7 @@ Why: each sweep draws its own frontier; the question "what did every variant tri
 time?" needs them on one plot. A run argument is LABEL=PATTERN, where PATTERN is a run directory or a
 glob matching several (the seeds of one variant); runs without report.json are skipped.
 
-    python experiments/frontier.py --out docs/frontier-imdb.png \\
+    python experiments/frontier.py --out frontier-imdb.png \\
         --run "attention (preset)=runs/sweep-imdb-cpu/pooled-attention-seed*" \\
         --run "mean pooling=runs/sweep-imdb-cpu/mean-pool-seed*"
 
