@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from analog_ep.hopfield import hopfield_weights
-from spiking_ep.units.neurons import shared_uniform
+from spiking_ep.units.base import shared_uniform
 
 ATTENTION_MODES = ("herd", "sample", "dense")
 

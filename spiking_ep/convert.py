@@ -20,13 +20,11 @@ from analog_ep.errors import ConfigError
 from analog_ep.phi import EPNet
 from analog_ep.train.checkpoint import load_model
 from spiking_ep.attention import ATTENTION_MODES, SpikingAttention
-from spiking_ep.units.neurons import CODINGS, Coding, make_coding
+from spiking_ep.units import Coding, coding_entry, make_coding
 
 SPIKING_CONFIG = "spiking.json"
 DEFAULT_CODING = "sigma_delta"  # chosen by measurement: docs/spiking.md, "Choosing the coding"
 DEFAULT_TAU = 16.0
-# deterministic codings get the deterministic winner rule, stochastic ones the sampled one
-DEFAULT_ATTENTION = {"if": "herd", "sigma_delta": "herd", "bernoulli": "sample", "snntorch": "herd", "norse": "herd"}
 
 
 @dataclass
@@ -80,26 +78,31 @@ def to_spiking(
     """Wrap an EPNet, a checkpoint file or a run directory as a spiking network.
 
     coding: "sigma_delta" (default, θ = 1/32: fastest and sparsest for inference), "if" (the coding to
-    learn with: its precision grows with the window), "bernoulli", or the adapters "snntorch" / "norse".
+    learn with: its precision grows with the window), "bernoulli", the adapters "snntorch" / "norse", or a
+    coding added with `spiking_ep.units.register_coding`.
     tau: time constant (steps) of the synaptic traces of IF / Bernoulli units. attention: the winner
     rule of the Hopfield layer ("herd", "sample", or "dense" for the non-spiking ablation); default by
     coding. `coding_options` go to the coding (e.g. threshold=1/32 for sigma-delta, v0 for IF).
+
+    Example:
+        >>> from analog_ep.models import build_spec
+        >>> snet = to_spiking(EPNet(build_spec("imdb", tiny=True), seed=0), coding="if", tau=8)
+        >>> snet.config()
+        {'format': 1, 'coding': 'if', 'coding_options': {}, 'tau': 8, 'attention': 'herd', 'seed': 0}
+        >>> to_spiking(snet.net, coding="bernoulli").attention.mode  # stochastic units: sampled winners
+        'sample'
     """
     net = model if isinstance(model, EPNet) else load_model(model, device=device)[0]
-    if coding not in (*CODINGS, "snntorch", "norse"):
-        raise ConfigError(f"unknown coding {coding!r}; choose one of {', '.join((*CODINGS, 'snntorch', 'norse'))}")
-    attention = attention or DEFAULT_ATTENTION[coding]
+    entry = coding_entry(coding)
+    attention = attention or entry.attention  # deterministic codings herd, stochastic ones sample
     if attention not in ATTENTION_MODES:
         raise ConfigError(f"unknown attention mode {attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
     if tau is not None and tau < 1:
         raise ConfigError(f"tau is a time constant in steps and must be ≥ 1, got {tau}")
     options = dict(coding_options)
-    if coding == "bernoulli":
+    if entry.seeded:
         options.setdefault("seed", seed)
-    try:
-        unit = make_coding(coding, **options)
-    except TypeError as err:
-        raise ConfigError(f"bad options for coding {coding!r}: {err}") from err
+    unit = make_coding(coding, **options)
     return SpikingNet(net, unit, SpikingAttention(attention, seed), tau, coding, options)
 
 

@@ -129,7 +129,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, timesteps: Sequence[int] = DEFAULT_T
 def _run_stages(out: Path, timesteps: Sequence[int], fresh: bool, limit: int | None, skip: Sequence[str],
                 progress: bool, command: str) -> dict[str, Any]:
     from spiking_ep.convert import save_spiking_config, to_spiking
-    from spiking_ep.energy.compare import CompareOptions, compare_run, headline, load_report
+    from spiking_ep.energy.compare import CompareOptions, compare_run
+    from spiking_ep.energy.report import headline, load_report
 
     start = time.perf_counter()
     data_dir = resolve_data_dir()
@@ -171,7 +172,7 @@ def _run_stages(out: Path, timesteps: Sequence[int], fresh: bool, limit: int | N
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The final table (`compare.console_table`) between the training result and the NIR round trip."""
-    from spiking_ep.energy.compare import console_table
+    from spiking_ep.energy.report import console_table
 
     lines = [f"seqep demo: {summary['out']}  (wall time {summary['seconds']['total'] / 60:.1f} min)"]
     train = summary.get("train")

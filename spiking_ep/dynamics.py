@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analog_ep.phi import Inputs, State
-from spiking_ep.units.neurons import filter_trace, trace_alpha
+from spiking_ep.units.base import filter_trace, trace_alpha
 
 if TYPE_CHECKING:
     from spiking_ep.convert import SpikingNet

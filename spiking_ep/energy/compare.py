@@ -1,10 +1,10 @@
-"""`seqep compare`: accuracy, spikes and energy of a trained run, analog vs spiking, as files a paper can use.
+"""`seqep compare`: measure accuracy, spikes and energy of a trained run, analog vs spiking.
 
-    report = compare_run("runs/demo", timesteps=(8, 16, 32, 64), profiles=("cmos45nm", "loihi"))
+    report = compare_run("runs/demo", options=CompareOptions(timesteps=(8, 16, 32, 64), profiles=("loihi",)))
 
-writes RUN_DIR/compare/{compare.json, compare.md, plots/*.png}. Accuracy, agreement and spikes come
-from `evaluate_spiking` (one spiking run to max T, read at every T); energy from `spiking_ep.energy.counting`
-on those measured spikes; per-unit firing rates and the raster from a short probe run on the first
+writes RUN_DIR/compare/{compare.json, compare.md, plots/*.png} (`report`, `plots`). Accuracy, agreement
+and spikes come from `evaluate_spiking` (one spiking run to max T, read at every T); energy from `counting`
+and `pricing` on those measured spikes; per-unit firing rates and the raster from a short probe run on the first
 samples; the training-sample cost from one measured spike-driven EP step per T. The analog side runs
 T₁ = the run's `ep.eval_free_steps` (else `ep.free_steps`) relaxation steps, exactly as
 `seqep evaluate` does, so its accuracy and its energy describe the same computation.
@@ -12,7 +12,6 @@ T₁ = the run's `ep.eval_free_steps` (else `ep.free_steps`) relaxation steps, e
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,20 +24,18 @@ from tqdm import tqdm
 
 from analog_ep.errors import ConfigError
 from analog_ep.train.config import EPSection
-from analog_ep.train.run_dir import software_versions, write_json
+from analog_ep.train.run_dir import software_versions
 from spiking_ep.convert import SpikingNet
 from spiking_ep.dynamics import SpikingState, spiking_free_phase
 from spiking_ep.energy.counting import (
-    PJ_PER_UJ,
     Counts,
-    EnergyProfile,
     analog_counts,
     analog_training_counts,
-    compare,
-    load_profile,
     spiking_counts,
     spiking_training_counts,
 )
+from spiking_ep.energy.pricing import EnergyProfile, compare, load_profile
+from spiking_ep.energy.report import write_report
 from spiking_ep.evaluate import evaluate_spiking, read_run_config, run_batches
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -89,16 +86,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def parse_timesteps(text: str) -> list[int]:
-    try:
-        timesteps = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise ConfigError(f"--timesteps must be comma-separated integers, got {text!r}") from None
-    if not timesteps or timesteps[0] < 2:
-        raise ConfigError("--timesteps needs integers ≥ 2")
-    return timesteps
 
 
 def ep_settings(run_dir: str | Path) -> EPSection:
@@ -251,155 +238,3 @@ def compare_run(run_dir: str | Path, snet: SpikingNet | None = None, split: str 
     with torch_threads(options.threads):
         return compare_spiking(snet, batches, ep_settings(run_dir), options, total_batches,
                                Path(run_dir) / "compare")
-
-
-# ---------------------------------------------------------------- files
-def write_report(report: dict[str, Any], out_dir: str | Path, raster: dict[str, Any] | None,
-                 plots: bool = True) -> dict[str, str]:
-    """compare.json, compare.md and (optionally) the plots; returns the paths written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = {}
-    if plots:
-        from spiking_ep.energy.plots import write_plots
-
-        paths = write_plots(report, raster or {}, out / "plots")
-    report["plots"] = paths
-    write_json(out / "compare.json", report)
-    (out / "compare.md").write_text(markdown(report))
-    return paths
-
-
-def _uj(pj: float) -> str:
-    return f"{pj / PJ_PER_UJ:.3g}"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f} %"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The paste-ready report: accuracy/spikes table, energy per inference and per training sample, constants."""
-    cfg, analog, data = report["spiking_config"], report["analog"], report["data"]
-    Ts = sorted(report["timesteps"], key=int)
-    lines = [f"# Analog vs spiking: {report.get('run_dir') or data.get('task', '')}", ""]
-    lines += [f"- command: `{report['command'] or 'spiking_ep.energy.compare (Python API)'}`",
-              f"- data: {_data_text(data)}, {report['samples']} samples"
-              + (f" (first {data['samples']} of {data['split_size']})" if "split_size" in data else "")
-              + f"; seeds: training {report['seed']['training']}, spiking {report['seed']['spiking']}",
-              f"- spiking units: {_coding(cfg)}; readout: output trace at step T",
-              f"- analog: T₁ = {analog['inference_steps']} relaxation steps per inference; training "
-              f"T₁ + K + K = {analog['training_steps']['free']} + {analog['training_steps']['nudge']} + "
-              f"{analog['training_steps']['nudge']} (β = {analog['training_steps']['beta']})",
-              "- software: " + ", ".join(f"{k} {v}" for k, v in report["software"].items()
-                                          if k not in ("platform", "processor")), ""]
-    lines += ["## Accuracy and spikes", "",
-              "| network | T | accuracy | agreement with analog | spikes / sample | mean rate (spikes / unit / step) |",
-              "|---|---|---|---|---|---|",
-              f"| analog | {analog['inference_steps']} | {_pct(analog['accuracy'])} | — | — | — |"]
-    for T in Ts:
-        r = report["timesteps"][T]
-        lines.append(f"| spiking | {T} | {_pct(r['accuracy'])} | {_pct(r['agreement'])} | "
-                     f"{r['spikes_per_sample']:.4g} | {r['mean_rate']:.3g} |")
-    for name, prof in report["profiles"].items():
-        lines += ["", f"## Energy per inference, profile `{name}` (µJ per sample)", "",
-                  "| T | analog | spiking | analog / spiking | spiking, fixed part | mean rate | break-even rate "
-                  "| verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for T in Ts:
-            c = prof["inference"][T]
-            lines.append(f"| {T} | {_uj(c['analog_pj'])} | {_uj(c['spiking_pj'])} | "
-                         f"{c['ratio_analog_over_spiking']:.3g} | {_uj(c['fixed_pj'])} | {c['mean_rate']:.3g} | "
-                         f"{c['break_even_rate']:.3g} | {c['verdict'].split(':')[0]} |")
-        lines += ["", f"## Energy per training sample, profile `{name}` (µJ per sample)", "",
-                  "| T (free / nudge) | estimator | analog | spiking | analog / spiking | mean rate "
-                  "| break-even rate | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for T in Ts:
-            for est, c in prof["training"][T].items():
-                lines.append(f"| {T} / {max(int(T) // 2, 1)} | {est} | {_uj(c['analog_pj'])} | "
-                             f"{_uj(c['spiking_pj'])} | {c['ratio_analog_over_spiking']:.3g} | {c['mean_rate']:.3g} | "
-                             f"{c['break_even_rate']:.3g} | {c['verdict'].split(':')[0]} |")
-        T = Ts[-1]
-        c = prof["inference"][T]
-        lines += ["", f"Where the energy of one inference goes at T = {T} (µJ):", "",
-                  "| | " + " | ".join(c["analog_by_layer_pj"]) + " |",
-                  "|---" * (len(c["analog_by_layer_pj"]) + 1) + "|",
-                  "| analog | " + " | ".join(_uj(v) for v in c["analog_by_layer_pj"].values()) + " |",
-                  "| spiking | " + " | ".join(_uj(v) for v in c["spiking_by_layer_pj"].values()) + " |", "",
-                  "by operation: analog " + ", ".join(f"{k} {_uj(v)}" for k, v in c["analog_by_kind_pj"].items() if v)
-                  + "; spiking " + ", ".join(f"{k} {_uj(v)}" for k, v in c["spiking_by_kind_pj"].items() if v), ""]
-        lines += [f"Constants of `{name}` ({prof['constants']['description']}):", "",
-                  "| constant | pJ | source |", "|---|---|---|"]
-        for backend in ("analog", "spiking"):
-            for kind, value in prof["constants"][backend].items():
-                key = f"{backend}.{kind}"
-                lines.append(f"| {key} | {value:g} | {prof['constants']['sources'].get(key, 'not given')} |")
-    lines += ["", "## Conventions and caveats", "",
-              "Break-even rate ρ* = (E_analog − E_fixed) / (N · c̄): N spiking unit-steps, c̄ the mean price of a "
-              "spike (fan-out × sop + spike_generation); spiking pays off while the mean rate is below ρ*; "
-              "ρ* ≤ 0: never (docs/energy.md).", ""]
-    lines += [f"- {c}" for c in report["caveats"]]
-    if report.get("plots"):
-        lines += ["", "## Plots", ""] + [f"- {k}: `{v}`" for k, v in report["plots"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def _data_text(data: dict[str, Any]) -> str:
-    if "task" in data:
-        return f"{data['task']} {data['split']} split ({data.get('vectors')}, L = {data.get('max_len')})"
-    return str(data.get("source", "batches given to spiking_ep.energy.compare"))
-
-
-def _coding(cfg: dict[str, Any]) -> str:
-    if cfg["coding"] == "sigma_delta":
-        theta = cfg.get("coding_options", {}).get("threshold", 1 / 32)
-        unit = f"sigma-delta, θ = 1/{round(1 / theta)}"
-    else:
-        unit = f"{cfg['coding']}, τ = {cfg['tau']}"
-    return f"{unit}, attention {cfg['attention']}"
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of the final table: analog vs spiking accuracy, spikes, energy per inference and ratio."""
-    first = next(iter(report["timesteps"]))
-    rows = {T: {"accuracy": r["accuracy"], "agreement": r["agreement"], "spikes_per_sample": r["spikes_per_sample"],
-                "mean_rate": r.get("mean_rate"),
-                "energy_uj": {p: v["inference"][T]["spiking_pj"] / PJ_PER_UJ for p, v in report["profiles"].items()},
-                "ratio": {p: v["inference"][T]["ratio_analog_over_spiking"] for p, v in report["profiles"].items()}}
-            for T, r in report["timesteps"].items()}
-    run_dir = report.get("run_dir") or "."
-    return {"samples": report["samples"], "analog_accuracy": report["analog"]["accuracy"],
-            "analog_steps": report["analog"]["inference_steps"],
-            "analog_energy_uj": {p: v["inference"][first]["analog_pj"] / PJ_PER_UJ
-                                 for p, v in report["profiles"].items()},
-            "timesteps": rows, "markdown": str(Path(run_dir) / "compare" / "compare.md"),
-            "plots": report.get("plots", {})}
-
-
-def console_table(report_or_headline: dict[str, Any]) -> str:
-    """Analog vs spiking per T: accuracy, agreement, spikes/sample, energy per inference and analog/spiking."""
-    h = report_or_headline if "analog_energy_uj" in report_or_headline else headline(report_or_headline)
-    profiles = list(h["analog_energy_uj"])
-    head = f"{'':20}{'accuracy':>9} {'agreement':>10} {'spikes/sample':>14}"
-    head += "".join(f" {p + ' µJ':>13} {'analog/spk':>10}" for p in profiles)
-    lines = [f"{h['samples']} test samples; energy per inference; analog/spk > 1: the spiking network is cheaper",
-             head]
-    row = f"{'analog, T₁ = ' + str(h['analog_steps']):20}{100 * h['analog_accuracy']:>8.2f}% {'—':>10} {'—':>14}"
-    lines.append(row + "".join(f" {h['analog_energy_uj'][p]:>13.3g} {'1':>10}" for p in profiles))
-    for T, r in h["timesteps"].items():
-        row = f"{'spiking, T = ' + T:20}{100 * r['accuracy']:>8.2f}% {100 * r['agreement']:>9.2f}% " \
-              f"{r['spikes_per_sample']:>14.0f}"
-        lines.append(row + "".join(f" {r['energy_uj'][p]:>13.3g} {r['ratio'][p]:>10.3g}" for p in profiles))
-    lines.append(f"report: {h['markdown']}")
-    if h["plots"]:
-        lines.append(f"plots:  {Path(next(iter(h['plots'].values()))).parent}/ "
-                     f"({', '.join(Path(p).name for p in h['plots'].values())})")
-    return "\n".join(lines)
-
-
-def load_report(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "compare" / "compare.json"
-    if not path.is_file():
-        raise ConfigError(f"no {path}: run `seqep compare {run_dir}` first")
-    return json.loads(path.read_text())

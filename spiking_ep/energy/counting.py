@@ -1,9 +1,9 @@
-"""Energy accounting: what one inference and one training sample cost, analog network vs spiking network.
+"""Operation counts: what one inference and one training sample *do*, analog network vs spiking network.
 
 Both networks run the same Φ (`analog_ep.phi`), so their costs are counted on the same graph, per
 layer, per phase ("free", "nudge+", "nudge-", "cep", "update") and per *kind* of operation; a kind is
-also the name of its price in an `EnergyProfile` (pJ per operation, TOML data in `spiking_ep/energy/profiles/`).
-Energy is then Σ count × price: linear in every price, by construction.
+also the name of its price in an `EnergyProfile` (`pricing`, pJ per operation). Energy is then
+Σ count × price: linear in every price, by construction.
 
 Analog (rate) network, per relaxation step (each synapse is used twice per step: bottom-up W a into
 the layer above, top-down Wᵀ h into the layer below; costs are attributed to the *receiving* layer):
@@ -27,124 +27,30 @@ EP takes two Hebbian products per parameter (at s⁺ and s⁻), C-EP one per par
 spike-driven EP with the trace rule one per parameter and accumulated step in both nudged phases
 (2·W), spiking C-EP one per parameter and nudged step (as `spiking_ep.learning` counts them).
 
-Break-even spike rate (docs/energy.md): the spiking energy is E(ρ) = E_fixed + ρ·N·c̄ with ρ the mean
-spike rate of the spiking units (spikes per unit and step), N their unit-steps, c̄ the mean price of one
-spike (fan-out × sop + spike_generation, weighted by the measured spike mix) and E_fixed everything
-that does not scale with spikes (dense MACs, exps, neuron updates, attention winner events, learning).
-Spiking pays off while ρ < ρ* = (E_analog − E_fixed)/(N·c̄); ρ* ≤ 0 means never.
+Prices and the comparison built on these counts: `spiking_ep.energy.pricing`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analog_ep.errors import ConfigError
 from analog_ep.phi import GraphSpec, one_hot_target
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     from spiking_ep.convert import SpikingNet
     from spiking_ep.dynamics import SpikeRecord
+    from spiking_ep.energy.pricing import EnergyProfile
     from spiking_ep.learning import SpikingEPConfig
 
-PROFILE_DIR = Path(__file__).with_name("profiles")
+# the operation kinds of each backend; each is also the name of its price in an EnergyProfile
 PRICES: dict[str, tuple[str, ...]] = {
     "analog": ("mac", "exp", "neuron_update", "synaptic_update"),
     "spiking": ("sop", "dense_mac", "exp", "neuron_update", "spike_generation", "synaptic_update"),
 }
-PJ_PER_UJ = 1e6
-
-
-# ---------------------------------------------------------------- profiles (data, not code)
-@dataclass(frozen=True)
-class EnergyProfile:
-    """Prices in pJ per operation for each backend, and where every number comes from."""
-
-    name: str
-    description: str
-    analog: dict[str, float]
-    spiking: dict[str, float]
-    sources: dict[str, str]
-    path: str | None = None
-
-    def price(self, backend: str, kind: str) -> float:
-        return getattr(self, backend)[kind]
-
-    def with_prices(self, **changes: float) -> EnergyProfile:
-        """A copy with some prices changed, keys "backend.kind" given as backend__kind (e.g. spiking__sop=1.0)."""
-        analog, spiking, sources = dict(self.analog), dict(self.spiking), dict(self.sources)
-        for key, value in changes.items():
-            backend, kind = key.split("__")
-            {"analog": analog, "spiking": spiking}[backend][kind] = float(value)
-            sources[f"{backend}.{kind}"] = "changed in code"
-        return EnergyProfile(self.name, self.description, analog, spiking, sources, self.path)
-
-    def rows(self) -> list[tuple[str, float, str]]:
-        """(constant, pJ, source) for every price: what a report must state."""
-        return [(f"{b}.{k}", self.price(b, k), self.sources.get(f"{b}.{k}", "not given"))
-                for b, kinds in PRICES.items() for k in kinds]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "path": self.path, "analog": self.analog,
-                "spiking": self.spiking, "sources": self.sources}
-
-
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
-
-
-def load_profile(name_or_path: str | Path) -> EnergyProfile:
-    """A shipped profile by name ("cmos45nm", "loihi") or a user TOML file (same format, optional `base`)."""
-    path = Path(name_or_path)
-    if not path.suffix and (PROFILE_DIR / f"{name_or_path}.toml").is_file():
-        path = PROFILE_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise ConfigError(f"no energy profile {name_or_path!r}: use one of {available_profiles()} or a .toml file "
-                          f"(format: {PROFILE_DIR / 'cmos45nm.toml'})")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    return _parse_profile(raw, path)
-
-
-def _parse_profile(raw: dict[str, Any], path: Path) -> EnergyProfile:
-    unknown = set(raw) - {"name", "description", "base", "analog", "spiking", "sources"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: name, description, base, analog, "
-                          "spiking, sources")
-    base = load_profile(raw["base"]) if "base" in raw else None
-    prices: dict[str, dict[str, float]] = {}
-    sources = dict(base.sources) if base else {}
-    for backend, kinds in PRICES.items():
-        table = dict(getattr(base, backend)) if base else {}
-        given = raw.get(backend) or {}
-        extra = set(given) - set(kinds)
-        if extra:
-            raise ConfigError(f"{path}: unknown price(s) [{backend}] {sorted(extra)}; allowed: {list(kinds)}")
-        for kind, value in given.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{path}: [{backend}] {kind} = {value!r} must be a number ≥ 0 (pJ per operation)")
-            table[kind] = float(value)
-            sources[f"{backend}.{kind}"] = f"{path.name} (no source given)"
-        missing = [k for k in kinds if k not in table]
-        if missing:
-            raise ConfigError(f"{path}: [{backend}] lacks {missing} (pJ per operation), or set base = \"cmos45nm\"")
-        prices[backend] = table
-    sources.update({str(k): str(v) for k, v in (raw.get("sources") or {}).items()})
-    name = str(raw.get("name", path.stem))
-    return EnergyProfile(name, str(raw.get("description", name)), prices["analog"], prices["spiking"], sources,
-                         str(path))
 
 
 # ---------------------------------------------------------------- operation counts
@@ -209,15 +115,27 @@ def state_sizes(spec: GraphSpec) -> list[int]:
     return ([spec.num_projections * spec.proj_len * spec.dim] if spec.num_projections else []) + list(spec.layers)
 
 
+def first_fc_layer(spec: GraphSpec) -> int:
+    """Index of the first FC layer in `spec.layer_names`: all P projections share one layer, "proj"."""
+    return 1 if spec.num_projections else 0
+
+
 def layer_parameters(spec: GraphSpec) -> dict[str, int]:
-    """Parameters feeding each layer (projection weights or pooling queries; FC weights and biases)."""
+    """Parameters feeding each layer (projection weights or pooling queries; FC weights and biases).
+
+    Example: the tiny SNLI graph (4 projections of 8×8, FC 4·6·8 → 24 → 3).
+
+        >>> from analog_ep.models import build_spec
+        >>> layer_parameters(build_spec("snli", tiny=True))
+        {'proj': 256, 'fc1': 4632, 'out': 75}
+    """
     names, P, d = spec.layer_names, spec.num_projections, spec.dim
     out = {}
     if P:
         out[names[0]] = P * spec.pool_queries * d if spec.pool_queries else P * d * d
-    fan_in = spec.fc_input_size
+    fan_in, first_fc = spec.fc_input_size, first_fc_layer(spec)
     for k, size in enumerate(spec.layers):
-        out[names[P + k]] = fan_in * size + size
+        out[names[first_fc + k]] = fan_in * size + size
         fan_in = size
     return out
 
@@ -225,6 +143,7 @@ def layer_parameters(spec: GraphSpec) -> dict[str, int]:
 def _analog_ops(spec: GraphSpec) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """(per relaxation step: layer → kind → count, once per sample: layer → MACs) of the analog network."""
     names, sizes, P = spec.layer_names, state_sizes(spec), spec.num_projections
+    first_fc = first_fc_layer(spec)
     step: dict[str, dict[str, float]] = {name: {} for name in names}
     once = {name: 0.0 for name in names}
     for n, name in enumerate(names):
@@ -240,7 +159,7 @@ def _analog_ops(spec: GraphSpec) -> tuple[dict[str, dict[str, float]], dict[str,
             if not spec.pool_queries:
                 once[name] = P * spec.seq_len * spec.dim * spec.dim  # X W₀ᵀ
             continue
-        fan_in = spec.fc_input_size if n == P else sizes[n - 1]
+        fan_in = spec.fc_input_size if n == first_fc else sizes[n - 1]
         if n == 0:
             once[name] = fan_in * sizes[n]  # plain MLP: the constant input current W₀x
         else:
@@ -350,63 +269,3 @@ def spiking_training_counts(snet: SpikingNet, x: torch.Tensor, y: torch.Tensor, 
         "cep": spiking_counts(snet, {"free": phases["free"], "cep": phases["nudge+"]},
                               {k: cfg.nudge_steps * v for k, v in params.items()}),
     }
-
-
-# ---------------------------------------------------------------- the comparison
-@dataclass
-class Comparison:
-    """Analog vs spiking energy of one task (an inference or a training sample) under one profile."""
-
-    profile: str
-    analog_pj: float
-    spiking_pj: float
-    fixed_pj: float  # spiking energy that does not scale with the spike rate
-    per_spike_pj: float  # mean price of one spike: fan-out × sop + spike_generation
-    mean_rate: float  # spikes per spiking unit and step
-    unit_steps: float
-    break_even_rate: float  # ρ*: spiking pays off below it; ≤ 0: never
-
-    @property
-    def ratio(self) -> float:
-        """analog / spiking: > 1 means the spiking network uses less energy."""
-        return self.analog_pj / self.spiking_pj if self.spiking_pj else float("inf")
-
-    @property
-    def pays_off(self) -> bool:
-        return self.spiking_pj < self.analog_pj
-
-    def verdict(self) -> str:
-        if self.break_even_rate <= 0:
-            return (f"never: the parts that do not scale with spikes alone cost {self.fixed_pj / PJ_PER_UJ:.3g} µJ "
-                    f"≥ analog {self.analog_pj / PJ_PER_UJ:.3g} µJ")
-        if self.pays_off:
-            return f"pays off: rate {self.mean_rate:.3g} < break-even {self.break_even_rate:.3g}"
-        return f"does not pay off: rate {self.mean_rate:.3g} > break-even {self.break_even_rate:.3g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "analog_pj": self.analog_pj, "spiking_pj": self.spiking_pj,
-                "ratio_analog_over_spiking": self.ratio, "pays_off": self.pays_off, "fixed_pj": self.fixed_pj,
-                "per_spike_pj": self.per_spike_pj, "mean_rate": self.mean_rate, "unit_steps": self.unit_steps,
-                "break_even_rate": self.break_even_rate, "verdict": self.verdict()}
-
-
-def compare(analog: Counts, spiking: Counts, profile: EnergyProfile) -> Comparison:
-    """Energies, ratio, mean spike rate and the break-even rate ρ* = (E_analog − E_fixed)/(N·c̄)."""
-    e_analog, e_spiking = analog.energy_pj(profile), spiking.energy_pj(profile)
-    sop, gen = profile.price("spiking", "sop"), profile.price("spiking", "spike_generation")
-    model = spiking.rate_model
-    variable = sum(m["spikes"] * (m["fan_out"] * sop + gen) for m in model.values())
-    spikes, unit_steps = spiking.spikes(), spiking.unit_steps()
-    if spikes > 0:
-        per_spike = variable / spikes
-    else:  # silent network: the price of a spike if every unit fired equally often
-        per_spike = sum(m["unit_steps"] * (m["fan_out"] * sop + gen) for m in model.values()) / max(unit_steps, 1)
-    fixed = e_spiking - variable
-    denominator = unit_steps * per_spike
-    break_even = (e_analog - fixed) / denominator if denominator > 0 else float("inf")
-    return Comparison(profile.name, e_analog, e_spiking, fixed, per_spike, spiking.mean_rate(), unit_steps, break_even)
-
-
-def spiking_energy_at_rate(comparison: Comparison, rate: float) -> float:
-    """E(ρ) = E_fixed + ρ·N·c̄: the spiking energy if every spiking unit's rate were scaled to `rate`."""
-    return comparison.fixed_pj + rate * comparison.unit_steps * comparison.per_spike_pj

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spiking_ep.energy.counting import PJ_PER_UJ
+from spiking_ep.energy.pricing import PJ_PER_UJ
 from spiking_ep.evaluate import plot_accuracy_vs_timesteps
 
 

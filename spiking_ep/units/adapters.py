@@ -4,7 +4,7 @@ Each adapter feeds the unit's target rate σ(u) as the input current of one libr
 and decodes its binary spikes with the same synaptic trace as the native units, so the network, the
 Φ graph and the readout are unchanged: only the soma differs. Where they agree with the native
 integrate-and-fire units (`neurons.IFCoding`) and where they do not, and why (tests in
-tests/test_spiking_adapters.py):
+tests/spiking/test_spiking_adapters.py):
 
 - snntorch `Leaky(beta=1, threshold=1, reset_mechanism="subtract")` *is* the native IF unit: same
   rates (count = Σ σ(u) ± 1). Spike trains are identical to `IFCoding(v0=0)` except at exact ties
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from spiking_ep.units.neurons import filter_trace
+from spiking_ep.units.base import filter_trace
 
 
 @dataclass
@@ -98,11 +98,3 @@ class NorseLIFCoding:
 
     def decode(self, trace: torch.Tensor, spikes: torch.Tensor, alpha: float) -> torch.Tensor:
         return filter_trace(trace, spikes, alpha)
-
-
-def make_adapter(name: str, **options: Any) -> SnntorchLeakyCoding | NorseLIFCoding:
-    if name == "snntorch":
-        return SnntorchLeakyCoding(**options)
-    if name == "norse":
-        return NorseLIFCoding(**options)
-    raise ValueError(f"unknown adapter {name!r}; choose snntorch or norse")

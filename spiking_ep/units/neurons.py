@@ -1,15 +1,6 @@
-"""Rate-coding units: how a unit turns its target rate σ(u) ∈ [0, 1] into spikes, and how a receiver
-turns those spikes back into the value its synapses see (the *trace*).
+"""Our rate-coding units: how a unit turns its target rate σ(u) ∈ [0, 1] into spikes (`base.Coding`).
 
-Norse-style functional core: each coding is a tiny object with three pure methods on tensors
-
-    state          = coding.init(like)                       # per-unit neuron state (a small record)
-    spikes, state  = coding.encode(rate, state)              # one timestep
-    trace          = coding.decode(trace, spikes, alpha)     # the synaptic trace a neighbour reads
-
-`rate` is what the analog unit would output, σ(∂Φ/∂s) (computed by `EPNet.update_layer`), so the
-nonlinearity is the saturating *input current* of the unit: the soma itself is linear (IF) or a coin
-(Bernoulli). The codings:
+The soma is linear (IF) or a coin (Bernoulli); the nonlinearity is the saturating input current σ(u):
 
 - `IFCoding` (deterministic integrate-and-fire, reset by subtraction): v ← v + σ(u); spike when
   v ≥ 1; v ← v − 1. It is a first-order sigma-delta modulator of σ(u): over any window the count
@@ -19,44 +10,25 @@ nonlinearity is the saturating *input current* of the unit: the soma itself is l
   size θ; the receiver integrates them. The decoded value is within θ/2 of σ(u) at every step, and a
   unit whose state has settled stops spiking.
 
-The receiver's trace for IF / Bernoulli is an exponential filter r ← r + α(s − r) (a first-order
-synapse); `trace_alpha` gives the schedule α_t = max(1/(t+1), 1/τ): a running mean while t < τ (no
-start-up bias from r = 0), an exponential filter with time constant τ afterwards.
+Example: an IF unit driven at σ(u) = 0.3 for 10 steps fires 3 times (v₀ = 0.5 rounds Σ σ(u)).
+
+    >>> import torch
+    >>> unit = IFCoding()
+    >>> state, count = unit.init(torch.zeros(1)), 0.0
+    >>> for _ in range(10):
+    ...     spikes, state = unit.encode(torch.tensor([0.3]), state)
+    ...     count += spikes.item()
+    >>> count
+    3.0
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 
-
-class Coding(Protocol):
-    """What the spiking dynamics need from a unit model (native units and library adapters alike)."""
-
-    name: str
-    signed: bool  # spikes can be negative (sigma-delta): cost counts |spikes|
-
-    def init(self, like: torch.Tensor) -> Any: ...
-
-    def encode(self, rate: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...
-
-    def decode(self, trace: torch.Tensor, spikes: torch.Tensor, alpha: float) -> torch.Tensor: ...
-
-
-def trace_alpha(t: int, tau: float | None) -> float:
-    """Filter gain at step t (0-based) since the trace started: running mean, then time constant τ.
-
-    τ = None keeps the running mean forever (rates converge as 1/T, but the trace never forgets).
-    """
-    mean = 1.0 / (t + 1)
-    return mean if tau is None else max(mean, 1.0 / tau)
-
-
-def filter_trace(trace: torch.Tensor, spikes: torch.Tensor, alpha: float) -> torch.Tensor:
-    """First-order synaptic filter: every spike adds α to the trace, which relaxes towards 0 by (1 − α)."""
-    return trace + alpha * (spikes - trace)
+from spiking_ep.units.base import filter_trace, shared_uniform
 
 
 # ---------------------------------------------------------------- integrate-and-fire
@@ -108,16 +80,6 @@ class BernoulliState:
         g = torch.Generator(device=self.generator.device)
         g.set_state(self.generator.get_state())
         return BernoulliState(g, self.repeat * 2)
-
-
-def shared_uniform(
-    shape: torch.Size, repeat: int, generator: torch.Generator | None, like: torch.Tensor
-) -> torch.Tensor:
-    """Uniform noise of `shape` whose `repeat` batch blocks are identical."""
-    if repeat == 1:
-        return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
-    block = torch.rand((shape[0] // repeat, *shape[1:]), generator=generator, dtype=like.dtype, device=like.device)
-    return block.repeat(repeat, *([1] * (len(shape) - 1)))
 
 
 def bernoulli_step(rate: torch.Tensor, generator: torch.Generator | None = None, repeat: int = 1) -> torch.Tensor:
@@ -181,21 +143,3 @@ class SigmaDeltaCoding:
     def decode(self, trace: torch.Tensor, spikes: torch.Tensor, alpha: float) -> torch.Tensor:
         """The receiver integrates the signed spikes: no filter, so `alpha` is unused."""
         return trace + spikes * self.threshold
-
-
-CODINGS = ("if", "bernoulli", "sigma_delta")
-
-
-def make_coding(name: str, **options: Any) -> Coding:
-    """A coding by name: "if", "bernoulli", "sigma_delta" (native), "snntorch", "norse" (adapters)."""
-    if name == "if":
-        return IFCoding(**options)
-    if name == "bernoulli":
-        return BernoulliCoding(**options)
-    if name == "sigma_delta":
-        return SigmaDeltaCoding(**options)
-    if name in ("snntorch", "norse"):
-        from spiking_ep.units import adapters  # imported lazily: the libraries are optional at run time
-
-        return adapters.make_adapter(name, **options)
-    raise ValueError(f"unknown coding {name!r}; choose one of {', '.join((*CODINGS, 'snntorch', 'norse'))}")

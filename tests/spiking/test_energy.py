@@ -1,4 +1,4 @@
-"""Energy accounting (spiking_ep.energy.counting) and the analog-vs-spiking report: counts by hand."""
+"""Energy accounting (spiking_ep.energy.counting, .pricing) and the analog-vs-spiking report: counts by hand."""
 
 from __future__ import annotations
 
@@ -18,15 +18,12 @@ from spiking_ep.energy.counting import (
     Counts,
     analog_counts,
     analog_training_counts,
-    available_profiles,
-    compare,
     layer_parameters,
-    load_profile,
     record_phases,
     spiking_counts,
-    spiking_energy_at_rate,
     spiking_training_counts,
 )
+from spiking_ep.energy.pricing import available_profiles, compare, load_profile, spiking_energy_at_rate
 from spiking_ep.learning import SpikingEPConfig, spiking_ep_symmetric
 from tests.helpers import trained_tiny_imdb
 
@@ -213,12 +210,15 @@ def test_break_even_rate_makes_the_energies_equal(profile):
     snet = to_spiking(net, "if")
     spikes = {"proj": 3.0 * 40, "fc1": 4 * 40 * 0.3, "out": 2 * 40 * 0.3}  # rate 0.3 over T = 40
     analog = analog_counts(net.spec, {"free": 30})
-    comp = compare(analog, spiking_counts(snet, {"free": (40, spikes)}), load_profile(profile))
+    prices = load_profile(profile)
+    comp = compare(analog, spiking_counts(snet, {"free": (40, spikes)}), prices)
     assert comp.mean_rate == pytest.approx(0.3)
-    assert spiking_energy_at_rate(comp, comp.mean_rate) == pytest.approx(comp.spiking_pj)
-    if comp.break_even_rate > 0:  # re-measure with every rate scaled to ρ*: the energies are equal
-        at = spiking_counts(snet, {"free": (40, _scaled_spikes(spikes, comp.break_even_rate / 0.3))})
-        assert at.energy_pj(load_profile(profile)) == pytest.approx(comp.analog_pj)
+    for rate in (0.1, 0.3, 0.6):  # re-measured with every rate scaled: the energy lies on the line E(ρ)
+        at = spiking_counts(snet, {"free": (40, _scaled_spikes(spikes, rate / 0.3))})
+        assert at.energy_pj(prices) == pytest.approx(spiking_energy_at_rate(comp, rate))
+    # ρ* is where that line meets the analog energy, also where ρ* ≤ 0 (the fixed part alone costs more)
+    assert spiking_energy_at_rate(comp, comp.break_even_rate) == pytest.approx(comp.analog_pj)
+    assert (comp.break_even_rate <= 0) == (comp.fixed_pj >= comp.analog_pj)
     assert comp.pays_off == (comp.mean_rate < comp.break_even_rate)
 
 
@@ -262,7 +262,8 @@ def trained_run(tmp_path_factory):
 
 
 def test_compare_writes_report_files_and_plots(trained_run):
-    from spiking_ep.energy.compare import CompareOptions, compare_run, console_table
+    from spiking_ep.energy.compare import CompareOptions, compare_run
+    from spiking_ep.energy.report import console_table
     from spiking_ep.evaluate import batches_from_tensors
 
     run, net, x, y = trained_run

@@ -17,7 +17,8 @@ from spiking_ep.attention import SpikingAttention, attention_weights
 from spiking_ep.convert import load_spiking, save_spiking_config, to_spiking
 from spiking_ep.dynamics import WindowMean, init_state, new_record, run_phase, spiking_free_phase, spiking_step
 from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps, timesteps_for_gap
-from spiking_ep.units.neurons import BernoulliCoding, IFCoding, IFState, SigmaDeltaCoding, if_step, trace_alpha
+from spiking_ep.units.base import trace_alpha
+from spiking_ep.units.neurons import BernoulliCoding, IFCoding, IFState, SigmaDeltaCoding, if_step
 from tests.helpers import trained_tiny_imdb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
