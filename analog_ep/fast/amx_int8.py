@@ -2,7 +2,7 @@
 loaded by `native_kernels`).
 
 Where they cannot load, `available()` is False with the reason in `unavailable_reason()`, and
-`lowp_weights` falls back to oneDNN's int8 kernels (the same numbers, bit for bit: tests/test_amx_int8.py).
+`lowp_weights` falls back to oneDNN's int8 kernels (the same numbers, bit for bit: tests/fast/test_amx_int8.py).
 `SEQEP_INT8_KERNEL=onednn` forces that fallback.
 
 The wrappers check shapes, dtypes and contiguity and say what was wrong: the C side trusts its inputs.
@@ -171,7 +171,7 @@ class PackedInt8:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` in one read of W (same numbers, bit for bit): what a synchronous
         step needs, at about half the memory traffic where the rows are few. `x_absmax` (M,): max |x| per row,
-        where the producer of a bf16 x already knows it (`fast_retrieval`): x is then quantised inside the
+        where the producer of a bf16 x already knows it (`retrieval`): x is then quantised inside the
         kernel instead of by a separate pass over it."""
         self._check(h, self.K, "h")
         self._check(x, self.N, "x")

@@ -103,18 +103,18 @@ def prepare(net: EPNet, inputs: Inputs, kind: str, weights: list[LowPrecisionWei
     """`EPNet.prepare` for precision "bf16" / "int8": the exact path's inputs with their large operands moved
     into `inputs.lowp` (the fp32 keys and query drive are dropped: the steps read `lowp`'s)."""
     weights = weights if weights is not None else low_precision_weights(net, kind)
-    keys = qd = flat_x = None
+    keys = query_drive = flat_x = None
     dtype = torch.bfloat16
     if inputs.keys is not None:
         if net.spec.attention:
             keys = DistinctKeys.build(inputs.keys, inputs.key_mask, inputs.query_drive, net.spec.hopfield_gamma,
                                       dtype)
         else:
-            qd = inputs.query_drive.to(dtype)
+            query_drive = inputs.query_drive.to(dtype)
     if inputs.flat_x is not None and weights[0] is not None:
         flat_x = inputs.flat_x.to(dtype)
     rows = inputs.batch_size
-    inputs.lowp = LowPrecision(dtype, weights, keys, qd, flat_x)
+    inputs.lowp = LowPrecision(dtype, weights, keys, query_drive, flat_x)
     inputs.keys = inputs.query_drive = None
     inputs.rows = rows
     return inputs

@@ -9,12 +9,12 @@ steps. Two kinds:
 - `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix), activations quantised per
   row on the fly (int8 × int8 → int32 on AMX/VNNI). At the paper's IMDB shape a bf16 product of the
   180 M-weight matrix at batch 32 is bound by oneDNN re-packing the weights on every call; the int8
-  products skip that and read half the bytes (docs/benchmarks.md, session 4). `h W` needs oneDNN's
+  products skip that and read half the bytes (docs/benchmarks.md). `h W` needs oneDNN's
   pre-packed layout (qlinear; plain `_int_mm` takes 2-3× as long), `x Wᵀ` does not: `_int_mm` on a
   transposed view of the plain int8 matrix is as fast as the pre-packed product (11.4 vs ~10-12.7 ms at
-  32 rows, 14.8 ms both at 64), so that orientation's packing (~340 ms a batch) is skipped (session 5).
+  32 rows, 14.8 ms both at 64), so that orientation's packing (~340 ms a batch) is skipped.
   Each product carries ~1 % relative error; the nudged phases take them on differences from the free
-  fixed point (`phi.DeltaBase`), so that error scales with the EP signal, and `seqep bench
+  fixed point (`lowp_phi.DeltaBase`), so that error scales with the EP signal, and `seqep bench
   --check-fidelity` measures the update's angle to float64.
 """
 
@@ -26,13 +26,13 @@ from analog_ep.fast import amx_int8
 
 INT8_MAX = 127.0
 # oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
-# and ~5.5 ms for 384 (docs/bench/s4-kernels-snli.txt): row blocks avoid the cliff
+# and ~5.5 ms for 384 (docs/benchmarks.md): row blocks avoid the cliff
 UP_MAX_ROWS = 384
 
 
 class Bf16Weight:
-    """W in bf16, refreshed in place in a buffer kept across batches (a fresh 360 MB buffer costs more
-    than the conversion on a VM)."""
+    """W in bf16, refreshed in place in a buffer kept across batches (a fresh 360 MB buffer, its pages
+    faulted in, costs more than the conversion)."""
 
     def __init__(self, weight: torch.Tensor, previous: Bf16Weight | None = None) -> None:
         buf = previous.w if isinstance(previous, Bf16Weight) else None
@@ -91,7 +91,9 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_kernel_name() -> str:
     """Which int8 kernels `Int8Weight` runs in this process: ours on AMX, or oneDNN's (and why not ours)."""
-    return "amx (analog_ep/native/int8_amx.c)" if amx_int8.available() else f"onednn ({amx_int8.unavailable_reason()})"
+    if amx_int8.available():
+        return "amx (analog_ep/fast/native/int8_amx.c)"
+    return f"onednn ({amx_int8.unavailable_reason()})"
 
 
 _KERNELS: dict[str, object] = {}
@@ -148,7 +150,7 @@ class Int8Weight:
 
     def down_row_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h W as (h W / r, r): r (B, 1) is the per-row factor of h's quantisation, left for the caller to fold
-        into a later, smaller product (the retrieval's scores: `fast_retrieval.Query`) instead of a pass over
+        into a later, smaller product (the retrieval's scores: `retrieval.Query`) instead of a pass over
         the (B, 180,000) result."""
         if self.kernel == "amx":
             return self.packed.down_row_scaled(h)

@@ -7,7 +7,7 @@ torch's OpenMP runtime. Where the CPU lacks AVX-512 with AMX, no compiler is fou
 (same numbers: each native kernel is tested against its torch twin). Users:
 
 - `amx_int8`: the large synapse's int8 products (`native/int8_amx.c`);
-- `fast_retrieval`: the whole Hopfield retrieval (scores, softmax, values) in one AMX bf16 pass
+- `retrieval`: the whole Hopfield retrieval (scores, softmax, values) in one AMX bf16 pass
   (`native/retrieval_amx.c`), in place of torch's batched products and the torch.compile'd softmax.
 """
 

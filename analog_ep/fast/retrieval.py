@@ -33,7 +33,7 @@ from analog_ep.fast import native_kernels
 # the fused softmax ~350 per score element, and each group ~3e8 whatever its size (three kernel calls plus
 # the compiled softmax's guards, and a cold start for each operand). GROUP_COST was set by measurement, not
 # derived: at imdb-paper batch 32 on real reviews, splitting into 17 groups (23 % of the L × L scores kept)
-# was no faster than one group (46 %), 3 groups (37 %) marginally the fastest (session 5).
+# is no faster than one group (46 %), 3 groups (37 %) marginally the fastest (docs/benchmarks.md).
 SOFTMAX_COST = 350
 GROUP_COST = 3e8
 MAX_CANDIDATES = 64  # group boundaries considered (rows are taken in blocks beyond this many)
@@ -406,7 +406,7 @@ _COMPILED: dict[str, object] = {}
 def enable_compiled(enabled: bool = True) -> None:
     """Fused kernels for the retrieval: where `native_kernels` loads, the whole retrieval in one AMX pass per
     block of queries (`_retrieve_native`: no inductor in the process, ~150 MB less resident memory, nothing to
-    compile), else `torch.compile`d one-pass softmax kernels; see `phi.enable_compiled_kernels`. Takes effect
+    compile), else `torch.compile`d one-pass softmax kernels; see `lowp_phi.enable_compiled_kernels`. Takes effect
     for keys built afterwards (`DistinctKeys.build` packs them for the native kernel)."""
     if enabled and not _COMPILED:
         if native_kernels.library() is not None:

@@ -1,5 +1,8 @@
 """Φ's analytic derivatives against autograd, and the Hopfield projection invariants."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,7 +10,7 @@ from analog_ep import reference
 from analog_ep.hopfield import hopfield_retrieve
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, GraphSpec, Projection
-from tests.helpers import random_inputs
+from tests.helpers import REPO, random_inputs
 
 
 def random_state(net: EPNet, batch: int, seed: int = 1):
@@ -129,3 +132,24 @@ def test_input_scale_multiplies_the_word_vectors_everywhere():
     torch.testing.assert_close(scaled.phi(a, state).sum(), reference.phi_value(scaled, x, state))
     for u, v in zip(scaled.step(a, state), reference.reference_step(scaled, x, state)):
         torch.testing.assert_close(u, v)
+
+
+def test_the_exact_path_never_loads_the_fast_path():
+    """Φ, its gradients and a relaxation step run without importing `analog_ep.fast` (nor its native kernels):
+    the fast path is loaded only where `Inputs.lowp` asks for it."""
+    code = (
+        "import sys, torch\n"
+        "from analog_ep.models import build_spec\n"
+        "from analog_ep.phi import EPNet\n"
+        "net = EPNet(build_spec('snli', tiny=True), seed=0)\n"
+        "inputs = net.prepare(torch.randn(2, 2, 6, 8))\n"
+        "free = net.step(inputs, net.zero_state(2))\n"
+        "nudge_inputs, start = net.nudge_start(inputs, free, times=2)\n"
+        "net.symmetric_contrast(nudge_inputs, net.full_state(nudge_inputs, start), 1.0)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('analog_ep.fast')))\n"
+        "net.prepare(torch.randn(2, 2, 6, 8), precision='bf16')\n"
+        "print('analog_ep.fast.lowp_phi' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

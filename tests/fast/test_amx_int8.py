@@ -1,4 +1,4 @@
-"""Our AMX int8 kernels (analog_ep/native/int8_amx.c) against exact integer arithmetic, and the fallback."""
+"""Our AMX int8 kernels (analog_ep/fast/native/int8_amx.c) against exact integer arithmetic, and the fallback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from analog_ep.fast import amx_int8, native_kernels
 from analog_ep.fast import retrieval as fast_retrieval
-from analog_ep.fast.lowp_weights import Int8Weight, _quantize_rows
+from analog_ep.fast.lowp_weights import Int8Weight, _quantize_rows, int8_available, int8_kernel_name
 
 needs_amx = pytest.mark.skipif(not amx_int8.available(), reason=f"AMX kernels: {amx_int8.unavailable_reason()}")
 
@@ -139,7 +139,7 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("schedule", ["alternating", "synchronous"])  # synchronous: both products in one pass
 def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch,
                                                                  schedule: str) -> None:
-    """So runs trained with the oneDNN kernels (sessions 4-5's int8 results) are what ours would produce."""
+    """So runs trained with the oneDNN kernels (int8 results in docs/benchmarks.md) are what ours would produce."""
     from analog_ep.estimators import EPConfig, ep_symmetric
     from tests.helpers import random_inputs, small_net
 
@@ -165,15 +165,28 @@ def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: py
 
 def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path) -> None:
+    """The CPU check is passed on any machine, so the build is really attempted (with a compiler that always
+    fails); every user then falls back to torch's kernels and says why."""
     monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.delenv("SEQEP_NATIVE", raising=False)
+    monkeypatch.delenv("SEQEP_INT8_KERNEL", raising=False)
+    monkeypatch.setattr(native_kernels, "_cpu_missing", lambda: [])
+    monkeypatch.setattr(fast_retrieval, "_COMPILED", {})
     native_kernels.forget()
     try:
-        assert not amx_int8.available() and native_kernels.library() is None
+        assert native_kernels.library() is None and not amx_int8.available()
         reason = native_kernels.unavailable_reason()
-        assert "failed to build" in reason or "lacks" in reason
-        with pytest.raises(RuntimeError, match="unavailable"):
+        assert reason.startswith("/bin/false failed to build") and "int8_amx.c" in reason
+        assert amx_int8.unavailable_reason() == reason and reason in int8_kernel_name()
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left for a later process to load
+        with pytest.raises(RuntimeError, match="AMX int8 kernels unavailable: /bin/false failed to build"):
             amx_int8.PackedInt8(torch.randn(4, 4))
+        if int8_available():
+            assert Int8Weight(torch.randn(48, 640)).kernel == "onednn"  # the oneDNN int8 kernels instead
+        monkeypatch.setattr(torch, "compile", lambda kernel, **options: kernel)  # which kernels, not compiling them
+        fast_retrieval.enable_compiled(True)
+        assert "native" not in fast_retrieval._COMPILED and "attention" in fast_retrieval._COMPILED  # torch's
     finally:
         monkeypatch.undo()
         native_kernels.forget()

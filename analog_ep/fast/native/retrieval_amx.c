@@ -1,10 +1,11 @@
-/* The fast path's Hopfield retrieval over one group of distinct keys (analog_ep/fast_retrieval.py), scores,
+/* The fast path's Hopfield retrieval over one group of distinct keys (analog_ep/fast/retrieval.py), scores,
  * softmax and values in one AMX bf16 pass per block of 32 query rows.
  *
  * Why: the retrieval is many small products (SNLI: 1,024 rows of 25 x 300 by 300 x 25 each a step), where
  * torch's batched matmul and a separate softmax kernel each make a pass over memory, and every projection
  * that reads the same sentence reads its keys again. Here a block's scores (fp32), weights (bf16) and values
- * never leave the cache. It replaces session 6's two AVX-512 softmax kernels (the same math, per row).
+ * never leave the cache. Its softmax is the torch kernels' math, per row (retrieval.py's _attention_eager and
+ * _delta_attention_eager).
  *
  * Per group row r (n of them): queries q (lq x d, bf16), keys as two AMX "VNNI" layouts packed once per batch
  * (seqep_pack_keys) for each distinct key set ("slot": SNLI's four projections read two key sets per sample,
