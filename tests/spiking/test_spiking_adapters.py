@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -14,8 +15,13 @@ from spiking_ep.dynamics import WindowMean, spiking_free_phase
 from spiking_ep.units.adapters import NorseLIFCoding, SnntorchLeakyCoding
 from spiking_ep.units.neurons import IFCoding
 
-pytest.importorskip("snntorch")
-pytest.importorskip("norse.torch")
+
+def requires(module: str) -> pytest.MarkDecorator:
+    """Skip a test only when the library it drives is missing (snntorch and norse are optional apart)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed")
+
+
+needs_snntorch, needs_norse = requires("snntorch"), requires("norse")
 
 T = 400
 
@@ -36,6 +42,7 @@ def random_rates(n: int = 300) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
+@needs_snntorch
 def test_snntorch_leaky_without_leak_is_the_native_if_unit():
     rate = random_rates()
     native = spike_trains(IFCoding(v0=0.0), rate)
@@ -44,6 +51,7 @@ def test_snntorch_leaky_without_leak_is_the_native_if_unit():
     assert ((snn.sum(0) - T * rate).abs() <= 1).all()
 
 
+@needs_snntorch
 def test_snntorch_differs_from_native_only_at_exact_ties():
     """snntorch fires on mem > threshold, the native unit on v ≥ 1: a saturated unit loses its first spike."""
     rate = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
@@ -53,6 +61,7 @@ def test_snntorch_differs_from_native_only_at_exact_ties():
     assert ((native.sum(0) - snn.sum(0)) == 1).all()  # one spike later, the same rate
 
 
+@needs_snntorch
 def test_snntorch_reset_to_zero_loses_the_overshoot():
     rate = torch.tensor([0.1, 0.25, 0.4, 0.5, 0.7, 1.0], dtype=torch.float64)
     counts = spike_trains(SnntorchLeakyCoding(reset_mechanism="zero"), rate, 660).sum(0)
@@ -60,6 +69,7 @@ def test_snntorch_reset_to_zero_loses_the_overshoot():
     torch.testing.assert_close(counts / 660, torch.tensor(expected, dtype=torch.float64), atol=2 / 660, rtol=0)
 
 
+@needs_snntorch
 def test_snntorch_leak_has_a_rheobase():
     beta = 0.9
     rate = random_rates()
@@ -69,6 +79,7 @@ def test_snntorch_leak_has_a_rheobase():
     assert (counts[~below] <= T * rate[~below] + 1).all() and (counts[rate > 0.2] > 0).all()
 
 
+@needs_norse
 @pytest.mark.parametrize("leak", [0.001, 0.01, 0.1])
 def test_norse_lif_rates_match_the_closed_form(leak):
     """norse LIFCell with reset to zero and leak a: rate 1/k, k = first step with (p/a)(1 − (1−a)^k) > 1."""
@@ -80,6 +91,7 @@ def test_norse_lif_rates_match_the_closed_form(leak):
         assert c == expected, (leak, p, c, expected)
 
 
+@needs_norse
 def test_norse_without_leak_is_reset_to_zero_if_and_loses_rate():
     rate = random_rates()
     norse_counts = spike_trains(NorseLIFCoding(leak=1e-6), rate).sum(0)
@@ -89,6 +101,8 @@ def test_norse_without_leak_is_reset_to_zero_if_and_loses_rate():
     assert (norse_counts - expected).abs().max() <= 1
 
 
+@needs_snntorch
+@needs_norse
 def test_the_same_network_runs_on_snntorch_units():
     net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0), seed=0).double()
     g = torch.Generator().manual_seed(0)
