@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from analog_ep.errors import ConfigError
@@ -117,3 +119,13 @@ def release(run_dir: str | Path) -> None:
         del _held[path]
         if is_ours(read_owner(run_dir)):
             path.unlink(missing_ok=True)
+
+
+@contextmanager
+def held(run_dir: str | Path) -> Iterator[None]:
+    """The run directory's lock for the duration of a `with` block."""
+    acquire(run_dir)
+    try:
+        yield
+    finally:
+        release(run_dir)

@@ -162,15 +162,23 @@ def test_cli_needs_a_run_or_from_scratch(tmp_path):
 
 
 def fake_spiking_training(monkeypatch) -> list:
-    """Replace the two spiking training entry points by recorders: calls are (kind, args, kwargs)."""
-    import spiking_ep.train.trainer as training
+    """Replace the two spiking training entry points by recorders: calls are (kind, args, kwargs). Replaced in
+    every loaded module that holds them, wherever the command imports them from."""
+    import sys
+
+    import spiking_ep.commands  # noqa: F401  (loads the command modules that import them)
 
     calls: list = []
     fake = {"mode": "x", "estimator": "spiking_ep", "n_train": 1, "train_minutes": 0.0, "n_test": 1,
             "before": {"accuracy": {"8": 0.5}, "analog_accuracy": 0.5},
             "after": {"accuracy": {"8": 0.6}, "analog_accuracy": 0.5}}
-    monkeypatch.setattr(training, "train_spiking_from_scratch", lambda *a, **k: calls.append(("scratch", a, k)) or fake)
-    monkeypatch.setattr(training, "finetune_spiking", lambda *a, **k: calls.append(("finetune", a, k)) or fake)
+    fakes = {"train_spiking_from_scratch": lambda *a, **k: calls.append(("scratch", a, k)) or fake,
+             "finetune_spiking": lambda *a, **k: calls.append(("finetune", a, k)) or fake}
+    prefixes = ("spiking_ep.train", "spiking_ep.commands")
+    for module in [m for name, m in sys.modules.items() if name.startswith(prefixes)]:
+        for name, replacement in fakes.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, replacement)
     return calls
 
 
