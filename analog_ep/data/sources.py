@@ -178,6 +178,9 @@ def _canonical(spec: TaskSpec, record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+MAX_LINE_BYTES = 16 << 20  # the longest real record is ~14 KB; a longer "line" is not a record, and is not read whole
+
+
 def validate_jsonl(path: Path, spec: TaskSpec) -> int:
     """Read every line of a local split file; raise DataError at the first problem. Returns #records."""
     fix = f"Each line must be one JSON object like {spec.example}"
@@ -185,7 +188,10 @@ def validate_jsonl(path: Path, spec: TaskSpec) -> int:
     lineno, records, label_kind = 0, 0, None
     try:
         with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):  # noqa: B007 -- lineno is used after the loop too
+            for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), 1):  # noqa: B007
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}, line {lineno}: longer than {MAX_LINE_BYTES >> 20} MB, so not one "
+                                    f"record (is it one JSON document instead of one object per line?). {fix}")
                 if not raw.strip():
                     continue
                 try:

@@ -1,8 +1,8 @@
 """Word vectors through gensim ``KeyedVectors``, from any of four sources named by one string.
 
 * ``glove50``: the shipped pair ``<data-dir>/vectors/glove.6B.50d.imdb_snli.{npy,vocab.txt}``;
-* a path: word2vec ``.bin``, word2vec/GloVe text ``.txt``/``.vec`` (header detected; ``.gz`` fine), gensim
-  ``.kv``, or another ``.npy`` with a ``.vocab.txt`` beside it;
+* a path: word2vec ``.bin``, word2vec/GloVe text ``.txt``/``.vec`` (header detected; ``.gz`` fine), or
+  another ``.npy`` with a ``.vocab.txt`` beside it (gensim ``.kv`` pickles are refused: `KV_REFUSED`);
 * a ``gensim.downloader`` name such as ``glove-wiki-gigaword-300`` (needs network the first time);
 * ``w2v:DIM[,epochs=N][,window=N][,min_count=N][,workers=N]``: gensim ``Word2Vec`` trained on the training
   split, seeded and cached. ``workers`` defaults to 1 because only a single worker thread makes gensim
@@ -52,7 +52,7 @@ GENSIM_NAMES = (
 W2V_DEFAULTS = {"epochs": 5, "window": 5, "min_count": 5, "workers": 1}
 
 HELP = (
-    "glove50 (shipped GloVe 6B 50d, needs the local data dir), a vector file path (.bin, .txt, .vec, .kv, "
+    "glove50 (shipped GloVe 6B 50d, needs the local data dir), a vector file path (.bin, .txt, .vec, "
     f".npy+.vocab.txt), w2v:DIM[,epochs=N,window=N,min_count=N,workers=N] (train word2vec on the training "
     f"split), or a gensim.downloader name when online ({', '.join(GENSIM_NAMES[9:11])}, ...)"
 )
@@ -143,6 +143,14 @@ def _npy_vocab(npy: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------- loaders
 
+# gensim's .kv format is a pickle: opening a shared one could run code, so it is refused with the way out.
+KV_REFUSED = (
+    "vector file {path}: gensim .kv files are Python pickles, which seqep does not open (loading one can run "
+    "code). Where you trust the file, export it once as an .npy matrix + word list and pass the .npy: "
+    "python -c \"from gensim.models import KeyedVectors as K; import numpy as np; kv = K.load('{path}'); "
+    "np.save('vectors.npy', kv.vectors); open('vectors.vocab.txt', 'w').write(chr(10).join(kv.index_to_key))\""
+)
+
 
 def _from_arrays(words: list[str], vectors: np.ndarray) -> Any:
     from gensim.models import KeyedVectors
@@ -158,8 +166,9 @@ def _load_npy(spec: VectorSpec) -> Any:
     try:
         matrix = np.load(spec.path, mmap_mode="r")
         words = vocab_path.read_text(encoding="utf-8").split("\n")
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise DataError(f"vectors {spec.text!r}: cannot read {spec.path} / {vocab_path} ({err}).") from None
+    except (OSError, ValueError, EOFError, UnicodeDecodeError) as err:  # EOFError: an empty file
+        raise DataError(f"vectors {spec.text!r}: cannot read {spec.path} / {vocab_path} ({err or type(err).__name__}). "
+                        "It must be a numeric .npy matrix with one word per line of the .vocab.txt beside it.") from None
     if words and words[-1] == "":
         words.pop()
     if matrix.ndim != 2:
@@ -217,13 +226,13 @@ def _load_file(spec: VectorSpec) -> Any:
     is_text = base.endswith((".txt", ".vec"))
     try:
         if base.endswith(".kv"):
-            kv = KeyedVectors.load(str(path))
+            raise DataError(KV_REFUSED.format(path=path))
         elif base.endswith(".bin"):
             kv = KeyedVectors.load_word2vec_format(str(path), binary=True)
         elif is_text:
             kv = KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=_text_header(path) is None)
         else:
-            raise DataError(f"vector file {path}: unknown format; use .bin, .txt, .vec, .kv or .npy (+ .vocab.txt).")
+            raise DataError(f"vector file {path}: unknown format; use .bin, .txt, .vec or .npy (+ .vocab.txt).")
     except DataError:
         raise
     except Exception as err:

@@ -114,7 +114,10 @@ class RunConfig:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {list(cls.SECTIONS)}")
         cfg = cls()
         for name in cls.SECTIONS:
-            for key, value in (raw.get(name) or {}).items():
+            section = raw.get(name) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table of key = value pairs, not {section!r}")
+            for key, value in section.items():
                 set_value(cfg, name, key, value, source)
         validate(cfg, source)
         return cfg
@@ -223,7 +226,9 @@ def load_toml(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"no config file {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     return RunConfig.from_dict(raw, source=str(path))

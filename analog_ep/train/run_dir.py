@@ -40,11 +40,13 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by an interruption
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
