@@ -167,8 +167,9 @@ def _load_npy(spec: VectorSpec) -> Any:
         matrix = np.load(spec.path, mmap_mode="r")
         words = vocab_path.read_text(encoding="utf-8").split("\n")
     except (OSError, ValueError, EOFError, UnicodeDecodeError) as err:  # EOFError: an empty file
-        raise DataError(f"vectors {spec.text!r}: cannot read {spec.path} / {vocab_path} ({err or type(err).__name__}). "
-                        "It must be a numeric .npy matrix with one word per line of the .vocab.txt beside it.") from None
+        reason = err or type(err).__name__
+        raise DataError(f"vectors {spec.text!r}: cannot read {spec.path} / {vocab_path} ({reason}). It must be a "
+                        "numeric .npy matrix with one word per line of the .vocab.txt beside it.") from None
     if words and words[-1] == "":
         words.pop()
     if matrix.ndim != 2:
