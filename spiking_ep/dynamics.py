@@ -116,7 +116,7 @@ class PhaseRecord:
 
 @dataclass
 class SpikeRecord:
-    """Event and operation counts of a spiking run, per phase, for the energy accounting (issue 6).
+    """Event and operation counts of a spiking run, per phase, for the energy accounting.
 
     Per-step constants come from the spec; `phases` holds what was measured. Conventions:
     - a spike of layer n costs `fan_out[n]` synaptic operations (accumulates, ACs): bottom-up into

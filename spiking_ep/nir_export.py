@@ -62,8 +62,8 @@ SEMANTICS = ("IF units: v ← v + I; spike when v > 1; reset to 0. I = Affine(W/
 
 
 def _fc_names(net: EPNet) -> list[str]:
-    P = 1 if net.spec.num_projections else 0
-    return net.spec.layer_names[P:]
+    first_fc = 1 if net.spec.num_projections else 0  # all projections share the one "proj" layer
+    return net.spec.layer_names[first_fc:]
 
 
 def nir_graph(net: EPNet, metadata: dict[str, Any] | None = None) -> Any:
@@ -152,15 +152,15 @@ def simulate_exported(net: EPNet, fc_input: torch.Tensor, steps: int) -> list[to
     net32 = net if net.weights[0].dtype == torch.float32 else _float_copy(net)
     spec = net32.spec
     B = fc_input.shape[0]
-    P = 1 if spec.num_projections else 0
-    state: list[torch.Tensor] = [fc_input.view(B, spec.num_projections, spec.proj_len, spec.dim)] if P else []
+    first_fc = 1 if spec.num_projections else 0  # all projections share the one "proj" layer
+    state: list[torch.Tensor] = [fc_input.view(B, spec.num_projections, spec.proj_len, spec.dim)] if first_fc else []
     state += [torch.zeros(B, n) for n in spec.layers]
-    inputs = Inputs(None, None, None, None, None if P else fc_input)
+    inputs = Inputs(None, None, None, None, None if first_fc else fc_input)
     v = [torch.zeros(B, n) for n in spec.layers]
     trains: list[list[torch.Tensor]] = [[] for _ in spec.layers]
     for _ in range(steps):
         for k in range(len(spec.layers)):
-            n = k + P
+            n = k + first_fc
             v[k] = v[k] + net32.layer_drive(inputs, state, n) / 2
             spikes = (v[k] > 1.0).float()
             v[k] = v[k] * (1 - spikes)

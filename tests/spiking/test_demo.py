@@ -56,6 +56,15 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
         run_demo(tmp_path / "demo", skip=["train", "plots"])
 
 
+def test_summary_table_quotes_what_the_run_measured():
+    summary = {"out": "runs/demo", "seconds": {"train": 30.0, "total": 60.0},
+               "train": {"status": "completed", "test_accuracy": 0.6123, "n_test": 400, "train_minutes": 0.5},
+               "nir": {"path": "runs/demo/model.nir", "check": None}}
+    table = summary_table(summary)
+    assert "test accuracy 61.23 % on 400 reviews" in table
+    assert "no round trip: norse is not installed" in table and "timings: train 30 s, total 60 s" in table
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_full_demo_runs_in_under_ten_minutes(tmp_path):
