@@ -179,6 +179,31 @@ def test_user_profile_file(tmp_path):
         load_profile("nowhere")
 
 
+def test_registered_profiles_work_by_name_everywhere(tmp_path):
+    from dataclasses import replace
+
+    from analog_ep.errors import ConfigError
+    from spiking_ep.energy.pricing import register_profile, unregister_profile
+
+    mine = replace(load_profile("cmos45nm").with_prices(spiking__sop=0.25), name="mine")
+    path = tmp_path / "chip.toml"
+    path.write_text('name = "chip"\nbase = "mine"\n[analog]\nmac = 9.0\n')  # based on a registered name
+    try:
+        assert register_profile(mine) is mine and "mine" in available_profiles()
+        with pytest.raises(ConfigError, match="already registered"):
+            register_profile(mine)
+        chip = register_profile(path)
+        assert load_profile("chip") is chip and chip.analog["mac"] == 9.0 and chip.spiking["sop"] == 0.25
+        register_profile(replace(mine, description="again"), replace=True)
+        assert load_profile("mine").description == "again"
+    finally:
+        unregister_profile("mine")
+        unregister_profile("chip")
+    assert available_profiles() == ["cmos45nm", "loihi"]
+    with pytest.raises(ConfigError, match="no energy profile 'mine'"):
+        load_profile("mine")
+
+
 def test_energy_is_linear_in_every_constant():
     spec = small_imdb().spec
     snet = to_spiking(small_imdb(), "if")
