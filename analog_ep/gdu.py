@@ -105,6 +105,17 @@ def gdu_report(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig,
     """Compare two-phase EP, symmetric EP and C-EP with BPTT truncated to the last K free-phase steps.
 
     Refuses (GDUUndefinedError) where an angle would be 0/0: a gradient that is exactly zero.
+
+    Example:
+        >>> import torch
+        >>> from analog_ep import EPConfig, EPNet, build_spec
+        >>> net = EPNet(build_spec("imdb", tiny=True, bias_offset=1.0, schedule="synchronous"), seed=0).double()
+        >>> x, y = torch.randn(8, 1, 12, 8, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> report = gdu_report(net, x, y, EPConfig(beta=0.001, free_steps=40, nudge_steps=6))
+        >>> report["ep_symmetric"]["angle_deg"] < 1.0      # EP's update = BPTT's gradient as β → 0
+        True
+        >>> report["ep_two_phase"]["angle_deg"] < 1.0 and report["cep"]["angle_deg"] < 1.0
+        True
     """
     ref = bptt(net, x, labels, cfg, set_grad=False)
     inputs = net.prepare(x)
