@@ -123,8 +123,11 @@ def gdu_report(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig,
         free, trace = free_phase(net, inputs, cfg.free_steps)
     diagnostics = gdu_diagnostics(net, free, trace.final_residual, ref.grads, cfg)
     if diagnostics["bptt_grad_norm"] == 0:
-        raise GDUUndefinedError("BPTT's gradient is exactly zero, so there is no direction to agree with: "
-                                + "; ".join(diagnostics["warnings"] or ["every path to the output is saturated"]))
+        out = 100 * diagnostics["saturated_fraction"][net.spec.layer_names[-1]]
+        raise GDUUndefinedError(f"BPTT's gradient is exactly zero, so there is no direction to agree with: {out:.0f} % "
+                                "of the output units sit on a clamp boundary (σ' = 0) at the free fixed point, and "
+                                "no loss gradient passes them. Start the units mid-range with --bias-offset 1 (the "
+                                "default), or check a trained model")
     estimates = {
         "ep_two_phase": ep_two_phase(net, x, labels, cfg, set_grad=False).grads,
         "ep_symmetric": ep_symmetric(net, x, labels, cfg, set_grad=False).grads,
