@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from spiking_ep.units import coding_names
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
                 epilog: str) -> argparse.ArgumentParser:
-    """A subcommand whose epilog (examples) keeps its line breaks in --help."""
-    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+    """A subcommand whose epilog (examples) keeps its line breaks in --help; the description is wrapped here."""
+    return subparsers.add_parser(name, help=help, description=textwrap.fill(description, 100), epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

@@ -296,3 +296,15 @@ def test_cli_errors_are_clear(tmp_path, capsys, argv, message):
     save_model(run / "checkpoints" / "best.pt", tiny_net("mlp").float())
     assert main([a.format(run=run) for a in argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "spiking-eval", "compare", "export-nir", "demo", "spiking-train"])
+def test_every_spiking_command_teaches_by_example(command, capsys):
+    from analog_ep.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    usage, examples = text.split("examples:")
+    assert f"usage: seqep {command}" in usage and f"seqep {command} " in examples
