@@ -63,3 +63,33 @@ def test_trusted_conversion_makes_an_old_style_checkpoint_loadable(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
     convert_trusted_checkpoint(path)  # in place
     load_model(path)
+
+
+def test_weights_round_trip_through_safetensors_into_a_run_directory(tmp_path):
+    from analog_ep.train.weights_io import load_weights
+
+    net = _tiny()
+    run = tmp_path / "run"
+    save_model(run / "checkpoints" / "best.pt", net)
+    (run / "config.json").write_text('{"config": {"data": {"task": "imdb"}}}')
+    assert main(["export-weights", str(run), str(tmp_path / "m.safetensors")]) == 0
+    assert main(["import-weights", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "again")]) == 0
+    again, _ = load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert (tmp_path / "again" / "config.json").read_text().count('"task": "imdb"') == 1
+    _, meta = load_weights(tmp_path / "m.safetensors")
+    assert meta["spec"] == net.spec.to_dict()
+    assert main(["import-weights", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "again")]) == 2
+
+
+def test_a_foreign_or_corrupt_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from analog_ep.train.weights_io import load_weights
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="no seqep metadata"):
+        load_weights(tmp_path / "foreign.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_weights(tmp_path / "bad.safetensors")

@@ -227,3 +227,13 @@ def test_a_valid_checkpoint_still_loads():
 def test_metrics_reader_on_random_bytes(tmp_path, data):
     rows = read_jsonl(_write(tmp_path, "metrics.jsonl", data))
     assert all(isinstance(r, dict) for r in rows)
+
+
+@FUZZ
+@given(data=st.binary(max_size=512), header=st.binary(max_size=64))
+def test_safetensors_weights_reader_on_random_bytes(tmp_path, data, header):
+    from analog_ep.train.weights_io import load_weights
+
+    clean(load_weights, _write(tmp_path, "a.safetensors", data))
+    size = len(header).to_bytes(8, "little")
+    clean(load_weights, _write(tmp_path, "b.safetensors", size + header + data))
