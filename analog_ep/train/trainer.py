@@ -326,6 +326,7 @@ class Trainer:
             self._epoch_t0 = time.perf_counter()
             self._save_last()
             last_ckpt = time.perf_counter()
+        stop.check()  # a stop asked for during the last validation: last.pt holds the finished training
 
     def _keep_time(self) -> None:
         """Move this process's training seconds into the state that `last.pt` saves."""

@@ -1,0 +1,144 @@
+"""A real `seqep train` process killed mid-epoch (SIGKILL, or SIGTERM) and resumed ends exactly as an
+uninterrupted run: the same weights to the bit, the same metrics.jsonl line for line (wall-clock fields aside),
+the same test accuracy. And a second process pointed at a running run's --out is refused, naming the first."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# IMDB with tiny limits: 6 batches an epoch, 2 epochs; last.pt after every step, so a kill lands after a
+# mid-epoch checkpoint (and sometimes between a step's metrics row and its checkpoint)
+TINY = ["data.train_limit=192", "data.eval_limit=64", "data.max_len=32", "model.hidden=[8, 4]",
+        "model.pool_queries=2", "ep.free_steps=10", "ep.nudge_steps=4", "train.batch_size=32", "train.epochs=2",
+        "train.eval_batch_size=64", "train.log_every=1", "train.checkpoint_every=1"]
+BATCHES_PER_EPOCH = 6
+KILL_AFTER_STEP = 8  # epoch 2, batch 2
+WALL_CLOCK = {"seconds_per_batch", "epoch_seconds", "val_seconds", "elapsed_minutes"}
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
+def seqep(*args: str) -> list[str]:
+    """The installed `seqep` command (the console script beside this Python), as a user runs it."""
+    script = Path(sys.executable).with_name("seqep")
+    prefix = [str(script)] if script.exists() else [sys.executable, "-c",
+                                                    "import sys; from analog_ep.cli import main; sys.exit(main())"]
+    return [*prefix, *args]
+
+
+def train_command(out: Path) -> list[str]:
+    return seqep("train", "--task", "imdb", "--preset", "smoke", *[a for o in TINY for a in ("--set", o)],
+                 "--out", str(out), "--no-progress")
+
+
+def step_rows(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"kind": "step"' in line)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"seqep train ended (rc {proc.returncode}) before the kill: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, "seqep train did not get there in time"
+        time.sleep(0.02)
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
+
+
+def last(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(train_command(run), check=True, capture_output=True, timeout=400)
+    return run
+
+
+def kill_and_resume(run: Path, signum: int) -> dict:
+    """Start `seqep train`, send `signum` once it has logged KILL_AFTER_STEP steps, resume; what happened."""
+    proc = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: step_rows(run) >= KILL_AFTER_STEP, proc)
+    rows_at_kill = step_rows(run)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    saved = last(run)["progress"]
+    resumed = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    return {"rc": proc.returncode, "stderr": err, "rows_at_kill": rows_at_kill, "saved": saved}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    last_a, last_b = last(a), last(b)
+    for name, tensor in last_a["model"].items():
+        assert torch.equal(tensor, last_b["model"][name]), name
+    adam_a, adam_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert all(torch.equal(adam_a[i][k], adam_b[i][k]) for i in adam_a for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert metrics(a) == metrics(b)
+    assert len(metrics(b)) == 2 * BATCHES_PER_EPOCH + 2  # one row per step and per epoch, none doubled
+    report_a, report_b = (json.loads((r / "report.json").read_text()) for r in (a, b))
+    for key in ("test_accuracy", "val_accuracy", "best_epoch"):
+        assert report_a[key] == report_b[key], key
+
+
+def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(straight, tmp_path):
+    run = tmp_path / "killed"
+    what = kill_and_resume(run, signal.SIGKILL)
+    assert what["rc"] == -signal.SIGKILL
+    # the last checkpoint is mid-epoch 2, at the last logged step or the one before (killed between the two)
+    assert what["saved"]["epoch"] == 1 and what["saved"]["batch"] > 0
+    assert what["rows_at_kill"] - 1 <= what["saved"]["step"]
+    print(f"SIGKILL after {what['rows_at_kill']} logged steps; last.pt at step {what['saved']['step']} "
+          f"(epoch {what['saved']['epoch'] + 1}, batch {what['saved']['batch']})")
+    assert_same_run(straight, run)
+
+
+def test_sigterm_mid_epoch_saves_says_how_to_resume_and_resumes_exactly(straight, tmp_path):
+    run = tmp_path / "terminated"
+    what = kill_and_resume(run, signal.SIGTERM)
+    assert what["rc"] == 128 + signal.SIGTERM, what["stderr"]
+    assert f"continue with `seqep train --out {run} --resume`" in what["stderr"]
+    assert what["saved"]["step"] >= what["rows_at_kill"]  # the batch in progress was finished and saved
+    assert what["saved"]["epoch"] == 1 and 0 < what["saved"]["batch"] < BATCHES_PER_EPOCH
+    print(f"SIGTERM after {what['rows_at_kill']} logged steps; last.pt at step {what['saved']['step']} "
+          f"(epoch {what['saved']['epoch'] + 1}, batch {what['saved']['batch']})")
+    assert_same_run(straight, run)
+
+
+def test_a_second_process_on_a_running_run_is_refused(tmp_path):
+    run = tmp_path / "busy"
+    first = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), first)
+        second = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"being written by process {first.pid} on host {socket.gethostname()}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((run / "run.lock").read_text())["pid"] == first.pid  # SIGKILL leaves its lock behind...
+    taken = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
+                           text=True, timeout=400)
+    assert taken.returncode == 0, taken.stderr  # ... which the next run takes over
+    assert f"taking over the lock of process {first.pid}" in taken.stderr
+    assert not (run / "run.lock").exists()
