@@ -112,7 +112,10 @@ def parse_vectors(text: str, data_dir: Path | None) -> VectorSpec:
     elif text in GENSIM_NAMES:
         return VectorSpec(text, "gensim", identity={"gensim": text})
     elif _looks_like_path(text):
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError as err:  # "~user/..." for a user this machine does not have
+            raise DataError(f"vector file {text!r}: {err}. Give the path without ~user.") from None
         if not path.is_file():
             raise DataError(f"vector file {path} not found. Give an existing file, or use {HELP}.")
         kind = "npy" if path.name.lower().endswith(".npy") else "file"

@@ -89,8 +89,9 @@ def load_model(path: str | Path, which: str = BEST, device: str | torch.device =
         spec = GraphSpec.from_dict(ckpt["spec"])
         net = EPNet(spec)
         net.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not match this version of seqep's model: {err}") from err
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match this version of seqep's model "
+                              f"({type(err).__name__}: {err}): re-train, or pick another checkpoint") from err
     return net.to(device), ckpt
 
 

@@ -237,3 +237,16 @@ def test_safetensors_weights_reader_on_random_bytes(tmp_path, data, header):
     clean(load_weights, _write(tmp_path, "a.safetensors", data))
     size = len(header).to_bytes(8, "little")
     clean(load_weights, _write(tmp_path, "b.safetensors", size + header + data))
+
+
+@pytest.mark.parametrize("text", ["~0/", "~nosuchuser/vectors.txt"])
+def test_vector_paths_with_an_unknown_home_are_a_clean_error(tmp_path, text):
+    """Found by fuzzing: Path.expanduser raised RuntimeError for a user this machine does not have."""
+    clean(parse_vectors, text, tmp_path)
+
+
+def test_a_checkpoint_with_a_list_for_its_spec_is_a_clean_error(tmp_path):
+    """Found by fuzzing: GraphSpec.from_dict raised KeyError on a spec that is not a mapping."""
+    torch.save({"format": 1, "spec": [], "model": None}, tmp_path / "w.pt")
+    with pytest.raises(SeqepError, match="does not match"):
+        load_model(tmp_path / "w.pt")
