@@ -7,12 +7,9 @@ layers) followed by the fully connected layers `(B, n_k)`; the last one is the o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from analog_ep.fast.lowp_phi import LowPrecision
 
 State = list[torch.Tensor]
 
@@ -32,7 +29,7 @@ class Inputs:
     key_mask: torch.Tensor | None  # (B,P,L) True = real token, only when masking padding
     query_drive: torch.Tensor | None  # (B,P,L,d), or (B,P,m,d) learned queries when pooling
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
-    lowp: LowPrecision | None = None  # the fast path's operands (`analog_ep.fast.lowp_phi`); None: exact path
+    lowp: Any = None  # the fast path's operands (`analog_ep.fast.lowp_phi.LowPrecision`); None: exact path
     rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
     query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
 

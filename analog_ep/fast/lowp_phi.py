@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -31,8 +31,8 @@ from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, LowPrecisionWeig
 from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.state import Inputs, State
 
-if TYPE_CHECKING:
-    from analog_ep.phi import EPNet
+# `analog_ep.phi.EPNet`, whose operations dispatch here: not imported, since phi imports this module
+EPNet = Any
 
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype on the fast path
 CONTRAST_BLOCK = 8192  # columns per block of the first synapse's bf16 gradient product (fp32 output in place)

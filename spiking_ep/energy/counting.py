@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -43,8 +43,15 @@ from analog_ep.phi import GraphSpec, one_hot_target
 if TYPE_CHECKING:
     from spiking_ep.convert import SpikingNet
     from spiking_ep.dynamics import SpikeRecord
-    from spiking_ep.energy.pricing import EnergyProfile
     from spiking_ep.learning import SpikingEPConfig
+
+
+
+class PriceList(Protocol):
+    """What counting needs of a price list (`pricing.EnergyProfile` is one): pJ per operation kind."""
+
+    def price(self, backend: str, kind: str) -> float: ...
+
 
 # the operation kinds of each backend; each is also the name of its price in an EnergyProfile
 PRICES: dict[str, tuple[str, ...]] = {
@@ -85,11 +92,11 @@ class Counts:
     def total(self, kind: str | None = None, phase: str | None = None, layer: str | None = None) -> float:
         return sum(c for *_, c in self._rows(phase, layer, kind))
 
-    def energy_pj(self, profile: EnergyProfile, phase: str | None = None, layer: str | None = None,
+    def energy_pj(self, profile: PriceList, phase: str | None = None, layer: str | None = None,
                   kind: str | None = None) -> float:
         return sum(c * profile.price(self.backend, k) for _, _, k, c in self._rows(phase, layer, kind))
 
-    def energy_by(self, profile: EnergyProfile, axis: str) -> dict[str, float]:
+    def energy_by(self, profile: PriceList, axis: str) -> dict[str, float]:
         """pJ per layer, phase or kind (in a stable order)."""
         keys = {"layer": self.layers, "phase": list(self.ops), "kind": list(PRICES[self.backend])}[axis]
         return {key: self.energy_pj(profile, **{axis: key}) for key in keys}
