@@ -22,7 +22,11 @@ examples:
   seqep train --backend spiking --task imdb --preset smoke --set data.train_limit=2000 --out runs/spk  # from scratch
 
 Presets are TOML files in experiments/presets/ (TASK-PRESET.toml); --config FILE uses your own.
-A run directory holds config.json, metrics.jsonl, checkpoints/{best,last}.pt, report.json, plots/.
+A run directory holds config.json, metrics.jsonl, checkpoints/{best,last}.pt, report.json, plots/,
+and run.lock while a process writes it (a second process on the same --out is refused).
+Ctrl-C or SIGTERM finishes the batch in progress, saves checkpoints/last.pt and prints the --resume
+command (exit status 130 / 143); last.pt is also written every train.checkpoint_minutes (and every
+train.checkpoint_every steps), so even a killed run resumes from its last checkpoint, exactly.
 --backend spiking hands the run to the spiking backend (spike-driven EP; --estimator cep = spiking C-EP):
 the same as `seqep spiking-train`, which has the full set of spiking options (see its --help).
 """

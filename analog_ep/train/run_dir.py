@@ -3,9 +3,12 @@
     RUN_DIR/config.json          resolved RunConfig (+ the command line that made it)
     RUN_DIR/metrics.jsonl        one JSON object per logged step ("kind": "step") and per epoch ("epoch")
     RUN_DIR/checkpoints/best.pt  best-on-validation model (what `evaluate` and `convert` read)
-    RUN_DIR/checkpoints/last.pt  model + optimiser + progress, for --resume
+    RUN_DIR/checkpoints/last.pt  model + optimiser + progress + metrics.jsonl's length, for --resume
     RUN_DIR/report.json          final numbers
     RUN_DIR/plots/*.png
+    RUN_DIR/run.lock             pid and host of the process writing the run (`run_lock`)
+
+Opening, resuming and checkpointing a run directory is `lifecycle.RunDir`'s job; this module writes its files.
 """
 
 from __future__ import annotations
