@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from analog_ep.errors import NumericalError
 from analog_ep.phi import EPNet, Inputs, State
 
 REFINE_PATIENCE = 2  # fast path: steps without progress before switching to the difference form
@@ -31,6 +33,18 @@ class RelaxTrace:
         return self.residuals[-1] if self.residuals else float("nan")
 
 
+def check_finite(net: EPNet, state: State, phase: str, step: int) -> None:
+    """Raise NumericalError naming the first layer holding NaN/Inf (a diverged network), else nothing."""
+    for name, s in zip(net.spec.layer_names, state):
+        if not bool(torch.isfinite(s).all()):
+            bad = [p for p, t in net.named_parameters() if not bool(torch.isfinite(t).all())]
+            cause = (f"the parameters {', '.join(bad)} hold NaN/Inf (a learning rate too high: lower train.lrs)"
+                     if bad else "the weights are finite, so NaN/Inf came with the inputs or the target "
+                     "(corrupt word vectors or data?)")
+            raise NumericalError(f"the {phase} phase diverged: layer {name} holds NaN/Inf at step {step}; {cause}. "
+                                 "Resume from the last good checkpoint (with a smaller learning rate)")
+
+
 @torch.no_grad()
 def relax(
     net: EPNet,
@@ -46,6 +60,9 @@ def relax(
     refine: bool = True,
 ) -> tuple[State, RelaxTrace]:
     """Run up to `steps` synchronous updates; stop early once the residual is below `tol`.
+
+    A state that turns NaN/Inf raises `NumericalError` naming the layer, phase and step (at that step when
+    residuals are tracked, else after the last step: NaN never recovers, so nothing is missed).
 
     With `track=False` and no `tol`, no residual is computed (no host sync per step: fastest).
     `residual="fc"` measures it on the fully connected layers only (the fast path): the projection state
@@ -83,6 +100,7 @@ def relax(
     first = 1 if residual == "fc" and net.spec.num_projections else 0
     trace = RelaxTrace()
     nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
+    phase = "nudged" if nudged else "free"
     refine = refine and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
     best, stalled = float("inf"), 0
     for _ in range(steps):
@@ -91,6 +109,8 @@ def relax(
         new = net.step(inputs, state, beta, target if nudged else None)
         if track or tol is not None:
             res = max(float((a - b).abs().max()) for a, b in zip(new[first:], state[first:]))
+            if not math.isfinite(res):  # NaN propagates through every later step: stop at the first
+                check_finite(net, new, phase, trace.steps + 1)
             trace.residuals.append(res)
         state = new
         trace.steps += 1
@@ -105,6 +125,8 @@ def relax(
                 trace.refined_at = trace.steps
     if trace.refined_at is not None:
         state = net.full_state(inputs, state)
+    if not (track or tol is not None):  # untracked: one check at the end (NaN is never lost on the way)
+        check_finite(net, state, phase, trace.steps)
     return state, trace
 
 

@@ -15,3 +15,7 @@ class ConfigError(SeqepError):
 
 class CheckpointError(SeqepError):
     """A checkpoint that is missing, corrupt or incompatible with the requested model."""
+
+
+class NumericalError(SeqepError):
+    """NaN or Inf in a relaxation or an update: the message names the layer, phase and step, and what to try."""
