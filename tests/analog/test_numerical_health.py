@@ -15,7 +15,8 @@ def test_a_nan_weight_stops_the_free_phase_naming_layer_and_step(track):
     with torch.no_grad():
         net.weights[1][0, 0] = float("nan")  # fc1 -> fc2
     x, _ = random_inputs(net.spec, 2)
-    with pytest.raises(NumericalError, match=r"free phase diverged: layer \w+ holds NaN/Inf at step \d+; the parameters weights.1 hold.*train.lrs"):
+    expected = r"free phase diverged: layer \w+ holds NaN/Inf at step \d+; the parameters weights.1 hold.*train.lrs"
+    with pytest.raises(NumericalError, match=expected):
         free_phase(net, net.prepare(x), 20, track=track)
 
 
