@@ -21,7 +21,6 @@ TINY = ["data.train_limit=192", "data.eval_limit=64", "data.max_len=32", "model.
         "model.pool_queries=2", "ep.free_steps=10", "ep.nudge_steps=4", "train.batch_size=32", "train.epochs=2",
         "train.eval_batch_size=64", "train.log_every=1", "train.checkpoint_every=1"]
 BATCHES_PER_EPOCH = 6
-KILL_AFTER_STEP = 8  # epoch 2, batch 2
 WALL_CLOCK = {"seconds_per_batch", "epoch_seconds", "val_seconds", "elapsed_minutes"}
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -73,10 +72,10 @@ def straight(tmp_path_factory) -> Path:
     return run
 
 
-def kill_and_resume(run: Path, signum: int) -> dict:
-    """Start `seqep train`, send `signum` once it has logged KILL_AFTER_STEP steps, resume; what happened."""
+def kill_and_resume(run: Path, signum: int, after_step: int) -> dict:
+    """Start `seqep train`, send `signum` once it has logged `after_step` steps, resume; what happened."""
     proc = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: step_rows(run) >= KILL_AFTER_STEP, proc)
+    wait_for(lambda: step_rows(run) >= after_step, proc)
     rows_at_kill = step_rows(run)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -103,12 +102,15 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert report_a[key] == report_b[key], key
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(straight, tmp_path, signum):
+# after step 3: mid-epoch 1; after step 6: the end of epoch 1 (its last batch, validation or epoch-end
+# checkpoint); after step 8: mid-epoch 2
+@pytest.mark.parametrize("signum,after_step", [(signal.SIGKILL, 3), (signal.SIGKILL, 6), (signal.SIGKILL, 8),
+                                               (signal.SIGTERM, 6), (signal.SIGTERM, 8), (signal.SIGINT, 8)])
+def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(straight, tmp_path, signum, after_step):
     run = tmp_path / "killed"
-    what = kill_and_resume(run, signum)
+    what = kill_and_resume(run, signum, after_step)
     saved = what["saved"]
-    assert saved["epoch"] == 1 and 0 < saved["batch"] < BATCHES_PER_EPOCH  # a checkpoint within epoch 2
+    assert saved["epoch"] * BATCHES_PER_EPOCH + saved["batch"] == saved["step"]
     if signum == signal.SIGKILL:
         assert what["rc"] == -signal.SIGKILL
         assert saved["step"] >= what["rows_at_kill"] - 1  # the last logged step's, or the one before (killed between)
@@ -120,6 +122,7 @@ def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(straight, tmp_pa
         assert what["report_status"] == "interrupted"
     else:
         assert what["report_status"] is None
+    assert not (run / "run.lock").exists() or signum == signal.SIGKILL
     print(f"{signal.Signals(signum).name} after {what['rows_at_kill']} logged steps; last.pt at step {saved['step']} "
           f"(epoch {saved['epoch'] + 1}, batch {saved['batch']})")
     assert_same_run(straight, run)
@@ -144,3 +147,16 @@ def test_a_second_process_on_a_running_run_is_refused(tmp_path):
     assert taken.returncode == 0, taken.stderr  # ... which the next run takes over
     assert f"taking over the lock of process {first.pid}" in taken.stderr
     assert not (run / "run.lock").exists()
+
+
+def test_killed_before_its_first_checkpoint_resume_says_nothing_was_saved(tmp_path):
+    run = tmp_path / "early"
+    proc = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run / "run.lock").exists(), proc)  # set up and about to train: nothing saved yet
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not (run / "checkpoints" / "last.pt").exists(), "killed too late for this test"
+    resumed = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 2
+    assert f"nothing to resume in {run}" in resumed.stderr and "without --resume" in resumed.stderr
