@@ -168,6 +168,16 @@ def set_value(cfg: RunConfig, section: str, key: str, value: Any, source: str = 
     setattr(obj, key, value)
 
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def validate(cfg: RunConfig, source: str = "config") -> None:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -176,6 +186,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for section, key in POSITIVE:
         if getattr(getattr(cfg, section), key) <= 0:
             raise ConfigError(f"{source}: {section}.{key} must be > 0")
+    if not isinstance(cfg.train.device, str) or not _is_device(cfg.train.device):
+        raise ConfigError(f"{source}: train.device = {cfg.train.device!r} is not a torch device; use cpu, cuda or "
+                          "cuda:N")
     if cfg.data.exact_match and cfg.data.task != "snli":
         raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
     if cfg.train.checkpoint_every is not None and cfg.train.checkpoint_every <= 0:
