@@ -1,0 +1,296 @@
+"""Which precision the fast path runs at here: what this machine can do, a short measured calibration, and the rule
+that turns a request ("auto", "fp32", "bf16", "int8", "int8-library") into a mode (`analog_ep.phi.PRECISIONS`).
+
+Why: the fast path's modes are only fast on some machines. int8 is fast through our AMX kernels; without them it
+runs oneDNN's int8 kernels, which on an AVX2-only CPU take hundreds of times as long as fp32 (`SLOW_INT8_MEASURED`),
+so a run never finishes. bf16 products are fast where the CPU has bf16 dot products (AVX512-BF16, AMX) and can be
+far slower than fp32 where it has none. So:
+
+- "int8" without the AMX kernels is refused (ConfigError, with the reason and the alternatives); "int8-library"
+  runs it anyway, on purpose.
+- "bf16" where its products measure slower than fp32 runs, with one warning that says so.
+- "auto" times the first synapse's two products of a step (h·W and x·Wᵀ, 64 rows) once per mode that runs
+  faithfully here (fp32; bf16; int8 on the AMX kernels only) and picks the fastest, a low-precision mode only
+  where it is at least MIN_SPEEDUP times as fast as fp32. The timings are cached as JSON per machine (CPU model,
+  flags, torch version, threads, device) and shape class under the seqep cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from analog_ep.errors import ConfigError, DataError
+from analog_ep.fast import native_kernels
+
+if TYPE_CHECKING:
+    from analog_ep.spec import GraphSpec
+
+SLOW_INT8 = "int8-library"  # the explicit opt-in: int8 without our AMX kernels (oneDNN's int8 products)
+REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8)
+MIN_SPEEDUP = 1.1  # a lossy mode must beat fp32 by this factor: timing noise must not trade exactness for nothing
+ROWS = 64  # rows of the calibration products (a training batch's order of magnitude)
+MAX_CALIBRATION_IN = 1 << 13  # FC-1 inputs measured at most: a product's time grows linearly past it
+REPEATS = 5  # timed calls per mode; the median is kept
+CLEARLY_SLOWER = 10.0  # a mode whose first call takes this many fp32 medians (and > 1 s) is not timed again
+SLOW_INT8_MEASURED = ("measured on an AMD EPYC with AVX2 only: one 64×1024·1024×8192 h·W product in int8 took 18 s, "
+                      "both fp32 products of the step 0.065 s")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+CACHE_FOLDER = "precision"
+
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What decides which mode is fastest: the processor (or GPU), its instruction sets, torch, threads."""
+
+    device: str  # "cpu" or "cuda"
+    model: str  # CPU model name or GPU name
+    flags: tuple[str, ...]  # the CPU's flags (all of them: they key the cache)
+    torch: str
+    threads: int
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"device": self.device, "model": self.model, "isa": [f for f in ISA_FLAGS if f in self.flags],
+                "torch": self.torch, "threads": self.threads}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def this_machine(device: str = "cpu") -> Machine:
+    kind = torch.device(device).type
+    model = torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" else cpu_model()
+    return Machine(kind, model, tuple(native_kernels.cpu_flags() or ()), torch.__version__, torch.get_num_threads())
+
+
+def amx_int8_kernels() -> tuple[bool, str]:
+    """Whether our AMX int8 kernels run in this process, and why not."""
+    from analog_ep.fast import amx_int8
+
+    return amx_int8.available(), amx_int8.unavailable_reason()
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """The calibration products: h (rows × hidden) · W and x (rows × inputs) · Wᵀ, W (hidden × inputs); sizes are
+    rounded up to powers of two (and inputs capped) so that similar networks share one calibration."""
+
+    rows: int
+    inputs: int
+    hidden: int
+
+    @classmethod
+    def of(cls, spec: GraphSpec) -> ShapeClass:
+        inputs, hidden = spec.fc_input_size, spec.layers[0]
+        return cls(ROWS, min(_next_power_of_two(inputs), MAX_CALIBRATION_IN), _next_power_of_two(hidden))
+
+    def key(self) -> str:
+        return f"{self.rows}x{self.inputs}x{self.hidden}"
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def has_large_synapse(spec: GraphSpec) -> bool:
+    """Whether the fast path runs any product in low precision for this graph (a synapse of ≥ LOWP_MIN_WEIGHTS)."""
+    from analog_ep.fast.lowp_phi import LOWP_MIN_WEIGHTS
+
+    sizes = [spec.fc_input_size, *spec.layers]
+    return max(a * b for a, b in zip(sizes[:-1], sizes[1:])) >= LOWP_MIN_WEIGHTS
+
+
+# ------------------------------------------------------------------ measurement
+def _products(mode: str, w: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
+    """One step's two products with W in `mode`, as the fast path (or the exact path, fp32) takes them."""
+    if mode == "fp32":
+        return lambda: (torch.mm(h, w), torch.mm(x, w.t()))
+    from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight
+
+    low = Bf16Weight(w) if mode == "bf16" else Int8Weight(w, rows_hint=h.shape[0])
+    return lambda: low.down_up(h, x)
+
+
+def measure(shape: ShapeClass, modes: tuple[str, ...], device: str = "cpu") -> dict[str, float]:
+    """Median seconds of one step's two products per mode (fp32 first). A mode whose first call is already
+    CLEARLY_SLOWER than fp32 is not timed again (a bf16 product without bf16 hardware can take seconds)."""
+    gen = torch.Generator().manual_seed(0)  # a private generator: the caller's random stream is left alone
+    w = torch.randn(shape.hidden, shape.inputs, generator=gen).to(device)
+    h, x = torch.rand(shape.rows, shape.hidden, generator=gen).to(device), torch.rand(
+        shape.rows, shape.inputs, generator=gen).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed(call: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        return time.perf_counter() - start
+
+    seconds: dict[str, float] = {}
+    for mode in ("fp32", *(m for m in modes if m != "fp32")):
+        call = _products(mode, w, h, x)
+        first = timed(call)  # warm-up: primitive creation, packing, page faults
+        if "fp32" in seconds and first > max(1.0, CLEARLY_SLOWER * seconds["fp32"]):
+            seconds[mode] = first
+            continue
+        seconds[mode] = statistics.median(timed(call) for _ in range(REPEATS))
+    return seconds
+
+
+# ------------------------------------------------------------------ cache
+def _cache_file(machine: Machine) -> Path | None:
+    from analog_ep.data.cache import resolve_cache_dir
+
+    try:
+        return resolve_cache_dir() / CACHE_FOLDER / f"{machine.key()}.json"
+    except DataError:
+        return None
+
+
+def _read(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path | None, data: dict) -> None:
+    """Atomically (a temporary file moved into place); a cache that cannot be written is skipped."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def calibration(spec: GraphSpec, device: str = "cpu", modes: tuple[str, ...] = ("fp32", "bf16")
+                ) -> dict[str, float]:
+    """Seconds per mode of one step's two FC-1 products at this spec's shape class on this machine; measured once
+    per machine and shape class (and per mode), then read from the cache."""
+    machine, shape = this_machine(device), ShapeClass.of(spec)
+    path = _cache_file(machine)
+    data = _read(path)
+    entry = data.get("shapes", {}).get(shape.key(), {})
+    seconds = {m: float(s) for m, s in entry.get("seconds", {}).items() if m in modes}
+    if any(m not in seconds for m in modes):  # all modes measured together: one moment's load for all of them
+        seconds = measure(shape, modes, device)
+        data = _read(path)  # another process may have added other shape classes meanwhile
+        data["machine"] = machine.describe()
+        data.setdefault("shapes", {})[shape.key()] = {
+            "seconds": seconds, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write(path, data)
+    return seconds
+
+
+# ------------------------------------------------------------------ the rule
+def _ratio(slow: float, fast: float) -> str:
+    return f"{slow / fast:.1f}×"
+
+
+def _versus_fp32(mode: str, seconds: dict[str, float]) -> str:
+    s, ref = seconds[mode], seconds["fp32"]
+    return (f"{mode} products {_ratio(ref, s)} faster than fp32 here" if s < ref
+            else f"{mode} products {_ratio(s, ref)} slower than fp32 here")
+
+
+def choose(seconds: dict[str, float], amx: tuple[bool, str]) -> tuple[str, str]:
+    """The auto rule on measured seconds per mode: the fastest, a low-precision one only if it is at least
+    MIN_SPEEDUP times as fast as fp32 (never one slower than fp32); the reason names the numbers."""
+    fp32 = seconds["fp32"]
+    fast = [m for m in ("int8", "bf16") if m in seconds and seconds[m] * MIN_SPEEDUP <= fp32]
+    others = [_versus_fp32(m, seconds) for m in ("int8", "bf16") if m in seconds]
+    no_int8 = [] if amx[0] else [f"no AMX kernels for int8 ({amx[1]})"]
+    if not fast:
+        return "fp32", "fp32: " + "; ".join(no_int8 + others)
+    best = min(fast, key=seconds.__getitem__)
+    why = ["AMX kernels"] if best == "int8" else no_int8
+    return best, f"{best}: " + "; ".join(why + [_versus_fp32(best, seconds)]
+                                         + [o for o in others if not o.startswith(best)])
+
+
+def _refuse_slow_int8(amx_reason: str) -> ConfigError:
+    return ConfigError(
+        f"precision int8 needs our AMX int8 kernels, which cannot run here ({amx_reason}); without them int8 runs "
+        f"oneDNN's int8 kernels, hundreds of times slower than fp32 on a CPU without AMX ({SLOW_INT8_MEASURED}), "
+        f"so a run would not finish. Use precision auto (the fastest faithful mode here), fp32 or bf16; to run "
+        f"int8 anyway, precision {SLOW_INT8}")
+
+
+def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> tuple[str, str]:
+    """(mode, reason) for a requested precision on this machine and device; ConfigError where the request
+    cannot run usefully here (module docstring: the rule)."""
+    if requested not in REQUESTS:
+        raise ConfigError(f"precision {requested!r}: choose one of {', '.join(REQUESTS)}")
+    if requested == "fp32":
+        return "fp32", "fp32: requested (the exact path)"
+    on_cpu = torch.device(device).type == "cpu"
+    if requested in ("int8", SLOW_INT8):
+        from analog_ep.fast.lowp_weights import int8_available
+
+        if not int8_available(device):
+            raise ConfigError(f"precision {requested} needs the CPU and an AMX CPU or a torch build with oneDNN's "
+                              f"int8 linear (device is {device}); use precision auto or bf16")
+        amx, why = amx_int8_kernels()
+        if amx:
+            return "int8", "int8: requested, AMX kernels"
+        if requested == "int8":
+            raise _refuse_slow_int8(why)
+        return "int8", f"int8: requested as {SLOW_INT8}, oneDNN's int8 kernels (no AMX kernels: {why})"
+    if not has_large_synapse(spec):  # nothing to calibrate: no product would run in low precision
+        if requested == "bf16":
+            return "bf16", "bf16: requested"
+        return "fp32", "fp32: no synapse is large enough for low-precision products"
+    amx = amx_int8_kernels() if on_cpu else (False, f"int8 runs on the CPU only (device is {device})")
+    if requested == "bf16":
+        seconds = calibration(spec, device, ("fp32", "bf16"))
+        reason = f"bf16: requested; {_versus_fp32('bf16', seconds)}"
+        if seconds["bf16"] > seconds["fp32"]:
+            machine = this_machine(device)
+            hardware = (f" ({machine.model} has no bf16 dot-product instructions: avx512_bf16, amx_bf16)"
+                        if on_cpu and not {"avx512_bf16", "amx_bf16"} & set(machine.flags) else "")
+            _warn_once(f"{machine.key()}/{ShapeClass.of(spec).key()}",
+                       f"precision bf16: {_versus_fp32('bf16', seconds)}{hardware}; precision auto or fp32 runs "
+                       f"faster")
+        return "bf16", reason
+    return choose(calibration(spec, device, ("fp32", "bf16", "int8") if amx[0] else ("fp32", "bf16")), amx)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

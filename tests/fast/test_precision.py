@@ -1,0 +1,164 @@
+"""The precision rule (analog_ep/fast/precision.py): int8 refused without the AMX kernels (on every machine: the
+capability check is patched both ways), auto never slower than fp32, the calibration cached per machine."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from analog_ep.errors import ConfigError
+from analog_ep.fast import lowp_weights, precision
+from analog_ep.fast.precision import Machine, ShapeClass, choose, resolve_precision
+from analog_ep.models import build_spec
+
+LARGE = build_spec("snli", tiny=False)  # the SNLI paper graph: FC-1 of 30,000 × 400 weights
+SMALL = build_spec("imdb", tiny=True)  # no synapse large enough for low-precision products
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "_warned", set())
+
+
+def fake_timings(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> list[tuple]:
+    """`measure` replaced by fixed timings; returns the list of its calls."""
+    calls: list[tuple] = []
+
+    def measured(shape, modes, device="cpu"):
+        calls.append((shape, tuple(modes)))
+        return {m: seconds[m] for m in modes}
+
+    monkeypatch.setattr(precision, "measure", measured)
+    return calls
+
+
+def amx(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
+    monkeypatch.setattr(precision, "amx_int8_kernels", lambda: (present, "" if present else "this CPU lacks amx_tile"))
+    monkeypatch.setattr(lowp_weights, "int8_available", lambda device="cpu": True)
+
+
+def test_int8_without_the_amx_kernels_is_refused_with_the_reason_and_the_alternatives(monkeypatch):
+    amx(monkeypatch, present=False)
+    calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
+    with pytest.raises(ConfigError) as refused:
+        resolve_precision("int8", LARGE)
+    message = str(refused.value)
+    assert "this CPU lacks amx_tile" in message and "hundreds of times slower than fp32" in message
+    assert "auto" in message and "int8-library" in message
+    mode, reason = resolve_precision("int8-library", LARGE)  # the explicit opt-in runs it anyway
+    assert mode == "int8" and "oneDNN" in reason and "this CPU lacks amx_tile" in reason
+    assert not calls  # an explicit int8 request measures nothing
+
+
+def test_int8_with_the_amx_kernels_runs_them(monkeypatch):
+    amx(monkeypatch, present=True)
+    assert resolve_precision("int8", LARGE) == ("int8", "int8: requested, AMX kernels")
+    assert resolve_precision("int8-library", LARGE)[0] == "int8"
+
+
+def test_int8_on_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(lowp_weights, "int8_available", lambda device="cpu": False)
+    with pytest.raises(ConfigError, match="use precision auto or bf16"):
+        resolve_precision("int8", LARGE, device="cuda")
+
+
+@pytest.mark.parametrize("seconds", [
+    {"fp32": 1.0, "bf16": 3.0},  # no bf16 hardware
+    {"fp32": 1.0, "bf16": 0.95},  # faster, but within noise of fp32
+    {"fp32": 1.0, "bf16": 0.5},
+    {"fp32": 1.0, "bf16": 2.0, "int8": 1.2},
+    {"fp32": 1.0, "bf16": 0.6, "int8": 0.2},
+    {"fp32": 1.0, "bf16": 0.3, "int8": 0.5},
+    {"fp32": 0.1, "bf16": 5.0, "int8": 0.01},
+])
+def test_auto_picks_the_fastest_mode_never_one_slower_than_fp32(seconds: dict[str, float]):
+    mode, reason = choose(seconds, (("int8" in seconds), "no AMX"))
+    eligible = {m: s for m, s in seconds.items() if m == "fp32" or s * precision.MIN_SPEEDUP <= seconds["fp32"]}
+    assert seconds[mode] <= seconds["fp32"]
+    assert mode == min(eligible, key=eligible.__getitem__)
+    assert reason.startswith(f"{mode}: ")
+
+
+def test_auto_measures_on_this_device_and_states_the_reason(monkeypatch):
+    amx(monkeypatch, present=False)
+    calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 1.8})
+    assert resolve_precision("auto", LARGE) == (
+        "fp32", "fp32: no AMX kernels for int8 (this CPU lacks amx_tile); bf16 products 1.8× slower than fp32 here")
+    assert calls == [(ShapeClass.of(LARGE), ("fp32", "bf16"))]  # int8 is not a candidate without the kernels
+
+    amx(monkeypatch, present=True)
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5, "int8": 0.2})
+    mode, reason = resolve_precision("auto", build_spec("imdb", tiny=False))  # another shape class: measured
+    assert mode == "int8"
+    assert reason == ("int8: AMX kernels; int8 products 5.0× faster than fp32 here; "
+                      "bf16 products 2.0× faster than fp32 here")
+
+
+def test_a_graph_without_a_large_synapse_needs_no_calibration(monkeypatch):
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
+    assert resolve_precision("auto", SMALL) == ("fp32", "fp32: no synapse is large enough for low-precision products")
+    assert resolve_precision("bf16", SMALL)[0] == "bf16"
+    assert resolve_precision("fp32", LARGE)[0] == "fp32"
+    with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16, int8, int8-library"):
+        resolve_precision("fp16", LARGE)
+
+
+def test_bf16_slower_than_fp32_runs_with_one_warning(monkeypatch):
+    amx(monkeypatch, present=False)
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 4.0})
+    with pytest.warns(RuntimeWarning, match=r"bf16 products 4\.0× slower than fp32 here"):
+        mode, reason = resolve_precision("bf16", LARGE)
+    assert (mode, reason) == ("bf16", "bf16: requested; bf16 products 4.0× slower than fp32 here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", LARGE)[0] == "bf16"  # once
+
+
+def test_bf16_faster_than_fp32_runs_without_a_warning(monkeypatch):
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", LARGE) == ("bf16", "bf16: requested; bf16 products 2.0× faster than fp32 here")
+
+
+def test_the_calibration_is_cached_per_machine_and_shape_class(monkeypatch, tmp_path):
+    amx(monkeypatch, present=False)
+    calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 2.0})
+    first = resolve_precision("auto", LARGE)
+    assert resolve_precision("auto", LARGE) == first and len(calls) == 1  # read back, not measured again
+    (cached,) = (tmp_path / "precision").glob("*.json")
+    assert cached.stem == precision.this_machine().key()
+    entry = json.loads(cached.read_text())
+    assert entry["shapes"][ShapeClass.of(LARGE).key()]["seconds"] == {"fp32": 1.0, "bf16": 2.0}
+    assert entry["machine"]["torch"] == torch.__version__
+
+    other = Machine("cpu", "Other CPU", ("avx2", "avx512_bf16"), torch.__version__, 2)
+    monkeypatch.setattr(precision, "this_machine", lambda device="cpu": other)
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.4})
+    assert resolve_precision("auto", LARGE)[0] == "bf16"  # another machine: its own measurement and file
+    assert {p.stem for p in (tmp_path / "precision").glob("*.json")} == {cached.stem, other.key()}
+
+
+def test_machines_differing_in_flags_threads_or_torch_have_different_keys():
+    base = Machine("cpu", "CPU", ("avx2",), "2.0", 2)
+    assert len({base.key(), Machine("cpu", "CPU", ("avx2", "amx_int8"), "2.0", 2).key(),
+                Machine("cpu", "CPU", ("avx2",), "2.1", 2).key(), Machine("cpu", "CPU", ("avx2",), "2.0", 4).key(),
+                Machine("cpu", "CPU 2", ("avx2",), "2.0", 2).key()}) == 5
+
+
+def test_shape_classes_round_up_and_cap_the_inputs():
+    assert ShapeClass.of(build_spec("snli", tiny=False)).key() == f"64x{precision.MAX_CALIBRATION_IN}x512"
+    assert ShapeClass.of(build_spec("imdb", tiny=True)).key() == "64x128x32"
+
+
+def test_a_real_measurement_is_positive_and_leaves_the_random_stream_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    seconds = precision.measure(ShapeClass(4, 256, 32), ("fp32", "bf16"))
+    assert set(seconds) == {"fp32", "bf16"} and all(s > 0 for s in seconds.values())
+    assert torch.equal(torch.rand(3), want)
