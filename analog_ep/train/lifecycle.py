@@ -202,15 +202,15 @@ class RunDir:
                    **extra)
 
     def load_last(self) -> tuple[dict[str, Any], Progress]:
-        """(the last.pt dict, its Progress); metrics.jsonl is cut back to where last.pt was written."""
+        """(the last.pt dict, its Progress). Once the trainer has accepted it, `continue_metrics(ckpt)`."""
         ckpt = load_checkpoint(self.last)
-        progress = Progress.from_dict(ckpt.get("progress") or {})
-        self.truncate_metrics(ckpt.get("metrics_bytes"), progress)
-        return ckpt, progress
+        return ckpt, Progress.from_dict(ckpt.get("progress") or {})
 
-    def truncate_metrics(self, size: int | None, progress: Progress) -> None:
-        """Drop the rows logged after the checkpoint (the resumed run logs them again). A last.pt without
-        the file's length: drop "step" rows past its step and "epoch" rows past its epoch."""
+    def continue_metrics(self, ckpt: dict[str, Any]) -> None:
+        """Cut metrics.jsonl back to where `ckpt` was written: drop the rows logged after it (a killed
+        process's), which the resumed run logs again. A last.pt without the file's length: drop "step" rows
+        past its step and "epoch" rows past its epoch."""
+        size, progress = ckpt.get("metrics_bytes"), Progress.from_dict(ckpt.get("progress") or {})
         if not self.metrics.exists():
             return
         if size is not None:

@@ -9,6 +9,7 @@ checkpoint's row, so the resumed run's files are the uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -21,14 +22,16 @@ from tqdm import tqdm
 from analog_ep.data import TaskData, embed_batch, load_task
 from analog_ep.dynamics import free_phase
 from analog_ep.errors import ConfigError
-from analog_ep.estimators import EPConfig, Estimator, make_estimator
+from analog_ep.estimators import ESTIMATORS, EPConfig, Estimator, make_estimator, training_beta_sign
 from analog_ep.fast.allocator import keep_freed_memory
-from analog_ep.fast.lowp_weights import int8_available, int8_kernel_name
+from analog_ep.fast.lowp_weights import int8_kernel_name
+from analog_ep.fast.precision import resolve_precision
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.train.checkpoint import BEST, save_model
 from analog_ep.train.config import RunConfig
-from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
+from analog_ep.train.health import LearningMonitor
+from analog_ep.train.inner_loop import layer_param_groups, train_step
 from analog_ep.train.lifecycle import EpochTally, Progress, RunDir, refuse_changes
 from analog_ep.train.run_dir import software_versions, write_json
 from analog_ep.train.stop_signals import Interrupted, StopRequest, stop_between_batches
@@ -122,8 +125,11 @@ def load_run_data(run_dir: str | Path, progress: bool = True) -> tuple[RunConfig
     return cfg, task, model_embedding(cfg, task)
 
 
-def ep_config(cfg: RunConfig) -> EPConfig:
-    return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol, precision=cfg.ep.precision)
+def ep_config(cfg: RunConfig, precision: str | None = None) -> EPConfig:
+    """`precision`: the mode the run resolved `ep.precision` to (`resolve_precision`); default `ep.precision`."""
+    return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol,
+                    precision=precision or cfg.ep.precision,
+                    beta_sign=training_beta_sign(cfg.ep.estimator, cfg.ep.beta_sign))
 
 
 def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
@@ -202,17 +208,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
-        if cfg.ep.precision == "int8" and not int8_available(cfg.train.device):
-            raise ConfigError(f"ep.precision = int8 needs the CPU and an AMX CPU or a torch build with oneDNN "
-                              f"(train.device is {cfg.train.device}); use ep.precision=bf16")
-        if cfg.ep.precision != "fp32":
-            enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
-            if cfg.train.device == "cpu":
-                keep_freed_memory()  # its per-step tensors of tens of MB reuse the heap instead of faulting pages in
         seed_everything(cfg.train.seed)
         self.task = load_task_for(cfg, self.progress)
         self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
         self.net = build_model(cfg, self.task)
+        self.precision, self.precision_reason = self._resolve_precision()
+        if self.precision != "fp32":
+            enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
+            if cfg.train.device == "cpu":
+                keep_freed_memory()  # its per-step tensors of tens of MB reuse the heap instead of faulting pages in
         self.optimizer = make_optimizer(cfg, self.net)
         self.batches_per_epoch = math.ceil(len(self.task.train) / cfg.train.batch_size)
         total = max(cfg.train.epochs * self.batches_per_epoch, 1)
@@ -222,14 +226,28 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.state = Progress()
+        self.health = LearningMonitor(self.task.num_classes, cfg.ep.estimator)
         self._t0 = self._epoch_t0 = time.perf_counter()  # where this process's seconds are counted from
         self.run.start()  # the directory's lock, held until `close`
         if self.resume:
             self._load_last()
         write_json(self.run_dir / "config.json", {"config": self.cfg.to_dict(), "command": self.command,
                                                   "data_info": self.task.info, "spec": self.net.spec.to_dict(),
-                                                  "int8_kernel": int8_kernel_name() if self.cfg.ep.precision == "int8"
-                                                  else None})
+                                                  "int8_kernel": int8_kernel_name() if self.precision == "int8"
+                                                  else None, **self._precision_record()})
+
+    def _resolve_precision(self) -> tuple[str, str]:
+        """The mode this run computes in (`resolve_precision`), resolved once; a resumed "auto" run keeps the mode it
+        started with, so that its numbers do not hang on a new calibration."""
+        first = self.run_dir / "config.json"
+        if self.resume and self.cfg.ep.precision == "auto" and first.is_file():
+            started = json.loads(first.read_text(encoding="utf-8"))
+            if started.get("precision"):
+                return started["precision"], started["precision_reason"]
+        return resolve_precision(self.cfg.ep.precision, self.net.spec, self.cfg.train.device)
+
+    def _precision_record(self) -> dict[str, str]:
+        return {"precision": self.precision, "precision_reason": self.precision_reason}
 
     def close(self) -> None:
         """Give the run directory's lock back."""
@@ -243,6 +261,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        self.run.continue_metrics(ckpt)
 
     def _save_last(self) -> None:
         self._keep_time()
@@ -252,8 +271,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _estimator(self) -> Estimator:
         name = self.cfg.ep.estimator
-        lrs = param_lrs(self.optimizer, self.net) if name == "cep" else None
-        return make_estimator(name, ep_config(self.cfg), lrs=lrs)
+        lrs = self.optimizer if ESTIMATORS[name].needs_lrs else None  # C-EP steps it at every nudged step
+        return make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs)
 
     def _out_of_time(self) -> bool:
         limit = self.cfg.train.max_minutes
@@ -287,6 +306,7 @@ class Trainer:
                     raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
                                              "the learning rates or β (try --set train.lrs=[...])")
                 tally.add(est.output, y, est.loss, residual=est.free_trace.final_residual)
+                self.health.add_batch(est.output, y, est.loss)
                 st.batch += 1
                 st.step += 1
                 bar.update(1)
@@ -313,6 +333,9 @@ class Trainer:
                    "epoch_seconds": tally.seconds + time.perf_counter() - self._epoch_t0,
                    "val_seconds": val["seconds"], "elapsed_minutes": (st.elapsed + time.perf_counter() - self._t0) / 60}
             self.run.log(row)
+            if (warning := self.health.epoch_end()) is not None:  # never train to chance silently
+                self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
+                print(f"WARNING: {warning}", file=sys.stderr)
             if self.progress:
                 print(f"epoch {row['epoch']:.2f}: train acc {row['train_accuracy']:.4f}  val acc "
                       f"{val['accuracy']:.4f}  ({row['epoch_seconds']:.0f} s)", file=sys.stderr)
@@ -358,7 +381,7 @@ class Trainer:
             "data": self.task.info, "seed": cfg.train.seed, "device": cfg.train.device, "dtype": cfg.train.dtype,
             "software": software_versions(), "command": self.command,
             "free_phase_trace": {"residuals": trace.residuals, "phi": trace.phi},
-            "parameters": sum(p.numel() for p in best.parameters()),
+            "parameters": sum(p.numel() for p in best.parameters()), **self._precision_record(),
         }
         write_json(self.run_dir / "report.json", report)
         plot_run(self.run_dir)

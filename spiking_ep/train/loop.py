@@ -114,6 +114,7 @@ def _load_last(run: RunDir, snet: SpikingNet, optimizer: torch.optim.Optimizer, 
     snet.net.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
+    run.continue_metrics(ckpt)
     return state, ckpt["best_model"]
 
 

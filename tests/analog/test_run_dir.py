@@ -56,7 +56,9 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
         f.write('{"kind": "step", "st')  # a line cut by the kill
     run.close()
     resumed = RunDir(tmp_path, resume=True)
-    _, progress = resumed.load_last()
+    ckpt, progress = resumed.load_last()
+    assert len(resumed.metrics.read_text().splitlines()) == 3  # nothing changed before the trainer accepts it
+    resumed.continue_metrics(ckpt)
     assert [json.loads(line) for line in resumed.metrics.read_text().splitlines()] == [{"kind": "step", "step": 1}]
     assert (progress.step, progress.batch, progress.tally.seen, progress.tally.correct) == (1, 1, 2, 1)
     assert (progress.tally.loss, progress.tally.max_residual) == (0.5, 0.25)
