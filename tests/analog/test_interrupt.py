@@ -19,7 +19,8 @@ import torch
 # mid-epoch checkpoint (and sometimes between a step's metrics row and its checkpoint)
 TINY = ["data.train_limit=192", "data.eval_limit=64", "data.max_len=32", "model.hidden=[8, 4]",
         "model.pool_queries=2", "ep.free_steps=10", "ep.nudge_steps=4", "train.batch_size=32", "train.epochs=2",
-        "train.eval_batch_size=64", "train.log_every=1", "train.checkpoint_every=1"]
+        "train.eval_batch_size=64", "train.log_every=1", "train.checkpoint_every=1",
+        "ep.precision=fp32"]  # the exact path, named: a mode chosen per machine could differ between processes
 BATCHES_PER_EPOCH = 6
 WALL_CLOCK = {"seconds_per_batch", "epoch_seconds", "val_seconds", "elapsed_minutes"}
 
