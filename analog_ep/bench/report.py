@@ -15,13 +15,13 @@ from analog_ep.bench.machine import machine_info
 from analog_ep.bench.shapes import INPUT_RMS, Shape, build_shape, resolve_inputs
 from analog_ep.bench.timing import WARMUP_BATCHES
 from analog_ep.fast.lowp_weights import int8_kernel_name
-from analog_ep.phi import PRECISIONS
+from analog_ep.fast.precision import REQUESTS, resolve_precision
 
 
 def bench(
     shapes: list[str],
     batch: int | None = None,
-    precision: str = "bf16",
+    precision: str = "auto",
     early_exit: bool = False,
     tol: float | None = None,
     inputs: str = "auto",
@@ -42,20 +42,27 @@ def bench(
     on_result=None,
 ) -> dict:
     """Run the benchmark; returns the JSON-able report (see docs/benchmarks.md for the fields)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    # once per shape, before any measurement: a shape that cannot take the inputs fails now, not midway
+    if precision not in REQUESTS:
+        raise ValueError(f"precision must be one of {REQUESTS}")
+    # once per shape, before any measurement: a shape that cannot take the inputs fails now, not midway; the
+    # precision resolved on this machine (auto: calibrated; int8 without the AMX kernels: refused)
     inputs_of = {name: resolve_inputs(inputs, name) for name in shapes}
+    resolved = {name: resolve_precision(precision, build_shape(name).spec) for name in shapes}
+    modes = {mode for mode, _ in resolved.values()}
 
     def note(msg: str) -> None:
         if log:
             log(msg)
 
+    for name, (_, reason) in resolved.items():
+        note(f"precision {name}: {reason}")
+
     def job(kind: str, shape: Shape, b: int, **extra) -> dict:
         if wait_idle is not None:
             wait_for_idle(wait_idle, wait_timeout, note)
+        mode = resolved[shape.name][0]
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
-                    compile=compile_kernels and precision != "fp32", precision=precision,
+                    compile=compile_kernels and mode != "fp32", precision=mode,
                     inputs=inputs_of[shape.name])
         spec.update(extra)
         if early_exit:
@@ -70,14 +77,14 @@ def bench(
         "machine": machine_info(),
         "settings": {"precision": precision, "early_exit": early_exit, "tol": tol, "reference": reference,
                      "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
-                     "compiled_kernels": compile_kernels and precision != "fp32", "input_rms": INPUT_RMS,
-                     "inputs": inputs, "int8_kernel": int8_kernel_name() if precision == "int8" else None},
+                     "compiled_kernels": compile_kernels and modes != {"fp32"}, "input_rms": INPUT_RMS,
+                     "inputs": inputs, "int8_kernel": int8_kernel_name() if "int8" in modes else None},
         "flop_formula": FLOP_FORMULA,
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }
     # fractions are of the fp32 peak on the exact path, else of the bf16 peak (also for int8: its products
     # run on int8 but the attention and every other product of the step stay bf16)
-    basis = "fp32" if precision == "fp32" else "bf16"
+    basis = "fp32" if modes == {"fp32"} else "bf16"
 
     def measure_peaks() -> float:
         """Peaks measured again, the best of all measurements kept (a slow moment of a shared machine must not
@@ -103,6 +110,7 @@ def bench(
         for i, b in enumerate([batch] if batch else list(shape.batches)):
             rec: dict[str, Any] = {
                 "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": inputs_of[name],
+                "precision": resolved[name][0], "precision_reason": resolved[name][1],
                 "ep": {"beta": shape.beta, "free_steps": shape.free_steps, "nudge_steps": shape.nudge_steps,
                        "tol": (tol or shape.tol) if early_exit else None},
             }
@@ -155,4 +163,5 @@ def summary_table(report: dict) -> str:
             f"{ref.get('peak_rss_mb', float('nan')):>8.0f}"
             f"{r.get('inference', {}).get('samples_per_s', float('nan')):>9.0f}"
             f"{fid.get('angle_deg', float('nan')):>7.2f}{r['load']['foreign_cores']:>6.2f}")
+    lines += [f"precision {r['shape']}: {r['precision_reason']}" for r in report["results"] if "precision_reason" in r]
     return "\n".join(lines)

@@ -8,11 +8,12 @@ import sys
 
 from analog_ep.bench import CPU_SHAPES, PAPER_SHAPES, SHAPES, bench, compare_training, summary_table
 from analog_ep.errors import ConfigError
+from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
 EPILOG = """\
 examples:
-  seqep bench --shape imdb-paper --batch 32 --json          # one shape and batch size, bf16, all T1 and K steps
-  seqep bench --shape paper --precision int8 --json         # the fastest CPU path (docs/benchmarks.md)
+  seqep bench --shape imdb-paper --batch 32 --json          # one shape and batch size, all T1 and K steps
+  seqep bench --shape paper --precision int8 --json         # our AMX int8 kernels (refused on a CPU without AMX)
   seqep bench --shape imdb-paper --precision fp32           # the exact path
   seqep bench --shape paper --early-exit                    # + stop phases at the residual tolerance
   seqep bench --shape all --check-fidelity --wait-idle 0.2  # everything, waiting for an idle machine
@@ -37,10 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", choices=SHAPE_CHOICES, default="all",
                    help="a shape, or paper / cpu / all (default all = paper + cpu shapes)")
     p.add_argument("--batch", type=int, help="batch size (default: the shape's: 32 and 128 for imdb-paper, ...)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="bf16",
-                   help="fast path products: bf16 operands (default), int8 for the large FC weights (bf16 elsewhere; "
-                        "our AMX kernels where the CPU has AMX, else oneDNN's, same numbers: the faster choice "
-                        "at both paper shapes), or fp32 (the exact path)")
+    p.add_argument("--precision", choices=PRECISION_REQUESTS, default="auto",
+                   help="auto (default): the fastest faithful mode on this machine, from a few seconds' calibration "
+                        "cached per machine; fp32: the exact path; bf16: the fast path on bf16 operands (fast with "
+                        "AVX512-BF16 or AMX, slower than fp32 without them); int8: the large FC weights in int8 "
+                        "with our AMX kernels (the fastest at both paper shapes on an AMX CPU; refused without "
+                        "AMX, where oneDNN's int8 kernels take hundreds of times as long: int8-library runs them "
+                        "anyway)")
     p.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=False,
                    help="stop each phase at the residual tolerance. Off by default: the benchmark's random-weight "
                         "networks settle in ~11 of 50 steps while trained ones mostly run to T1 "

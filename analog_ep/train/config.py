@@ -18,7 +18,7 @@ from typing import Any
 
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import ESTIMATORS
-from analog_ep.phi import PRECISIONS
+from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,8 +72,10 @@ class EPSection:
     tol: float | None = None
     eval_free_steps: int | None = None  # None: free_steps
     eval_tol: float | None = None
-    precision: str = "fp32"  # "bf16": the fast path (bf16 products, nudged phases as differences; docs/benchmarks.md);
-    # "int8": the fast path with the large FC products in int8 (CPU with oneDNN; pays off at the paper IMDB shape)
+    precision: str = "auto"  # "auto": the fastest faithful mode on this machine, from a short measured calibration
+    # (analog_ep/fast/precision.py); "fp32": the exact path; "bf16": the fast path (bf16 products, nudged phases as
+    # differences; docs/benchmarks.md); "int8": the fast path with the large FC products in int8 (our AMX kernels:
+    # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly)
 
 
 @dataclass
@@ -129,7 +131,7 @@ CHOICES = {
     ("model", "schedule"): ("alternating", "synchronous"),
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
-    ("ep", "precision"): PRECISIONS,
+    ("ep", "precision"): PRECISION_REQUESTS,
     ("train", "optimizer"): ("adam", "adam_unfused", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("float32", "float64", "bfloat16"),
