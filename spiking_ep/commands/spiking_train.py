@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from analog_ep.errors import ConfigError
@@ -34,8 +33,9 @@ Fine-tunes RUN_DIR's best checkpoint (or, with --from-scratch, a fresh network f
 spike-driven EP: IF units, free phase T = --timesteps (also the readout step it is evaluated at), nudged
 phases T/2. Test accuracy at T (and --eval-timesteps) before and after; OUT is a run directory
 (config.json, spiking.json, metrics.jsonl, checkpoints/, report.json, plots/) that `seqep spiking-eval`
-and `seqep evaluate` read. --resume continues OUT after its last completed epoch (checkpoints/last.pt:
-weights, optimiser, progress) with OUT's own configuration: only --epochs may change. docs/spiking.md,
+and `seqep evaluate` read. Ctrl-C or SIGTERM stops after the batch in progress and saves checkpoints/last.pt
+(weights, optimiser, progress); --resume continues OUT from the batch where it stopped, with OUT's own
+configuration: only --epochs may change. docs/spiking.md,
 "Training with spikes".
 """
 
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="analog run to fine-tune (not with --from-scratch)")
     t.add_argument("--out", required=True, help="run directory to write (with --resume: to continue)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out after its last completed epoch, with its own configuration "
+                   help="continue the run in --out from where it stopped (last.pt), with its own configuration "
                         "(RUN_DIR / --from-scratch optional; only --epochs may change)")
     t.add_argument("--from-scratch", action="store_true", help="a fresh network from --task/--preset (or --config)")
     t.add_argument("--task", choices=["imdb", "snli"], help="--from-scratch: data set (default imdb)")
@@ -117,10 +117,8 @@ def run_spiking_train(args: argparse.Namespace) -> int:
                                                 **options)
         else:
             report = finetune_spiking(args.run_dir, args.out, **options)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last completed epoch is in {args.out}/checkpoints/last.pt; continue with "
-              f"`seqep spiking-train --out {args.out} --resume`", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # the trainer saved last.pt and printed the resume command
+        return getattr(err, "exit_code", 130)
     if args.json:
         print(json.dumps(report))
         return 0
