@@ -8,61 +8,15 @@ import json
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-# IMDB with tiny limits: 6 batches an epoch, 2 epochs; last.pt after every step, so a kill lands after a
-# mid-epoch checkpoint (and sometimes between a step's metrics row and its checkpoint)
-TINY = ["data.train_limit=192", "data.eval_limit=64", "data.max_len=32", "model.hidden=[8, 4]",
-        "model.pool_queries=2", "ep.free_steps=10", "ep.nudge_steps=4", "train.batch_size=32", "train.epochs=2",
-        "train.eval_batch_size=64", "train.log_every=1", "train.checkpoint_every=1",
-        "ep.precision=fp32"]  # the exact path, named: a mode chosen per machine could differ between processes
-BATCHES_PER_EPOCH = 6
-WALL_CLOCK = {"seconds_per_batch", "epoch_seconds", "val_seconds", "elapsed_minutes"}
+from tests.processes import BATCHES_PER_EPOCH, last, metrics, seqep, step_rows, train_command, wait_for
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
-
-
-def seqep(*args: str) -> list[str]:
-    """The installed `seqep` command (the console script beside this Python), as a user runs it."""
-    script = Path(sys.executable).with_name("seqep")
-    prefix = [str(script)] if script.exists() else [sys.executable, "-c",
-                                                    "import sys; from analog_ep.cli import main; sys.exit(main())"]
-    return [*prefix, *args]
-
-
-def train_command(out: Path) -> list[str]:
-    return seqep("train", "--task", "imdb", "--preset", "smoke", *[a for o in TINY for a in ("--set", o)],
-                 "--out", str(out), "--no-progress")
-
-
-def step_rows(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"kind": "step"' in line)
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"seqep train ended (rc {proc.returncode}) before the kill: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "seqep train did not get there in time"
-        time.sleep(0.02)
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
-
-
-def last(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+pytestmark = [pytest.mark.realdata]
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +59,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 # after step 3: mid-epoch 1; after step 6: the end of epoch 1 (its last batch, validation or epoch-end
 # checkpoint); after step 8: mid-epoch 2
-@pytest.mark.parametrize("signum,after_step", [(signal.SIGKILL, 3), (signal.SIGKILL, 6), (signal.SIGKILL, 8),
-                                               (signal.SIGTERM, 6), (signal.SIGTERM, 8), (signal.SIGINT, 8)])
+@pytest.mark.parametrize("signum,after_step", [
+    (signal.SIGKILL, 3), pytest.param(signal.SIGKILL, 6, marks=SLOW), pytest.param(signal.SIGKILL, 8, marks=SLOW),
+    pytest.param(signal.SIGTERM, 6, marks=SLOW), (signal.SIGTERM, 8), pytest.param(signal.SIGINT, 8, marks=SLOW)])
 def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(straight, tmp_path, signum, after_step):
     run = tmp_path / "killed"
     what = kill_and_resume(run, signum, after_step)

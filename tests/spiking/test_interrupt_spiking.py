@@ -15,7 +15,7 @@ import torch
 
 from analog_ep.train.config import apply_overrides, load_preset
 from analog_ep.train.trainer import train_run
-from tests.analog.test_interrupt import TINY, WALL_CLOCK, last, seqep, step_rows, wait_for
+from tests.processes import TINY, WALL_CLOCK, last, seqep, step_rows, wait_for
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
