@@ -44,12 +44,14 @@ REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8)
 MIN_SPEEDUP = 1.1  # a lossy mode must beat fp32 by this factor: timing noise must not trade exactness for nothing
 ROWS = 64  # rows of the calibration products (a training batch's order of magnitude)
 MAX_CALIBRATION_IN = 1 << 13  # FC-1 inputs measured at most: a product's time grows linearly past it
-REPEATS = 5  # timed calls per mode; the median is kept
+REPEATS = 7  # timed samples per mode; the median is kept
+SAMPLE_SECONDS = 0.05  # a sample repeats the products until it lasts this long (small shapes: timer and noise)
 CLEARLY_SLOWER = 10.0  # a mode whose first call takes this many fp32 medians (and > 1 s) is not timed again
 SLOW_INT8_MEASURED = ("measured on an AMD EPYC with AVX2 only: one 64×1024·1024×8192 h·W product in int8 took 18 s, "
                       "both fp32 products of the step 0.065 s")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 CACHE_FOLDER = "precision"
+CALIBRATION_VERSION = 2  # bumped when `measure` changes: older cached timings are measured again
 
 _warned: set[str] = set()
 
@@ -138,29 +140,46 @@ def _products(mode: str, w: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> C
 
 
 def measure(shape: ShapeClass, modes: tuple[str, ...], device: str = "cpu") -> dict[str, float]:
-    """Median seconds of one step's two products per mode (fp32 first). A mode whose first call is already
-    CLEARLY_SLOWER than fp32 is not timed again (a bf16 product without bf16 hardware can take seconds)."""
+    """Median seconds of one step's two products per mode. The modes are timed in interleaved rounds, so that other
+    work on a shared machine slows all of them alike, and each sample repeats a small product until it lasts
+    SAMPLE_SECONDS. A mode whose first call is already CLEARLY_SLOWER than fp32 is not timed again (a bf16
+    product without bf16 hardware can take seconds)."""
     gen = torch.Generator().manual_seed(0)  # a private generator: the caller's random stream is left alone
     w = torch.randn(shape.hidden, shape.inputs, generator=gen).to(device)
     h, x = torch.rand(shape.rows, shape.hidden, generator=gen).to(device), torch.rand(
         shape.rows, shape.inputs, generator=gen).to(device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def timed(call: Callable[[], object]) -> float:
+    def timed(call: Callable[[], object], times: int = 1) -> float:
         sync()
         start = time.perf_counter()
-        call()
+        for _ in range(times):
+            call()
         sync()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / times
 
+    calls = {mode: _products(mode, w, h, x) for mode in ("fp32", *(m for m in modes if m != "fp32"))}
     seconds: dict[str, float] = {}
-    for mode in ("fp32", *(m for m in modes if m != "fp32")):
-        call = _products(mode, w, h, x)
-        first = timed(call)  # warm-up: primitive creation, packing, page faults
-        if "fp32" in seconds and first > max(1.0, CLEARLY_SLOWER * seconds["fp32"]):
-            seconds[mode] = first
-            continue
-        seconds[mode] = statistics.median(timed(call) for _ in range(REPEATS))
+    loops: dict[str, int] = {}
+
+    def clearly_slower(t: float) -> bool:
+        return "fp32" in seconds and t > max(1.0, CLEARLY_SLOWER * seconds["fp32"])
+
+    for mode, call in calls.items():
+        once = timed(call)  # warm-up: primitive creation, packing, page faults; already decisive if clearly slower
+        if not clearly_slower(once):
+            once = timed(call)
+        if clearly_slower(once):
+            seconds[mode] = once
+        else:
+            loops[mode] = max(1, math.ceil(SAMPLE_SECONDS / max(once, 1e-9)))
+            if mode == "fp32":
+                seconds["fp32"] = once  # provisional: the yardstick of CLEARLY_SLOWER, replaced by the median
+    samples: dict[str, list[float]] = {mode: [] for mode in loops}
+    for _ in range(REPEATS):
+        for mode in loops:
+            samples[mode].append(timed(calls[mode], loops[mode]))
+    seconds.update({mode: statistics.median(times) for mode, times in samples.items()})
     return seconds
 
 
@@ -181,7 +200,7 @@ def _read(path: Path | None) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) and data.get("version") == CALIBRATION_VERSION else {}
 
 
 def _write(path: Path | None, data: dict) -> None:
@@ -210,7 +229,7 @@ def calibration(spec: GraphSpec, device: str = "cpu", modes: tuple[str, ...] = (
     if any(m not in seconds for m in modes):  # all modes measured together: one moment's load for all of them
         seconds = measure(shape, modes, device)
         data = _read(path)  # another process may have added other shape classes meanwhile
-        data["machine"] = machine.describe()
+        data["machine"], data["version"] = machine.describe(), CALIBRATION_VERSION
         data.setdefault("shapes", {})[shape.key()] = {
             "seconds": seconds, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write(path, data)

@@ -136,6 +136,11 @@ def test_the_calibration_is_cached_per_machine_and_shape_class(monkeypatch, tmp_
     assert entry["shapes"][ShapeClass.of(LARGE).key()]["seconds"] == {"fp32": 1.0, "bf16": 2.0}
     assert entry["machine"]["torch"] == torch.__version__
 
+    entry["version"] = precision.CALIBRATION_VERSION - 1  # timings of an older calibration method: measured again
+    cached.write_text(json.dumps(entry))
+    resolve_precision("auto", LARGE)
+    assert len(calls) == 2 and json.loads(cached.read_text())["version"] == precision.CALIBRATION_VERSION
+
     other = Machine("cpu", "Other CPU", ("avx2", "avx512_bf16"), torch.__version__, 2)
     monkeypatch.setattr(precision, "this_machine", lambda device="cpu": other)
     fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.4})
@@ -162,3 +167,41 @@ def test_a_real_measurement_is_positive_and_leaves_the_random_stream_alone():
     seconds = precision.measure(ShapeClass(4, 256, 32), ("fp32", "bf16"))
     assert set(seconds) == {"fp32", "bf16"} and all(s > 0 for s in seconds.values())
     assert torch.equal(torch.rand(3), want)
+
+
+@pytest.mark.realdata
+def test_the_trainer_resolves_once_records_the_mode_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
+    from analog_ep.train import trainer as trainer_module
+    from tests.analog.test_training import tiny_config
+
+    chosen: list[str] = []
+
+    def resolved(requested, spec, device="cpu"):
+        chosen.append(requested)
+        return ("bf16", "bf16: measured faster here") if len(chosen) == 1 else ("fp32", "fp32: measured again")
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", resolved)
+    first = trainer_module.Trainer(tiny_config(), tmp_path / "run", progress=False)
+    first.setup()
+    estimators: list = []
+    monkeypatch.setattr(trainer_module, "make_estimator", lambda name, cfg, lrs=None: estimators.append(cfg))
+    first._estimator()
+    assert chosen == ["auto"] and estimators[0].precision == "bf16"  # the steps run in the resolved mode
+    first._save_last()
+    first.close()
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (record["precision"], record["precision_reason"]) == ("bf16", "bf16: measured faster here")
+    assert record["config"]["ep"]["precision"] == "auto"
+
+    resumed = trainer_module.Trainer(tiny_config(), tmp_path / "run", resume=True, progress=False)
+    resumed.setup()  # a new calibration would say fp32: the run keeps computing as it started
+    assert resumed.precision == "bf16" and chosen == ["auto"]
+    resumed.close()
+
+
+def test_bench_and_train_default_to_auto():
+    from analog_ep.cli import build_parser
+    from analog_ep.train.config import RunConfig
+
+    assert RunConfig().ep.precision == "auto"
+    assert build_parser().parse_args(["bench"]).precision == "auto"
