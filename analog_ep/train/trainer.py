@@ -213,6 +213,8 @@ class Trainer:
         self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
         self.net = build_model(cfg, self.task)
         self.precision, self.precision_reason = self._resolve_precision()
+        if self.progress:
+            print(f"ep.precision {cfg.ep.precision} -> {self.precision_reason}", file=sys.stderr)
         if self.precision != "fp32":
             enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
             if cfg.train.device == "cpu":
