@@ -1,0 +1,234 @@
+"""Data-parallel training (torch.distributed, gloo on the CPU) equals one process over the same global batch.
+
+Two ranks are spawned as torchrun would start them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+environment), so the code under test finds its process group the way a real launch does.
+
+Tolerance: the ranks' estimates are batch means over their shards, weighted by B_r / B and summed by the
+all-reduce. That is the single-process sum in another order, with one more rounding for the weight: in
+float64 the gradients agree to ~1e-15 relative, not to the bit. Trained weights are compared at 1e-6
+relative (a few Adam steps divide by √v, which can enlarge a rounding-level difference of a near-zero gradient).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from analog_ep.errors import ConfigError
+from analog_ep.estimators import EPConfig, make_estimator
+from analog_ep.train import distributed
+from tests.helpers import random_inputs, tiny_net
+
+WORLD = 2
+GRAD_RTOL = 1e-12
+WEIGHT_RTOL = 1e-6
+ESTIMATORS = ("ep_symmetric", "ep_two_phase", "bptt")
+BATCHES = (5, 1)  # 5 samples: shards of 3 and 2 (unequal weights); 1 sample: rank 1's shard is empty
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, port: int, job: str, args: tuple) -> None:
+    """One rank, with the environment torchrun would give it."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    globals()[job](rank, *args)
+
+
+def spawn(job: str, *args) -> None:
+    """Run `job(rank, *args)` in WORLD fresh processes; a failing rank fails the test."""
+    mp.start_processes(_rank_entry, args=(free_port(), job, args), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+
+
+# ---------------------------------------------------------------- gradients of one batch
+def grads_of(net, estimator: str, x, y, average: bool) -> dict[str, torch.Tensor]:
+    est = distributed.allow_empty_shard(make_estimator(estimator, EPConfig(free_steps=10, nudge_steps=4)))
+    idx = distributed.shard(torch.arange(len(y)))
+    net.zero_grad(set_to_none=True)
+    est(net, x[idx], y[idx])
+    if average:
+        distributed.average_grads(net.parameters(), len(idx))
+    return {name: p.grad.clone() for name, p in net.named_parameters()}
+
+
+def _grads_job(rank: int, out: str) -> None:
+    with distributed.session("cpu") as world:
+        assert (world.rank, world.size, world.backend) == (rank, WORLD, "gloo")
+        net = tiny_net("imdb_pooled")
+        x, y = random_inputs(net.spec, max(BATCHES))
+        found = {(e, n): grads_of(net, e, x[:n], y[:n], average=True) for e in ESTIMATORS for n in BATCHES}
+    torch.save(found, Path(out) / f"rank{rank}.pt")
+
+
+def test_averaged_gradients_equal_the_global_batch_estimate(tmp_path):
+    spawn("_grads_job", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    net = tiny_net("imdb_pooled")
+    x, y = random_inputs(net.spec, max(BATCHES))
+    worst = 0.0
+    for e in ESTIMATORS:
+        for n in BATCHES:
+            single = grads_of(net, e, x[:n], y[:n], average=False)
+            for name, g in single.items():
+                assert torch.equal(ranks[0][e, n][name], ranks[1][e, n][name]), (e, n, name)  # one step for all
+                worst = max(worst, relative_difference(ranks[0][e, n][name], g))
+                assert relative_difference(ranks[0][e, n][name], g) < GRAD_RTOL, (e, n, name)
+    print(f"largest relative gradient difference, 2 ranks vs 1 process: {worst:.2e}")
+
+
+# ---------------------------------------------------------------- helpers without a process group
+def test_one_process_starts_no_group_and_shards_nothing(monkeypatch):
+    for name in distributed.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with distributed.session("cpu") as world:
+        assert world == distributed.World() and not world.active and world.is_main
+        assert not torch.distributed.is_initialized()
+        indices = torch.arange(7)
+        assert distributed.shard(indices) is indices
+        assert distributed.sum_over_ranks(3, 4.5) == [3, 4.5]
+        assert distributed.describe("cpu")["world_size"] == 1
+        assert distributed.run_dir_class(world) is distributed.RunDir
+
+
+def test_cep_is_refused_under_data_parallelism():
+    distributed.refuse_unsupported("cep", distributed.World())  # one process: allowed
+    with pytest.raises(ConfigError, match="C-EP updates the weights at each nudged step"):
+        distributed.refuse_unsupported("cep", distributed.World(rank=0, size=2, backend="gloo"))
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            distributed._check_device("cuda", 0, 2)
+        pytest.skip("no GPU: the NCCL path is not run here")
+    with pytest.raises(ConfigError, match="same GPU"):
+        distributed._check_device("cuda:0", 1, 2)
+
+
+# ---------------------------------------------------------------- a whole run on real data
+# IMDB with tiny limits in float64 on the exact path, no early exit (ep.tol would stop each shard's free phase
+# at its own step): one epoch of a few steps, then the trainer's own validation and test evaluation
+TINY = ["data.train_limit=150", "data.eval_limit=50", "data.max_len=32", "model.hidden=[8, 4]",
+        "model.pool_queries=2", "ep.free_steps=10", "ep.nudge_steps=4", "ep.tol=none", "ep.precision=fp32",
+        "train.dtype=float64", "train.epochs=1", "train.eval_batch_size=16", "train.log_every=1"]
+
+
+def tiny_config(batch_size: int):
+    from analog_ep.train.config import apply_overrides, load_preset
+
+    return apply_overrides(load_preset("imdb", "smoke"), [*TINY, f"train.batch_size={batch_size}"])
+
+
+def batch_size_with_a_lonely_last_sample(cfg) -> int:
+    """A global batch size whose last batch holds one sample, so that rank 1's shard of it is empty."""
+    from analog_ep.train.trainer import load_task_for
+
+    n = len(load_task_for(cfg, progress=False).train)
+    return next(b for b in range(24, n) if n % b == 1)
+
+
+def _train_job(rank: int, cfg_dict: dict, out: str, evaluate_run: str) -> None:
+    from analog_ep.train.checkpoint import load_model
+    from analog_ep.train.config import RunConfig
+    from analog_ep.train.trainer import evaluate_split, load_run_data, train_run
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    train_run(cfg, out, progress=False)
+    assert not torch.distributed.is_initialized()  # the run's group is torn down with it
+    with distributed.session("cpu"):  # the one-process run's best model, evaluated by two ranks
+        _, task, embedding = load_run_data(evaluate_run, progress=False)
+        net, _ = load_model(evaluate_run)
+        result = evaluate_split(net.to(torch.float64), task.test, embedding, cfg)
+        torch.save(result, Path(out) / f"evaluated-rank{rank}.pt")
+
+
+@pytest.mark.realdata
+def test_two_ranks_train_the_one_process_model_and_record_it(tmp_path):
+    from analog_ep.train.checkpoint import load_model
+    from analog_ep.train.trainer import evaluate_split, load_run_data, train_run
+
+    cfg = tiny_config(24)
+    cfg = tiny_config(batch_size_with_a_lonely_last_sample(cfg))
+    one = train_run(cfg, tmp_path / "one", progress=False)
+    spawn("_train_job", cfg.to_dict(), str(tmp_path / "two"), str(tmp_path / "one"))
+
+    a, _ = load_model(tmp_path / "one", "last.pt")
+    b, _ = load_model(tmp_path / "two", "last.pt")
+    worst = max(relative_difference(pb, pa) for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()))
+    print(f"largest relative weight difference after {one['epochs_completed']} epoch, 2 ranks vs 1: {worst:.2e}")
+    assert worst < WEIGHT_RTOL
+
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (two["test_accuracy"], two["val_accuracy"], two["n_test"]) == (
+        one["test_accuracy"], one["val_accuracy"], one["n_test"])
+    assert (two["world_size"], two["distributed_backend"], len(two["devices"])) == (2, "gloo", 2)
+    assert (one["world_size"], one["distributed_backend"]) == (1, None)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert (config["world_size"], config["distributed_backend"]) == (2, "gloo")
+    assert not (tmp_path / "two" / "run.lock").exists()
+
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == [r["kind"] for r in first]  # rank 0 alone wrote them, once
+    assert rows[-1]["train_accuracy"] == first[-1]["train_accuracy"]
+    assert rows[-1]["train_loss"] == pytest.approx(first[-1]["train_loss"], rel=1e-9)
+
+    _, task, embedding = load_run_data(tmp_path / "one", progress=False)
+    net, _ = load_model(tmp_path / "one")
+    alone = evaluate_split(net.to(torch.float64), task.test, embedding, cfg)
+    for r in range(WORLD):
+        shared = torch.load(tmp_path / "two" / f"evaluated-rank{r}.pt")
+        assert (shared["accuracy"], shared["n"]) == (alone["accuracy"], alone["n"])
+        assert torch.equal(shared["predictions"], alone["predictions"])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_torchrun_runs_the_cli_and_records_two_processes(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "run"
+    overrides = [a for o in [*TINY, "train.batch_size=32"] for a in ("--set", o)]
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analog_ep.cli", "train",
+                           "--task", "imdb", "--preset", "smoke", *overrides, "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1  # rank 0 alone prints the summary
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["distributed_backend"] == "gloo"
+
+
+def test_cep_under_torchrun_is_a_clear_error(tmp_path):
+    spawn("_cep_job", str(tmp_path))
+    assert (tmp_path / "refused").read_text().startswith("ep.estimator = cep cannot train data-parallel")
+
+
+def _cep_job(rank: int, out: str) -> None:
+    from analog_ep.train.config import RunConfig, apply_overrides
+    from analog_ep.train.trainer import train_run
+
+    cfg = apply_overrides(RunConfig(), ["ep.estimator=cep"])
+    try:
+        train_run(cfg, Path(out) / "run", progress=False)
+    except ConfigError as err:
+        if rank == 0:
+            (Path(out) / "refused").write_text(str(err))
+        return
+    raise AssertionError("C-EP was not refused")
