@@ -366,7 +366,7 @@ def test_train_backend_passes_resume_through(one_epoch_run, monkeypatch):
 @pytest.mark.realdata
 def test_run_batches_subset_is_seeded_and_holds_both_classes(tmp_path):
     """Stored splits are ordered by label: a --limit subset must be drawn at random (seeded), not the first N
-    (which made `seqep compare --limit` and the demo's NIR check one-class samples before session 4)."""
+    (which would make `seqep compare --limit` and the demo's NIR check one-class samples)."""
     from analog_ep.cli import main
     from spiking_ep.evaluate import batches_from_run, run_batches
 
