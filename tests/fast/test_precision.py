@@ -205,3 +205,13 @@ def test_bench_and_train_default_to_auto():
 
     assert RunConfig().ep.precision == "auto"
     assert build_parser().parse_args(["bench"]).precision == "auto"
+
+
+def test_bench_refuses_int8_without_the_amx_kernels_before_measuring(monkeypatch, capsys):
+    from analog_ep.cli import main
+
+    amx(monkeypatch, present=False)
+    monkeypatch.setattr("analog_ep.bench.report.machine_info", lambda: pytest.fail("nothing is measured"))
+    assert main(["bench", "--shape", "snli-paper", "--precision", "int8", "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "needs our AMX int8 kernels" in err and "int8-library" in err
