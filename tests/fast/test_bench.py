@@ -29,7 +29,8 @@ def flat(grads):
 
 def test_bench_json_has_the_documented_fields(capsys):
     code = main(["bench", "--shape", "imdb-tiny", "--batch", "4", "--json", "--in-process", "--no-compile",
-                 "--peak-size", "256", "--check-fidelity", "--fidelity-batch", "2", "--warmup", "1"])
+                 "--peak-size", "256", "--check-fidelity", "--fidelity-batch", "2", "--warmup", "1",
+                 "--precision", "bf16"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert {"machine", "settings", "peaks", "results", "flop_formula"} <= set(report)
@@ -47,6 +48,7 @@ def test_bench_json_has_the_documented_fields(capsys):
     assert math.isfinite(rec["fidelity"]["angle_deg"])
     assert report["settings"]["inputs"] == "auto" and rec["inputs"] == "random"  # test shapes have no real data
     assert rec["key_fraction"] == 1.0  # random vectors never repeat: the full retrieval
+    assert (rec["precision"], rec["precision_reason"]) == ("bf16", "bf16: requested")  # no large synapse: no check
 
 
 def token_batch(spec, batch: int, vocab: int = 9, seed: int = 0):
