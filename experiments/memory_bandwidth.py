@@ -1,6 +1,6 @@
 """How fast this machine streams the IMDB paper shape's FC-1 matrix (180 M weights, bf16, 360 MB).
 
-The figure behind docs/benchmarks.md's byte count: a plain sum over the matrix (streaming bandwidth)
+The figure behind docs/history.md's byte count: a plain sum over the matrix (streaming bandwidth)
 and one bf16 product W·a at batch 32 and 64 (bytes of weights per second and GFLOP/s). `--kernels`
 adds the other ways to take the two FC-1 products of a relaxation step (h·W in both layouts, and
 int8 × int8 → int32 through `torch._int_mm` and through oneDNN's pre-packed int8 linear, which the

@@ -15,7 +15,7 @@ def keep_freed_memory() -> bool:
 
     On a virtual machine a fresh large allocation is slow (≈ 0.15–0.8 ms per MB: pages zeroed and, once
     given back, faulted in again from the host), and every EP step allocates tens of MB per tensor. With
-    this policy the process reuses its own heap (docs/benchmarks.md). Same effect as starting Python
+    this policy the process reuses its own heap (docs/history.md). Same effect as starting Python
     with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>. Returns False where glibc is not available.
     """
     import ctypes

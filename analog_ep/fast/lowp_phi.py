@@ -125,7 +125,7 @@ def low_precision_weights(net: EPNet, kind: str = "bf16") -> list[LowPrecisionWe
     rebuilt on every call.
 
     kind "bf16": refreshed in place in buffers kept on the net (a fresh 360 MB buffer costs more than the
-    conversion itself: its pages are faulted in, docs/benchmarks.md); "int8": quantised and pre-packed anew
+    conversion itself: its pages are faulted in, docs/history.md); "int8": quantised and pre-packed anew
     (`lowp_weights.Int8Weight`). Not cached across calls: optimizers update parameters in place without
     always bumping their version counters (fused Adam does not), so a cache could silently serve stale
     weights. `release_low_precision` frees them.
@@ -407,7 +407,7 @@ def _scratch(net: EPNet, name: str, shape: tuple[int, ...], dtype: torch.dtype) 
     """A reusable buffer kept on the net that nobody else references (checked), else a new one kept for next time.
 
     For the largest per-batch outputs (the FC-1 gradient): reusing memory the process already owns avoids
-    first-touch page faults, which can cost as much as the product itself (docs/benchmarks.md). Up to two
+    first-touch page faults, which can cost as much as the product itself (docs/history.md). Up to two
     buffers per name (the caller may still hold the previous batch's result).
     """
     pool = net.__dict__.setdefault("_scratch_pool", {}).setdefault(name, [])

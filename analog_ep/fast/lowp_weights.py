@@ -9,7 +9,7 @@ steps. Two kinds:
 - `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix), activations quantised per
   row on the fly (int8 × int8 → int32 on AMX/VNNI). At the paper's IMDB shape a bf16 product of the
   180 M-weight matrix at batch 32 is bound by oneDNN re-packing the weights on every call; the int8
-  products skip that and read half the bytes (docs/benchmarks.md). `h W` needs oneDNN's
+  products skip that and read half the bytes (docs/history.md). `h W` needs oneDNN's
   pre-packed layout (qlinear; plain `_int_mm` takes 2-3× as long), `x Wᵀ` does not: `_int_mm` on a
   transposed view of the plain int8 matrix is as fast as the pre-packed product (11.4 vs ~10-12.7 ms at
   32 rows, 14.8 ms both at 64), so that orientation's packing (~340 ms a batch) is skipped.
@@ -26,7 +26,7 @@ from analog_ep.fast import amx_int8
 
 INT8_MAX = 127.0
 # oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
-# and ~5.5 ms for 384 (docs/benchmarks.md): row blocks avoid the cliff
+# and ~5.5 ms for 384 (docs/history.md): row blocks avoid the cliff
 UP_MAX_ROWS = 384
 
 

@@ -33,7 +33,7 @@ from analog_ep.fast import native_kernels
 # the fused softmax ~350 per score element, and each group ~3e8 whatever its size (three kernel calls plus
 # the compiled softmax's guards, and a cold start for each operand). GROUP_COST was set by measurement, not
 # derived: at imdb-paper batch 32 on real reviews, splitting into 17 groups (23 % of the L × L scores kept)
-# is no faster than one group (46 %), 3 groups (37 %) marginally the fastest (docs/benchmarks.md).
+# is no faster than one group (46 %), 3 groups (37 %) marginally the fastest (docs/history.md).
 SOFTMAX_COST = 350
 GROUP_COST = 3e8
 MAX_CANDIDATES = 64  # group boundaries considered (rows are taken in blocks beyond this many)

@@ -139,7 +139,7 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("schedule", ["alternating", "synchronous"])  # synchronous: both products in one pass
 def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch,
                                                                  schedule: str) -> None:
-    """So runs trained with the oneDNN kernels (int8 results in docs/benchmarks.md) are what ours would produce."""
+    """So runs trained with the oneDNN kernels (int8 results in docs/history.md) are what ours would produce."""
     from analog_ep.estimators import EPConfig, ep_symmetric
     from tests.helpers import random_inputs, small_net
 

@@ -320,7 +320,7 @@ def test_bf16_products_in_row_blocks_equal_one_product():
 def test_keep_freed_memory_really_keeps_it():
     """A freed 64 MB malloc block is reused without faulting its pages in again (mallopt's value is a C int:
     a trim threshold of 2**62 was silently truncated to 0, i.e. trim on every free). glibc's own malloc is
-    measured: torch's allocations of some sizes still fault (docs/benchmarks.md)."""
+    measured: torch's allocations of some sizes still fault (docs/history.md)."""
     code = (
         "import ctypes, ctypes.util, resource\n"
         "from analog_ep.fast.allocator import keep_freed_memory\n"

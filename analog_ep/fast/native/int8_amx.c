@@ -5,7 +5,7 @@
  * that near the bandwidth limit, but its packing (a generic reorder computing s8s8 compensation) costs
  * ~330 ms per batch and the transposed copy it needs another ~190 ms; torch._int_mm on the plain matrix
  * (no packing) is 1.6-2x slower per product. Here W is quantised and laid out for AMX in one pass per
- * orientation at memory speed, and both products run at the bandwidth roofline (docs/benchmarks.md).
+ * orientation at memory speed, and both products run at the bandwidth roofline (docs/history.md).
  * Loaded by analog_ep/fast/amx_int8.py through ctypes; the numbers equal the oneDNN path's
  * (same quantisation, exact int32 accumulation).
  *
