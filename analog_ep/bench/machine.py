@@ -31,7 +31,10 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), secon
 
 
 def machine_info() -> dict:
+    from analog_ep.train.run_dir import source_commit
+
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "commit": source_commit(),
                             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:

@@ -61,12 +61,41 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_dict(raw["config"], source=str(path))
 
 
-def software_versions() -> dict[str, str]:
+def source_commit() -> str | None:
+    """The git commit of the seqep source this process runs ("+dirty" with uncommitted changes), or None
+    outside a git checkout: every report names the code that made it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), which platform.processor() leaves empty on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def software_versions() -> dict[str, str | None]:
     import numpy
     import torch
 
     import analog_ep
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "seqep": getattr(analog_ep, "__version__", "0.1.0"), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+            "seqep": getattr(analog_ep, "__version__", "0.1.0"), "commit": source_commit(),
+            "platform": platform.platform(), "processor": cpu_model(), "threads": str(torch.get_num_threads())}

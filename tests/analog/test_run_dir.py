@@ -135,3 +135,15 @@ def test_a_signal_stops_between_batches_and_a_second_one_at_once(signum):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signum)  # the second: now
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+
+
+def test_reports_name_the_commit_and_the_cpu_that_made_them():
+    import re
+
+    from analog_ep.train.run_dir import software_versions
+
+    versions = software_versions()
+    assert versions["processor"]
+    commit = versions["commit"]
+    if (Path(__file__).resolve().parents[2] / ".git").exists():  # a checkout: the commit is named
+        assert commit is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit)
