@@ -4,7 +4,9 @@ Each estimator returns an `Estimate` and (unless it applied its own local update
 `.grad` on the parameters, so any torch optimizer can take the step. Gradients are of the batch-mean
 MSE loss ℓ = ½‖s^N − onehot(y)‖² and are meant to be *descended*.
 
-- `ep_two_phase`: ĝ = −(1/β)[∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)]            (first-order biased in β)
+- `ep_two_phase`: ĝ = −(1/β)[∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)]            (first-order biased in β; `beta_sign="random"`
+  draws the sign of β per batch so the bias cancels on average, as the original EP did; its free phase may run
+  longer to settle, see `ep_two_phase`)
 - `ep_symmetric`: ĝ = −(1/2β)[∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})]    (the paper's choice; ±β run as one batch)
 - `cep`: continual EP: weights move at every nudged step by (η/β)[∂Φ/∂θ(s_{k+1}) − ∂Φ/∂θ(s_k)]
 - `bptt`: backprop through the same dynamics, truncated to the last K steps (`bptt`) or full (`bptt_full`)
@@ -28,6 +30,7 @@ from analog_ep.errors import ConfigError
 from analog_ep.phi import PRECISIONS, EPNet, Inputs, State, mse_loss, one_hot_target, signed_coef
 
 LearningRates = dict[str, float] | float  # one for all parameters, or one per parameter name
+BETA_SIGNS = ("positive", "random")  # the one-sided estimators' β: always +β, or ±β drawn per batch
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,14 @@ class EPConfig:
     tol: float | None = None  # early exit of the free phase when the residual falls below tol
     precision: str = "fp32"  # "bf16"/"int8": large products in low precision (phi.LowPrecision); "fp32": exact
     nudge_tol: float | None = None  # early exit of the nudged phase(s) when the residual falls below nudge_tol
+    beta_sign: str = "positive"  # one-sided estimators (two-phase EP, C-EP): "random" draws ±β per batch from
+    # torch's global generator (seeded and checkpointed by the trainer, so runs stay reproducible)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.beta_sign not in BETA_SIGNS:
+            raise ValueError(f"beta_sign must be one of {BETA_SIGNS}, got {self.beta_sign!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.free_steps < 1 or self.nudge_steps < 1:
@@ -87,15 +94,40 @@ def inputs_dtype(net: EPNet) -> torch.dtype:
     return net.weights[0].dtype
 
 
+def signed_beta(cfg: EPConfig) -> float:
+    """The β of one batch of a one-sided estimator: +β, or ±β with equal odds (`beta_sign="random"`).
+
+    A one-sided nudge has a first-order bias O(β) of fixed sign (Laborieux et al. 2021); a random sign per
+    batch cancels it on average, as the original EP (Scellier & Bengio 2017) did. It is an option, not the
+    default: on the IMDB smoke preset it helped only while the free phase was cut short (20 free steps, seed 0:
+    test 72.65 % instead of 64.0 %) and hurt once it settles (40 steps: 64.45 % instead of 76.65 %);
+    docs/results.md has the table.
+    """
+    if cfg.beta_sign == "random" and torch.randint(2, ()).item() == 0:
+        return -cfg.beta
+    return cfg.beta
+
+
+ONE_SIDED_SETTLE = 2  # two-phase EP's free phase may run this many times `free_steps` while above `tol`
+
+
 @torch.no_grad()
 def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
+    """Two-phase EP. With early exit (`cfg.tol`), the free phase may take up to ONE_SIDED_SETTLE × `free_steps`
+    to reach `tol`: a free phase stopped short keeps drifting during the nudged phase, and the one-sided contrast
+    reads that drift / β as gradient (symmetric EP cancels it: both of its phases drift alike). Measured on the
+    IMDB smoke preset (free_steps 20, tol 1e-4, fp32): free phases stopped at residuals up to 0.07–0.36 and
+    two-phase EP ended at 64.0 % (seed 0) and 50.0 % (seed 1, constant outputs); with 40 free steps, 76.65 %."""
+    if cfg.tol is not None:
+        cfg = replace(cfg, free_steps=cfg.free_steps * ONE_SIDED_SETTLE)
     inputs, target, free, trace = _free(net, x, labels, cfg)
+    beta = signed_beta(cfg)
     nudge_inputs, start = net.nudge_start(inputs, free)
-    nudged, _ = relax(net, nudge_inputs, start, cfg.nudge_steps, beta=cfg.beta, target=target, track=False,
+    nudged, _ = relax(net, nudge_inputs, start, cfg.nudge_steps, beta=beta, target=target, track=False,
                       tol=cfg.nudge_tol, residual=_residual(cfg))
     nudged = net.full_state(nudge_inputs, nudged)
     B = x.shape[0]
-    coef = signed_coef(B, -1.0 / (cfg.beta * B), free[-1])
+    coef = signed_coef(B, -1.0 / (beta * B), free[-1])
     grads = net.phi_param_grads(inputs.repeat(2), stack_states(nudged, free), coef)
     if set_grad:
         write_grads(net, grads)
@@ -138,14 +170,15 @@ def cep(
     cfg = replace(cfg, precision="fp32", nudge_tol=None)  # per-step differences of states: the exact path only
     inputs, target, state, trace = _free(net, x, labels, cfg)
     B = x.shape[0]
-    etas = {n: (lrs if isinstance(lrs, float) else lrs[n]) for n, _ in net.named_parameters()}
+    beta = signed_beta(cfg)
     params = dict(net.named_parameters())
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     free_output = state[-1]
     loss = float(mse_loss(free_output, target))
-    coef = signed_coef(B, 1.0 / (cfg.beta * B), free_output)  # ascent on Φ difference = descent on ℓ
+    coef = signed_coef(B, 1.0 / (beta * B), free_output)  # ascent on Φ difference = descent on ℓ
+    etas = {n: (lrs if isinstance(lrs, float) else lrs[n]) for n in params}
     for _ in range(cfg.nudge_steps):
-        new = net.step(inputs, state, cfg.beta, target)
+        new = net.step(inputs, state, beta, target)
         increments = net.phi_param_grads(inputs.repeat(2), stack_states(new, state), coef)
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
@@ -195,16 +228,20 @@ Estimator = Callable[[EPNet, torch.Tensor, torch.Tensor], Estimate]
 @dataclass(frozen=True)
 class RegisteredEstimator:
     """An estimator function `fn(net, x, labels, cfg)`, or `fn(net, x, labels, cfg, lrs)` when it moves the
-    weights itself and needs its step sizes (`needs_lrs`, as C-EP does)."""
+    weights itself and needs its step sizes (`needs_lrs`, as C-EP does).
+
+    `beta_sign`: for an estimator with a one-sided nudge, the `EPConfig.beta_sign` it trains with unless told
+    otherwise (`training_beta_sign`); None where β has no sign to choose (symmetric EP, BPTT)."""
 
     fn: Callable[..., Estimate]
     needs_lrs: bool = False
+    beta_sign: str | None = None
 
 
 _REGISTRY: dict[str, RegisteredEstimator] = {
     "ep_symmetric": RegisteredEstimator(ep_symmetric),
-    "ep_two_phase": RegisteredEstimator(ep_two_phase),
-    "cep": RegisteredEstimator(cep, needs_lrs=True),
+    "ep_two_phase": RegisteredEstimator(ep_two_phase, beta_sign="positive"),
+    "cep": RegisteredEstimator(cep, needs_lrs=True, beta_sign="positive"),
     "bptt": RegisteredEstimator(bptt),
     "bptt_full": RegisteredEstimator(partial(bptt, truncate=None)),
 }
@@ -215,12 +252,29 @@ ESTIMATORS: Mapping[str, RegisteredEstimator] = MappingProxyType(_REGISTRY)
 usable as argparse `choices` and wherever the known names are listed)."""
 
 
+def training_beta_sign(name: str, requested: str = "auto") -> str:
+    """The `EPConfig.beta_sign` a training run of estimator `name` uses: `requested`, or with "auto" the
+    estimator's own default (positive for two-phase EP and C-EP: see `signed_beta`). A sign
+    asked of an estimator whose β has none (symmetric EP nudges both ways already; BPTT has no β) is refused
+    rather than silently ignored."""
+    entry = _REGISTRY.get(name)
+    if entry is None or requested == "auto":
+        return entry.beta_sign if entry is not None and entry.beta_sign else "positive"
+    if requested not in BETA_SIGNS:
+        raise ConfigError(f"ep.beta_sign = {requested!r}; choose one of {['auto', *BETA_SIGNS]}")
+    if entry.beta_sign is None:
+        raise ConfigError(f"ep.beta_sign = {requested!r} has no effect on estimator {name!r} (its nudge is not "
+                          "one-sided); leave it at auto, or pick ep_two_phase or cep")
+    return requested
+
+
 def register_estimator(name: str, fn: Callable[..., Estimate], *, needs_lrs: bool = False,
-                       overwrite: bool = False) -> Callable[..., Estimate]:
+                       overwrite: bool = False, beta_sign: str | None = None) -> Callable[..., Estimate]:
     """Make `fn(net, x, labels, cfg) -> Estimate` known to `make_estimator` (and so to configs) as `name`.
 
-    `needs_lrs=True`: `fn` takes the per-parameter step sizes as a fifth argument (see `cep`). A name already
-    taken is refused unless `overwrite=True`. Returns `fn`.
+    `needs_lrs=True`: `fn` takes the per-parameter step sizes as a fifth argument (see `cep`). `beta_sign`: the
+    sign rule it trains with when its nudge is one-sided (see `RegisteredEstimator`). A name already taken is
+    refused unless `overwrite=True`. Returns `fn`.
 
     Example:
         >>> import torch
@@ -243,7 +297,9 @@ def register_estimator(name: str, fn: Callable[..., Estimate], *, needs_lrs: boo
         raise ConfigError(f"estimator {name!r}: {fn!r} is not callable; register a function fn(net, x, labels, cfg)")
     if name in _REGISTRY and not overwrite:
         raise ConfigError(f"estimator {name!r} is already registered; pick another name or pass overwrite=True")
-    _REGISTRY[name] = RegisteredEstimator(fn, needs_lrs)
+    if beta_sign is not None and beta_sign not in BETA_SIGNS:
+        raise ConfigError(f"estimator {name!r}: beta_sign must be one of {BETA_SIGNS} or None, got {beta_sign!r}")
+    _REGISTRY[name] = RegisteredEstimator(fn, needs_lrs, beta_sign)
     return fn
 
 
@@ -291,6 +347,7 @@ def cep_on_copy(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig
 
 __all__ = [
     "EPConfig", "Estimate", "ESTIMATORS", "ep_two_phase", "ep_symmetric", "cep", "bptt", "make_estimator",
-    "register_estimator", "unregister_estimator", "RegisteredEstimator",
+    "register_estimator", "unregister_estimator", "RegisteredEstimator", "BETA_SIGNS", "training_beta_sign",
+    "signed_beta",
     "cep_on_copy", "write_grads", "Inputs",
 ]

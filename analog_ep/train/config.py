@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from analog_ep.errors import ConfigError
-from analog_ep.estimators import ESTIMATORS
+from analog_ep.estimators import BETA_SIGNS, ESTIMATORS, training_beta_sign
 from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
 if sys.version_info >= (3, 11):
@@ -76,6 +76,9 @@ class EPSection:
     # (analog_ep/fast/precision.py); "fp32": the exact path; "bf16": the fast path (bf16 products, nudged phases as
     # differences; docs/benchmarks.md); "int8": the fast path with the large FC products in int8 (our AMX kernels:
     # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly)
+    beta_sign: str = "auto"  # one-sided nudges (ep_two_phase, cep): "random" draws ±β per batch from the run's
+    # seed, cancelling the O(β) bias on average; "positive": always +β; "auto": the estimator's default (positive
+    # for both; docs/results.md, "Estimators on the smoke preset"); other estimators refuse anything but auto
 
 
 @dataclass
@@ -132,6 +135,7 @@ CHOICES = {
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
     ("ep", "precision"): PRECISION_REQUESTS,
+    ("ep", "beta_sign"): ("auto", *BETA_SIGNS),
     ("train", "optimizer"): ("adam", "adam_unfused", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("float32", "float64", "bfloat16"),
@@ -188,6 +192,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for section, key in POSITIVE:
         if getattr(getattr(cfg, section), key) <= 0:
             raise ConfigError(f"{source}: {section}.{key} must be > 0")
+    try:
+        training_beta_sign(cfg.ep.estimator, cfg.ep.beta_sign)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     if not isinstance(cfg.train.device, str) or not _is_device(cfg.train.device):
         raise ConfigError(f"{source}: train.device = {cfg.train.device!r} is not a torch device; use cpu, cuda or "
                           "cuda:N")

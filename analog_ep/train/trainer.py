@@ -30,8 +30,8 @@ from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.train.checkpoint import BEST, save_model
 from analog_ep.train.config import RunConfig
-from analog_ep.train.health import LearningMonitor
-from analog_ep.train.inner_loop import layer_param_groups, train_step
+from analog_ep.train.health import LearningMonitor, refuse_untrainable
+from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
 from analog_ep.train.lifecycle import EpochTally, Progress, RunDir, refuse_changes
 from analog_ep.train.run_dir import software_versions, write_json
 from analog_ep.train.stop_signals import Interrupted, StopRequest, stop_between_batches
@@ -273,7 +273,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _estimator(self) -> Estimator:
         name = self.cfg.ep.estimator
-        lrs = self.optimizer if ESTIMATORS[name].needs_lrs else None  # C-EP steps it at every nudged step
+        refuse_untrainable(name)
+        lrs = param_lrs(self.optimizer, self.net) if ESTIMATORS[name].needs_lrs else None
         return make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs)
 
     def _out_of_time(self) -> bool:
