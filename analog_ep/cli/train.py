@@ -99,9 +99,15 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from analog_ep.train import distributed
     from analog_ep.train.trainer import train_run
 
     if args.backend != "analog":
+        if distributed.launched_by_torchrun():
+            from analog_ep.errors import ConfigError
+
+            raise ConfigError(f"--backend {args.backend} trains in one process: run it without torchrun "
+                              "(data-parallel training is the analog backend's)")
         return other_backend(args.backend, group="seqep.train_backends")(args)
     spiking_only = [f"--{f}" for f in ("init", "timesteps", "coding", "limit") if getattr(args, f) is not None]
     if spiking_only:
@@ -114,6 +120,8 @@ def run_train(args: argparse.Namespace) -> int:
         report = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, command=command)
     except KeyboardInterrupt as stopped:  # last.pt saved (or kept) and the resume command printed
         return getattr(stopped, "exit_code", 130)
+    if distributed.launch_rank() != 0:  # under torchrun rank 0 alone reports
+        return 0
     print(f"\n{report['task']} · {report['estimator']} · {report['epochs_completed']:.2f} epochs in "
           f"{report['train_minutes']:.1f} min\n"
           f"  val accuracy  {report['val_accuracy']:.4f}  (best epoch {report['best_epoch']})\n"

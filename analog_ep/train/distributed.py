@@ -28,7 +28,7 @@ import torch.distributed as dist
 from analog_ep.data.dataset import SequenceDataset
 from analog_ep.dynamics import RelaxTrace
 from analog_ep.errors import ConfigError
-from analog_ep.estimators import Estimate, Estimator
+from analog_ep.estimators import ESTIMATORS, Estimate, Estimator
 from analog_ep.phi import EPNet
 from analog_ep.train.lifecycle import RunDir
 from analog_ep.train.stop_signals import Interrupted, StopRequest
@@ -111,18 +111,20 @@ def session(device: str) -> Iterator[World]:
     dist.init_process_group(backend_for(device), init_method="env://")
     try:
         yield current()
+        dist.barrier()  # leave together: rank 0 may still be writing the report when the others are done
     finally:
         dist.destroy_process_group()
 
 
 def refuse_unsupported(estimator: str, world: World) -> None:
-    """C-EP moves the weights at every nudged step from its own batch: ranks would diverge after one step,
-    and agreeing would take an all-reduce of every weight at every nudged step, not one per batch."""
-    if world.size > 1 and estimator == "cep":
-        raise ConfigError(f"ep.estimator = cep cannot train data-parallel ({world.size} processes): C-EP updates "
-                          "the weights at each nudged step from its own batch, so every step would need an "
-                          "all-reduce of all weights. Train C-EP in one process (without torchrun), or use "
-                          "ep_symmetric, whose update is one average per batch")
+    """An estimator that moves the weights itself (C-EP, at every nudged step, from its own batch) would let the
+    ranks diverge after one step; agreeing would take an all-reduce of every weight at every nudged step."""
+    entry = ESTIMATORS.get(estimator)
+    if world.size > 1 and entry is not None and entry.needs_lrs:
+        raise ConfigError(f"ep.estimator = {estimator} cannot train data-parallel ({world.size} processes): it "
+                          "updates the weights at each nudged step from its own batch (as C-EP does), so every "
+                          "step would need an all-reduce of all weights. Train it in one process (without "
+                          "torchrun), or use ep_symmetric, whose update is one average per batch")
 
 
 # ---------------------------------------------------------------- collectives (no-ops in one process)
@@ -205,6 +207,8 @@ def shard_bounds(n: int) -> tuple[int, int]:
 
 def shard(indices: torch.Tensor) -> torch.Tensor:
     """This rank's slice of `indices` (one global batch of the run's order): the whole of it in one process."""
+    if not current().active:
+        return indices
     start, stop = shard_bounds(len(indices))
     return indices[start:stop]
 

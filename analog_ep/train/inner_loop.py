@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import torch
@@ -37,8 +37,9 @@ def param_lrs(optimizer: torch.optim.Optimizer, net: EPNet) -> dict[str, float]:
 
 
 def train_step(net: EPNet, estimator: Estimator, x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer) -> Estimate:
+               optimizer: torch.optim.Optimizer, before_step: Callable[[], None] | None = None) -> Estimate:
     """One batch: estimate the gradient, then step (unless the estimator already moved the weights).
+    `before_step` runs between the two (data parallelism averages the ranks' gradients there).
 
     The returned estimate no longer holds the gradients (`grads` is empty): they are spent, and a caller
     keeping the estimate until the next batch would otherwise keep a second set of them alive while that
@@ -46,6 +47,8 @@ def train_step(net: EPNet, estimator: Estimator, x: torch.Tensor, y: torch.Tenso
     optimizer.zero_grad(set_to_none=True)
     est = estimator(net, x, y)
     if not est.applied:
+        if before_step is not None:
+            before_step()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return replace(est, grads={})

@@ -46,10 +46,14 @@ class EpochTally:
 
     def add(self, output: torch.Tensor, y: torch.Tensor, loss: float, spikes: float = 0.0,
             residual: float = 0.0) -> None:
-        self.seen += len(y)
-        self.correct += int((output.argmax(-1) == y).sum())
-        self.loss_sum += loss * len(y)
+        self.add_counts(len(y), int((output.argmax(-1) == y).sum()), loss * len(y), residual)
         self.spikes_sum += spikes * len(y)
+
+    def add_counts(self, seen: int, correct: int, loss_sum: float, residual: float = 0.0) -> None:
+        """A batch counted elsewhere (a data-parallel run's, summed over its ranks): as `add` of its outputs."""
+        self.seen += seen
+        self.correct += correct
+        self.loss_sum += loss_sum
         self.max_residual = max(self.max_residual, residual)
 
     @property

@@ -28,12 +28,13 @@ from analog_ep.fast.lowp_weights import int8_kernel_name
 from analog_ep.fast.precision import resolve_precision
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
-from analog_ep.train.checkpoint import BEST, save_model
+from analog_ep.train import distributed
+from analog_ep.train.checkpoint import BEST
 from analog_ep.train.config import RunConfig
 from analog_ep.train.health import LearningMonitor, refuse_untrainable
 from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
-from analog_ep.train.lifecycle import EpochTally, Progress, RunDir, refuse_changes
-from analog_ep.train.run_dir import software_versions, write_json
+from analog_ep.train.lifecycle import EpochTally, Progress, refuse_changes
+from analog_ep.train.run_dir import software_versions
 from analog_ep.train.stop_signals import Interrupted, StopRequest, stop_between_batches
 
 
@@ -156,15 +157,16 @@ def seeded_subset(size: int, limit: int | None, seed: int = 0) -> torch.Tensor:
 
 
 def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, order: torch.Tensor | None = None,
-            start: int = 0, exact_match: bool = False):
+            start: int = 0, exact_match: bool = False, shard: bool = False):
     """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.
 
     `exact_match` (`data.exact_match`) appends the pair-overlap channel (`data.exact_match_flags`).
+    `shard`: this rank's part of each batch of `batch_size` (data parallelism; the whole batch in one process).
     """
     n = len(dataset)
     index = order if order is not None else torch.arange(n)
     for i in range(start * batch_size, n, batch_size):
-        idx = index[i:i + batch_size]
+        idx = distributed.shard(index[i:i + batch_size]) if shard else index[i:i + batch_size]
         ids = dataset.ids[idx].to(device)
         yield embed_batch(ids, embedding, exact_match).to(dtype), dataset.labels[idx].to(device)
 
@@ -172,7 +174,11 @@ def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, or
 @torch.no_grad()
 def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig, progress: bool = False,
                    desc: str = "eval") -> dict:
-    """Accuracy of the free-phase prediction on a whole split, plus the mean final residual."""
+    """Accuracy of the free-phase prediction on a whole split, plus the mean final residual.
+
+    Under data parallelism each rank evaluates its contiguous part of the split and all get the whole split's
+    numbers and predictions (in its order)."""
+    dataset = distributed.shard_dataset(dataset)
     steps = cfg.ep.eval_free_steps or cfg.ep.free_steps
     dtype = net.weights[0].dtype
     correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
@@ -187,6 +193,7 @@ def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig,
         correct += int((pred == y).sum())
         total += len(y)
         residual = max(residual, trace.final_residual)
+    correct, total, residual, predictions = distributed.gather_evaluation(correct, total, residual, predictions)
     return {"accuracy": correct / max(total, 1), "n": total, "seconds": time.perf_counter() - start,
             "max_final_residual": residual, "predictions": torch.cat(predictions) if predictions else None}
 
@@ -198,8 +205,9 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_minutes", "train.checkpoint_minu
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
                  command: str = "") -> None:
-        self.cfg, self.progress = cfg, progress
-        self.run = RunDir(Path(run_dir), resume=resume)
+        self.world = distributed.current()  # rank 0 of 1 without torchrun
+        self.cfg, self.progress = cfg, progress and self.world.is_main
+        self.run = distributed.run_dir_class(self.world)(Path(run_dir), resume=resume)  # only rank 0 writes it
         self.run_dir, self.ckpt_dir, self.metrics_path = self.run.path, self.run.checkpoints, self.run.metrics
         self.resume, self.command = resume, command
 
@@ -208,11 +216,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train.device = cuda but no CUDA device is visible; use --device cpu")
+        distributed.refuse_unsupported(cfg.ep.estimator, self.world)
         seed_everything(cfg.train.seed)
-        self.task = load_task_for(cfg, self.progress)
+        with distributed.main_first():  # rank 0 fills the data cache, the others read it
+            self.task = load_task_for(cfg, self.progress)
         self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
         self.net = build_model(cfg, self.task)
-        self.precision, self.precision_reason = self._resolve_precision()
+        distributed.broadcast_parameters(self.net)
+        self.precision, self.precision_reason = distributed.from_main(self._resolve_precision)  # one calibration
+        self.processes = distributed.describe(cfg.train.device)
         if self.progress:
             print(f"ep.precision {cfg.ep.precision} -> {self.precision_reason}", file=sys.stderr)
         if self.precision != "fp32":
@@ -233,10 +245,10 @@ class Trainer:
         self.run.start()  # the directory's lock, held until `close`
         if self.resume:
             self._load_last()
-        write_json(self.run_dir / "config.json", {"config": self.cfg.to_dict(), "command": self.command,
-                                                  "data_info": self.task.info, "spec": self.net.spec.to_dict(),
-                                                  "int8_kernel": int8_kernel_name() if self.precision == "int8"
-                                                  else None, **self._precision_record()})
+        self.run.write_json("config.json", {"config": self.cfg.to_dict(), "command": self.command,
+                                            "data_info": self.task.info, "spec": self.net.spec.to_dict(),
+                                            "int8_kernel": int8_kernel_name() if self.precision == "int8"
+                                            else None, **self._precision_record(), **self.processes})
 
     def _resolve_precision(self) -> tuple[str, str]:
         """The mode this run computes in (`resolve_precision`), resolved once; a resumed "auto" run keeps the mode it
@@ -275,7 +287,7 @@ class Trainer:
         name = self.cfg.ep.estimator
         refuse_untrainable(name)
         lrs = param_lrs(self.optimizer, self.net) if ESTIMATORS[name].needs_lrs else None
-        return make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs)
+        return distributed.allow_empty_shard(make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs))
 
     def _out_of_time(self) -> bool:
         limit = self.cfg.train.max_minutes
@@ -289,7 +301,7 @@ class Trainer:
     def train(self, stop: StopRequest | None = None) -> None:
         """Epochs from where `self.state` stands; `stop` (a signal asked to stop) is checked between batches."""
         cfg, st = self.cfg, self.state
-        stop = stop or StopRequest()
+        stop = distributed.agreed(stop or StopRequest())  # all ranks stop before the same batch
         dtype = self.net.weights[0].dtype
         self._t0 = last_ckpt = time.perf_counter()
         out_of_time = False
@@ -300,31 +312,33 @@ class Trainer:
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
             for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
-                                order, start=st.batch, exact_match=cfg.data.exact_match):
+                                order, start=st.batch, exact_match=cfg.data.exact_match, shard=True):
                 stop.check()
                 b0 = time.perf_counter()
-                est = train_step(self.net, self._estimator(), x, y, self.optimizer)
+                est = train_step(self.net, self._estimator(), x, y, self.optimizer,
+                                 before_step=distributed.grad_averager(self.net, len(y)))
                 self.scheduler.step()
                 if not all(torch.isfinite(p).all() for p in self.net.parameters()):
                     raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
                                              "the learning rates or β (try --set train.lrs=[...])")
-                tally.add(est.output, y, est.loss, residual=est.free_trace.final_residual)
+                batch = distributed.batch_numbers(est, y)  # the global batch's (this one's in one process)
+                tally.add_counts(batch.n, batch.correct, batch.loss_sum, residual=batch.residual)
                 self.health.add_batch(est.output, y, est.loss)
                 st.batch += 1
                 st.step += 1
                 bar.update(1)
                 bar.set_postfix(acc=f"{tally.accuracy:.3f}", loss=f"{tally.loss:.3f}",
-                                res=f"{est.free_trace.final_residual:.1e}")
+                                res=f"{batch.residual:.1e}")
                 if st.step % cfg.train.log_every == 0:
                     self.run.log({
                         "kind": "step", "step": st.step, "epoch": st.epoch + st.batch / self.batches_per_epoch,
-                        "loss": est.loss, "batch_accuracy": float((est.output.argmax(-1) == y).float().mean()),
-                        "free_residual": est.free_trace.final_residual, "free_steps": est.free_trace.steps,
+                        "loss": batch.loss, "batch_accuracy": batch.accuracy,
+                        "free_residual": batch.residual, "free_steps": batch.free_steps,
                         "seconds_per_batch": time.perf_counter() - b0, "lr": self.optimizer.param_groups[0]["lr"]})
                 if self._checkpoint_due(last_ckpt):
                     self._save_last()
                     last_ckpt = time.perf_counter()
-                if self._out_of_time():
+                if distributed.any_rank(self._out_of_time()):
                     out_of_time = True
                     break
             bar.close()
@@ -338,14 +352,15 @@ class Trainer:
             self.run.log(row)
             if (warning := self.health.epoch_end()) is not None:  # never train to chance silently
                 self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
-                print(f"WARNING: {warning}", file=sys.stderr)
+                if self.world.is_main:
+                    print(f"WARNING: {warning}", file=sys.stderr)
             if self.progress:
                 print(f"epoch {row['epoch']:.2f}: train acc {row['train_accuracy']:.4f}  val acc "
                       f"{val['accuracy']:.4f}  ({row['epoch_seconds']:.0f} s)", file=sys.stderr)
             if val["accuracy"] > st.best_val:
                 st.best_val, st.best_epoch = val["accuracy"], st.epoch + 1
-                save_model(self.ckpt_dir / BEST, self.net, config=self.cfg.to_dict(), epoch=st.epoch + 1,
-                           val_accuracy=val["accuracy"])
+                self.run.save_checkpoint(BEST, self.net, config=self.cfg.to_dict(), epoch=st.epoch + 1,
+                                         val_accuracy=val["accuracy"])
             if epoch_done:
                 st.epoch, st.batch = st.epoch + 1, 0
             st.tally = EpochTally()  # a partial epoch (out of time) is reported; its resumed rest starts afresh
@@ -367,6 +382,7 @@ class Trainer:
         from analog_ep.train.plots import plot_run
 
         cfg = self.cfg
+        distributed.barrier()  # rank 0 has written best.pt
         best, _ = load_model(self.run_dir, BEST, device=cfg.train.device)
         best = best.to(getattr(torch, cfg.train.dtype))
         val = evaluate_split(best, self.task.val, self.embedding, cfg, self.progress, desc="val (best)")
@@ -384,10 +400,11 @@ class Trainer:
             "data": self.task.info, "seed": cfg.train.seed, "device": cfg.train.device, "dtype": cfg.train.dtype,
             "software": software_versions(), "command": self.command,
             "free_phase_trace": {"residuals": trace.residuals, "phi": trace.phi},
-            "parameters": sum(p.numel() for p in best.parameters()), **self._precision_record(),
+            "parameters": sum(p.numel() for p in best.parameters()), **self._precision_record(), **self.processes,
         }
-        write_json(self.run_dir / "report.json", report)
-        plot_run(self.run_dir)
+        self.run.write_json("report.json", report)
+        if self.world.is_main:
+            plot_run(self.run_dir)
         return report
 
 
@@ -398,7 +415,14 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progres
     Ctrl-C or SIGTERM: the batch in progress is finished, `last.pt` saved, the resume command printed,
     and `Interrupted` raised (its `exit_code` 128 + the signal). After Ctrl-C a run with a best checkpoint
     still writes its report (status "interrupted"); after SIGTERM, which comes with a deadline, it does not.
+
+    Started by torchrun: data-parallel, one process per device (`analog_ep.train.distributed`, docs/scaling.md).
     """
+    with distributed.session(cfg.train.device):
+        return _train_run(cfg, run_dir, resume, progress, command)
+
+
+def _train_run(cfg: RunConfig, run_dir: str | Path, resume: bool, progress: bool, command: str) -> dict:
     trainer = Trainer(cfg, run_dir, resume, progress, command)
     try:
         trainer.setup()
@@ -407,7 +431,8 @@ def train_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progres
                 trainer.train(stop)
         except Interrupted as stopped:
             trainer._save_last()
-            print(f"\n{trainer.run.interrupted_message(trainer.state)}", file=sys.stderr)
+            if trainer.world.is_main:
+                print(f"\n{trainer.run.interrupted_message(trainer.state)}", file=sys.stderr)
             if stopped.signum == signal.SIGINT and (trainer.ckpt_dir / BEST).exists():
                 trainer.finish(status="interrupted")
             raise
