@@ -172,7 +172,12 @@ def test_a_real_measurement_is_positive_and_leaves_the_random_stream_alone():
 @pytest.mark.realdata
 def test_the_trainer_resolves_once_records_the_mode_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
     from analog_ep.train import trainer as trainer_module
-    from tests.analog.test_training import tiny_config
+    from analog_ep.train.config import apply_overrides, load_preset
+
+    def tiny_config():
+        return apply_overrides(load_preset("imdb", "smoke"), [
+            "data.train_limit=64", "data.eval_limit=64", "data.max_len=32", "model.hidden=[16, 8]",
+            "model.pool_queries=4", "train.batch_size=32", "train.epochs=1"])
 
     chosen: list[str] = []
 
