@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -74,20 +73,9 @@ class Machine:
                 "torch": self.torch, "threads": self.threads}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def this_machine(device: str = "cpu") -> Machine:
     kind = torch.device(device).type
-    model = torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" else cpu_model()
+    model = torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" else native_kernels.cpu_model()
     return Machine(kind, model, tuple(native_kernels.cpu_flags() or ()), torch.__version__, torch.get_num_threads())
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from analog_ep.errors import ConfigError
+from analog_ep.fast.native_kernels import cpu_model
 from analog_ep.train.config import RunConfig
 
 
@@ -77,17 +78,6 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), which platform.processor() leaves empty on Linux."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def software_versions() -> dict[str, str | None]:
