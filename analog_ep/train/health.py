@@ -65,7 +65,7 @@ UNTRAINABLE = {
            "large enough to learn (Adam-normalised, the learning rate / K per nudged step) feed back into the "
            "state and the Hebbian increments run away (first-layer increment ×60,000 within 8 nudged steps at "
            "lr 1e-3; constant outputs on a 12-token synthetic task at every rate tried). Use --estimator "
-           "ep_symmetric (or ep_two_phase); C-EP stays available as analog_ep.estimators.cep and in `seqep gdu`",
+           "ep_symmetric; C-EP stays available as analog_ep.estimators.cep and in `seqep gdu` (docs/results.md)",
 }
 
 
