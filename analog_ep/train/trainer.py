@@ -269,7 +269,9 @@ class Trainer:
 
     def _load_last(self) -> None:
         ckpt, self.state = self.run.load_last()
-        refuse_changes(self.run_dir, ckpt.get("config") or {}, self.cfg.to_dict(), RESUMABLE_CHANGES,
+        # the saved config read as today's: keys added since it was written take their defaults, not a "change"
+        saved = RunConfig.from_dict(ckpt.get("config") or {}, source=str(self.ckpt_dir / "last.pt")).to_dict()
+        refuse_changes(self.run_dir, saved, self.cfg.to_dict(), RESUMABLE_CHANGES,
                        may_change="train.epochs, train.max_minutes and the checkpoint intervals")
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
