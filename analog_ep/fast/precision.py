@@ -294,6 +294,11 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
                        f"precision bf16: {_versus_fp32('bf16', seconds)}{hardware}; precision auto or fp32 runs "
                        f"faster")
         return "bf16", reason
+    if on_cpu and not amx[0] and not {"avx512_bf16", "amx_bf16"} & set(this_machine(device).flags):
+        # nothing to measure: bf16 products are emulated here (26-49x slower than fp32 on an AVX2 EPYC), and a
+        # timing on a busy machine could only mislead
+        return "fp32", (f"fp32: this CPU has no bf16 dot-product instructions (avx512_bf16, amx_bf16) and no AMX "
+                        f"kernels for int8 ({amx[1]})")
     return choose(calibration(spec, device, ("fp32", "bf16", "int8") if amx[0] else ("fp32", "bf16")), amx)
 
 

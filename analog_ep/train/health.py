@@ -58,6 +58,18 @@ def not_learning(rows: Iterable[Mapping[str, float]], num_classes: int, estimato
             f"try {HINTS.get(estimator, DEFAULT_HINT)}")
 
 
+NOT_CONVERGED = 0.05  # a unit still moving by 5 % of its range per step at a phase's end is not at a fixed point
+
+
+def not_converged(max_residual: float, free_steps: int) -> str | None:
+    """A warning when an epoch's largest free-phase residual at the phase's end says it stopped short of its
+    fixed point (EP's estimate assumes one); None otherwise."""
+    if max_residual <= NOT_CONVERGED:
+        return None
+    return (f"the free phase did not reach its fixed point in {free_steps} steps (largest final residual "
+            f"{max_residual:.3g} this epoch, above {NOT_CONVERGED}): EP's update assumes one; raise ep.free_steps")
+
+
 UNTRAINABLE = {
     "cep": "C-EP does not train the IMDB/SNLI models: it moves the weights at every nudged step by plain steps "
            "η·increment, and the increments of the first layers are tiny (RMS ~1e-5 on the IMDB smoke shape), so "

@@ -31,7 +31,7 @@ from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.train import distributed
 from analog_ep.train.checkpoint import BEST
 from analog_ep.train.config import RunConfig
-from analog_ep.train.health import LearningMonitor, refuse_untrainable
+from analog_ep.train.health import LearningMonitor, not_converged, refuse_untrainable
 from analog_ep.train.inner_loop import layer_param_groups, param_lrs, train_step
 from analog_ep.train.lifecycle import EpochTally, Progress, refuse_changes
 from analog_ep.train.run_dir import software_versions
@@ -143,7 +143,7 @@ def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups)
     # "adam" is fused: one pass over each parameter instead of ~10 (0.1 s instead of ~0.5 s per batch for the
     # paper's 180 M-weight IMDB model on 2 cores; CPU and CUDA builds have it). Its rounding differs from
-    # torch's per-tensor loop, which "adam_unfused" keeps (runs before session 5 used it: same digits)
+    # torch's per-tensor loop, which "adam_unfused" keeps (same accuracy to the digits reported)
     fused = cfg.train.optimizer == "adam" and all(p.device.type in ("cpu", "cuda") for p in net.parameters())
     return torch.optim.Adam(groups, fused=fused or None)
 
@@ -353,6 +353,10 @@ class Trainer:
                    "val_seconds": val["seconds"], "elapsed_minutes": (st.elapsed + time.perf_counter() - self._t0) / 60}
             self.run.log(row)
             if (warning := self.health.epoch_end()) is not None:  # never train to chance silently
+                self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
+                if self.world.is_main:
+                    print(f"WARNING: {warning}", file=sys.stderr)
+            if (warning := not_converged(tally.max_residual, self.cfg.ep.free_steps)) is not None:
                 self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
                 if self.world.is_main:
                     print(f"WARNING: {warning}", file=sys.stderr)

@@ -122,3 +122,11 @@ def test_two_phase_ep_with_its_training_defaults_learns_token_presence():
     net = tiny_net("imdb")
     x, y = random_inputs(net.spec, 4)
     assert ep_two_phase(net, x, y, EPConfig(0.1, 3, 2, tol=1e-12), set_grad=False).free_trace.steps == 6
+
+
+def test_a_free_phase_stopped_short_of_its_fixed_point_is_warned():
+    from analog_ep.train.health import NOT_CONVERGED, not_converged
+
+    assert not_converged(NOT_CONVERGED / 10, 20) is None
+    warning = not_converged(0.3, 20)
+    assert warning is not None and "20 steps" in warning and "raise ep.free_steps" in warning

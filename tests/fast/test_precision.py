@@ -41,6 +41,22 @@ def amx(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
     monkeypatch.setattr(lowp_weights, "int8_available", lambda device="cpu": True)
 
 
+def bf16_instructions(monkeypatch: pytest.MonkeyPatch, present: bool = True) -> Machine:
+    """This machine as one with (or without) bf16 dot-product instructions, whatever the real CPU has."""
+    flags = ("avx2", "avx512f", "avx512_bf16") if present else ("avx2",)
+    machine = Machine("cpu", "Test CPU", flags, torch.__version__, torch.get_num_threads())
+    monkeypatch.setattr(precision, "this_machine", lambda device="cpu": machine)
+    return machine
+
+
+def test_auto_on_a_cpu_without_bf16_instructions_or_amx_is_fp32_without_measuring(monkeypatch):
+    amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
+    mode, reason = resolve_precision("auto", LARGE)
+    assert mode == "fp32" and "no bf16 dot-product instructions" in reason and "amx_tile" in reason
+
+
 def test_int8_without_the_amx_kernels_is_refused_with_the_reason_and_the_alternatives(monkeypatch):
     amx(monkeypatch, present=False)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
@@ -85,6 +101,7 @@ def test_auto_picks_the_fastest_mode_never_one_slower_than_fp32(seconds: dict[st
 
 def test_auto_measures_on_this_device_and_states_the_reason(monkeypatch):
     amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 1.8})
     assert resolve_precision("auto", LARGE) == (
         "fp32", "fp32: no AMX kernels for int8 (this CPU lacks amx_tile); bf16 products 1.8× slower than fp32 here")
@@ -127,6 +144,7 @@ def test_bf16_faster_than_fp32_runs_without_a_warning(monkeypatch):
 
 def test_the_calibration_is_cached_per_machine_and_shape_class(monkeypatch, tmp_path):
     amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 2.0})
     first = resolve_precision("auto", LARGE)
     assert resolve_precision("auto", LARGE) == first and len(calls) == 1  # read back, not measured again
