@@ -67,7 +67,8 @@ def not_converged(max_residual: float, free_steps: int) -> str | None:
     if max_residual <= NOT_CONVERGED:
         return None
     return (f"the free phase did not reach its fixed point in {free_steps} steps (largest final residual "
-            f"{max_residual:.3g} this epoch, above {NOT_CONVERGED}): EP's update assumes one; raise ep.free_steps")
+            f"{max_residual:.3g} this epoch, above {NOT_CONVERGED}): EP's update assumes one (symmetric EP "
+            "tolerates a shortfall far better than two-phase EP); raise ep.free_steps if accuracy suffers")
 
 
 UNTRAINABLE = {

@@ -210,6 +210,7 @@ class Trainer:
         self.run = distributed.run_dir_class(self.world)(Path(run_dir), resume=resume)  # only rank 0 writes it
         self.run_dir, self.ckpt_dir, self.metrics_path = self.run.path, self.run.checkpoints, self.run.metrics
         self.resume, self.command = resume, command
+        self._convergence_warned = False  # the non-convergence warning is given once a run
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -356,7 +357,9 @@ class Trainer:
                 self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
                 if self.world.is_main:
                     print(f"WARNING: {warning}", file=sys.stderr)
-            if (warning := not_converged(tally.max_residual, self.cfg.ep.free_steps)) is not None:
+            warning = not_converged(tally.max_residual, self.cfg.ep.free_steps)
+            if warning is not None and not self._convergence_warned:
+                self._convergence_warned = True
                 self.run.log({"kind": "warning", "epoch": row["epoch"], "message": warning})
                 if self.world.is_main:
                     print(f"WARNING: {warning}", file=sys.stderr)
