@@ -86,7 +86,7 @@ def _grads_job(rank: int, out: str) -> None:
 
 def test_averaged_gradients_equal_the_global_batch_estimate(tmp_path):
     spawn("_grads_job", str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     net = tiny_net("imdb_pooled")
     x, y = random_inputs(net.spec, max(BATCHES))
     worst = 0.0
@@ -203,7 +203,7 @@ def test_two_ranks_train_the_one_process_model_and_record_it(tmp_path):
     net, _ = load_model(tmp_path / "one")
     alone = evaluate_split(net.to(torch.float64), task.test, embedding, cfg)
     for r in range(WORLD):
-        shared = torch.load(tmp_path / "two" / f"evaluated-rank{r}.pt")
+        shared = torch.load(tmp_path / "two" / f"evaluated-rank{r}.pt", weights_only=True)
         assert (shared["accuracy"], shared["n"]) == (alone["accuracy"], alone["n"])
         assert torch.equal(shared["predictions"], alone["predictions"])
 
