@@ -27,9 +27,10 @@ def seqep(*args: str) -> list[str]:
     return [*prefix, *args]
 
 
-def train_command(out: Path) -> list[str]:
-    return seqep("train", "--task", "imdb", "--preset", "smoke", *[a for o in TINY for a in ("--set", o)],
-                 "--out", str(out), "--no-progress")
+def train_command(out: Path, *overrides: str) -> list[str]:
+    """`seqep train` on the TINY config; `overrides` (KEY=VALUE, applied after TINY's) change it."""
+    settings = [a for o in (*TINY, *overrides) for a in ("--set", o)]
+    return seqep("train", "--task", "imdb", "--preset", "smoke", *settings, "--out", str(out), "--no-progress")
 
 
 def step_rows(run: Path) -> int:

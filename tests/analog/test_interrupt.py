@@ -87,7 +87,9 @@ def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(straight, tmp_pa
 
 def test_a_second_process_on_a_running_run_is_refused(tmp_path):
     run = tmp_path / "busy"
-    first = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 50 epochs: still running when the second process comes, however fast the machine
+    first = subprocess.Popen(train_command(run, "train.epochs=50"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     try:
         wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), first)
         second = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
@@ -98,8 +100,9 @@ def test_a_second_process_on_a_running_run_is_refused(tmp_path):
         first.kill()
         first.wait()
     assert json.loads((run / "run.lock").read_text())["pid"] == first.pid  # SIGKILL leaves its lock behind...
-    taken = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
-                           text=True, timeout=400)
+    epochs = last(run)["progress"]["epoch"] + 1  # finish the epoch in progress, not all 50
+    taken = subprocess.run(seqep("train", "--out", str(run), "--resume", "--epochs", str(epochs), "--no-progress"),
+                           capture_output=True, text=True, timeout=400)
     assert taken.returncode == 0, taken.stderr  # ... which the next run takes over
     assert f"taking over the lock of process {first.pid}" in taken.stderr
     assert not (run / "run.lock").exists()
@@ -107,12 +110,15 @@ def test_a_second_process_on_a_running_run_is_refused(tmp_path):
 
 def test_killed_before_its_first_checkpoint_resume_says_nothing_was_saved(tmp_path):
     run = tmp_path / "early"
-    proc = subprocess.Popen(train_command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (run / "run.lock").exists(), proc)  # set up and about to train: nothing saved yet
+    # the first checkpoint comes at the end of a 63-batch epoch (none every step): a kill after the first logged
+    # step lands before it however fast the machine
+    early = ("data.train_limit=2000", "train.checkpoint_every=none", "train.epochs=50")
+    proc = subprocess.Popen(train_command(run, *early), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: step_rows(run) >= 1, proc)
     proc.kill()
     proc.communicate(timeout=60)
     assert not (run / "checkpoints" / "last.pt").exists(), "killed too late for this test"
     resumed = subprocess.run(seqep("train", "--out", str(run), "--resume", "--no-progress"), capture_output=True,
                              text=True, timeout=120)
-    assert resumed.returncode == 2
+    assert resumed.returncode == 2, resumed.stderr
     assert f"nothing to resume in {run}" in resumed.stderr and "without --resume" in resumed.stderr
