@@ -275,3 +275,45 @@ def _cep_job(rank: int, out: str) -> None:
             (Path(out) / "refused").write_text(str(err))
         return
     raise AssertionError("C-EP was not refused")
+
+
+def _torchrun_train(out: Path, *extra: str) -> list[str]:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    overrides = [a for o in [*TINY, "train.batch_size=32", "train.epochs=2", "train.checkpoint_every=1"]
+                 for a in ("--set", o)]
+    return [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analog_ep.cli", "train", "--task", "imdb",
+            "--preset", "smoke", *overrides, "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL to torchrun and both ranks mid-epoch, then `--resume` on 2 processes: the same final weights."""
+    import signal
+    import time
+
+    from analog_ep.train.checkpoint import load_model
+    from tests.processes import step_rows
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(_torchrun_train(tmp_path / "straight"), capture_output=True, text=True, timeout=600,
+                              env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun_train(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # its own process group: torchrun and both ranks
+    deadline = time.monotonic() + 300
+    while step_rows(killed) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the run did not get to step 3 in time"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert (killed / "checkpoints" / "last.pt").exists()
+    resumed = subprocess.run(_torchrun_train(killed, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, _ = load_model(tmp_path / "straight", "last.pt")
+    b, _ = load_model(killed, "last.pt")
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert json.loads((killed / "report.json").read_text())["world_size"] == 2
