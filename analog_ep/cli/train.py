@@ -149,15 +149,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.backend != "analog":
         return other_backend(args.backend)(args)
 
+    from analog_ep.train import distributed
     from analog_ep.train.checkpoint import load_model
+    from analog_ep.train.run_dir import load_run_config
     from analog_ep.train.trainer import evaluate_split, load_run_data
 
-    cfg, task, embedding = load_run_data(args.run_dir, progress=not args.no_progress)
-    net, ckpt = load_model(args.run_dir)
-    net = net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
-    result = evaluate_split(net, task.splits[args.split], embedding.to(cfg.train.device), cfg,
-                            progress=not args.no_progress, desc=args.split)
+    # under torchrun each rank evaluates its part of the split and all gather the whole split's numbers
+    with distributed.session(load_run_config(args.run_dir).train.device) as world:
+        with distributed.main_first():  # rank 0 fills the data cache, the others read it
+            cfg, task, embedding = load_run_data(args.run_dir, progress=not args.no_progress and world.is_main)
+        device = f"cuda:{world.local_rank}" if world.backend == "nccl" else cfg.train.device
+        net, ckpt = load_model(args.run_dir)
+        net = net.to(device=device, dtype=getattr(torch, cfg.train.dtype))
+        result = evaluate_split(net, task.splits[args.split], embedding.to(device), cfg,
+                                progress=not args.no_progress and world.is_main, desc=args.split)
+    if not world.is_main:
+        return 0
     result.pop("predictions")
+    result["world_size"] = world.size
     result.update(split=args.split, backend="analog", run_dir=str(Path(args.run_dir)),
                   checkpoint_epoch=ckpt.get("epoch"))
     if args.json:

@@ -317,3 +317,22 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
     assert json.loads((killed / "report.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.realdata
+def test_evaluate_under_torchrun_gives_the_one_process_numbers(tmp_path, capsys):
+    from analog_ep.cli import main
+    from analog_ep.train.trainer import train_run
+
+    run = tmp_path / "run"
+    train_run(tiny_config(32), run, progress=False)
+    assert main(["evaluate", str(run), "--split", "test", "--json", "--no-progress"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analog_ep.cli", "evaluate",
+                           str(run), "--split", "test", "--json", "--no-progress"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout)  # rank 0 alone prints
+    assert shared["world_size"] == 2 and alone["world_size"] == 1
+    assert (shared["accuracy"], shared["n"]) == (alone["accuracy"], alone["n"])
