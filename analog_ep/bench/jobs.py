@@ -48,7 +48,8 @@ def worker(job: dict) -> dict:
                                     job.get("data_dir"), job.get("tol"))
         if kind == "peaks":
             sizes = tuple(job.get("peak_sizes") or (2048, 4096))
-            return {"fp32": matmul_peak(torch.float32, sizes), "bf16": matmul_peak(torch.bfloat16, sizes)}
+            dtypes = job.get("peak_dtypes") or ["fp32", "bf16"]
+            return {name: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[name], sizes) for name in dtypes}
     raise ValueError(f"unknown job kind {kind!r}")
 
 
