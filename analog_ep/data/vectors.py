@@ -227,11 +227,11 @@ def _load_file(spec: VectorSpec) -> Any:
 
     assert spec.path is not None
     path, base = spec.path, spec.path.name.lower().removesuffix(".gz")
+    if base.endswith(".kv"):
+        raise DataError(KV_REFUSED.format(path=path))
     is_text = base.endswith((".txt", ".vec"))
     try:
-        if base.endswith(".kv"):
-            raise DataError(KV_REFUSED.format(path=path))
-        elif base.endswith(".bin"):
+        if base.endswith(".bin"):
             kv = KeyedVectors.load_word2vec_format(str(path), binary=True)
         elif is_text:
             kv = KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=_text_header(path) is None)
