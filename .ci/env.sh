@@ -17,7 +17,8 @@ seqep_ensure_venv() {
     touch "$SEQEP_VENV/.complete"
   fi
   # editable install points at whichever clone created the venv: re-point it at this one (cheap).
-  if ! "$SEQEP_VENV/bin/python" -c "import analog_ep,sys,os; sys.exit(0 if os.path.dirname(os.path.dirname(analog_ep.__file__))=='$seqep_root' else 1)" 2>/dev/null; then
+  # (asked from / so the current directory cannot answer for the installed package, as it would with python -c)
+  if ! (cd / && "$SEQEP_VENV/bin/python" -c "import analog_ep,sys,os; sys.exit(0 if os.path.dirname(os.path.dirname(analog_ep.__file__))=='$seqep_root' else 1)") 2>/dev/null; then
     "$SEQEP_VENV/bin/pip" install -q --no-deps -e "$seqep_root"
   fi
   export PATH="$SEQEP_VENV/bin:$PATH"
