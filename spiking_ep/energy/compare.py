@@ -34,6 +34,7 @@ from spiking_ep.energy.counting import (
     spiking_counts,
     spiking_training_counts,
 )
+from spiking_ep.energy.literature import spike_rate_verdict, spikes_per_synapse_verdict
 from spiking_ep.energy.pricing import EnergyProfile, compare, load_profile
 from spiking_ep.energy.report import write_report
 from spiking_ep.evaluate import evaluate_spiking, read_run_config, run_batches
@@ -163,6 +164,10 @@ def compare_spiking(snet: SpikingNet, batches: Batches, ep: EPSection, options: 
         cfg = SpikingEPConfig(beta=ep.beta, free_steps=T, nudge_steps=max(T // 2, 1))
         training[str(T)] = spiking_training_counts(snet, x_probe, y_probe, cfg)
         row["mean_rate"] = inference[str(T)].mean_rate()
+        row["synapses"] = inference[str(T)].synapses()
+        row["spikes_per_synapse"] = inference[str(T)].spikes_per_synapse()
+        row["literature"] = {"spikes_per_synapse": spikes_per_synapse_verdict(row["spikes_per_synapse"]),
+                             "spike_rate": spike_rate_verdict(row["mean_rate"])}
 
     report: dict[str, Any] = {
         "format": 1,

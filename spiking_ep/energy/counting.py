@@ -65,8 +65,8 @@ PRICES: dict[str, tuple[str, ...]] = {
 class Counts:
     """Operations per sample of one backend: `ops[phase][layer][kind]`, plus the spiking rate model.
 
-    `rate_model[layer]` (spiking units only): spikes per sample, fan-out, unit-steps; what the
-    break-even rate scales.
+    `rate_model[layer]` (spiking units only): spikes per sample, fan-out, units, unit-steps; what the
+    break-even rate scales and what spikes per synapse are counted on.
     """
 
     backend: str
@@ -111,10 +111,25 @@ class Counts:
         """Spikes per spiking unit and step (sigma-delta quanta counted one by one; may exceed 1)."""
         return self.spikes() / self.unit_steps() if self.unit_steps() else 0.0
 
+    def synapses(self) -> float:
+        """Spike-driven synapses: Σ units × fan-out over the spiking layers (docs/energy.md, "synapse").
+
+        A symmetric weight between two spiking layers is two synapses (bottom-up and top-down); the
+        attention rows' value path and scores carry real values and are no synapses here.
+        """
+        return sum(m["units"] * m["fan_out"] for m in self.rate_model.values())
+
+    def spikes_per_synapse(self) -> float:
+        """Spike events delivered per synapse and sample: Σ S_n·fan_out_n / Σ units_n·fan_out_n (= SOPs / synapses)."""
+        synapses = self.synapses()
+        return sum(m["spikes"] * m["fan_out"] for m in self.rate_model.values()) / synapses if synapses else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "layers": self.layers, "steps": self.steps, "ops": self.ops,
                 "rate_model": self.rate_model,
-                "totals": {k: self.total(k) for k in PRICES[self.backend] if self.total(k)}}
+                "totals": {k: self.total(k) for k in PRICES[self.backend] if self.total(k)},
+                **({"synapses": self.synapses(), "spikes_per_synapse": self.spikes_per_synapse()}
+                   if self.rate_model else {})}
 
 
 def state_sizes(spec: GraphSpec) -> list[int]:
@@ -221,7 +236,8 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
             for m in (n - 1, n + 1):  # every spike reaches every unit of both neighbours
                 if 0 <= m < len(names):
                     counts.add(phase, names[m], "sop", spikes[name] * sizes[m])
-            model = counts.rate_model.setdefault(name, {"spikes": 0.0, "fan_out": rec.fan_out[n], "unit_steps": 0.0})
+            model = counts.rate_model.setdefault(name, {"spikes": 0.0, "fan_out": rec.fan_out[n],
+                                                        "units": rec.layer_units[n], "unit_steps": 0.0})
             model["spikes"] += spikes[name]
             model["unit_steps"] += rec.layer_units[n] * steps
         if attention[0]:

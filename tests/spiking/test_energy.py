@@ -86,7 +86,7 @@ def test_spiking_counts_from_given_spikes_by_hand():
     assert c.total("exp") == 4 * 9
     assert c.total("neuron_update") == 4 * (9 + 4 + 2)  # pointer units 3×3, fc1, out
     assert c.total("spike_generation") == 12 + 7 + 3
-    assert c.rate_model["fc1"] == {"spikes": 7.0, "fan_out": 8, "unit_steps": 16}
+    assert c.rate_model["fc1"] == {"spikes": 7.0, "fan_out": 8, "units": 4, "unit_steps": 16}
     assert c.mean_rate() == pytest.approx(10 / (4 * 4 + 4 * 2))
 
 
@@ -306,8 +306,13 @@ def test_compare_writes_report_files_and_plots(trained_run):
     assert parsed["software"]["torch"] and parsed["command"] == "pytest" and parsed["analog"]["inference_steps"] == 50
     md = (out / "compare.md").read_text()
     for needle in ("## Accuracy and spikes", "Energy per inference, profile `loihi`", "Energy per training sample",
-                   "Horowitz", "Davies", "break-even"):
+                   "Horowitz", "Davies", "break-even", "## Against published break-even points", "Dampfhoffer"):
         assert needle in md
+    row = parsed["timesteps"]["32"]
+    spikes = parsed["counts"]["spiking_inference"]["32"]
+    assert row["spikes_per_synapse"] == pytest.approx(spikes["totals"]["sop"] / row["synapses"])
+    assert row["literature"]["spike_rate"]["value"] == row["mean_rate"]
+    assert f"| 32 | {row['spikes_per_synapse']:.3g} | {row['literature']['spikes_per_synapse']['verdict']} (" in md
     assert md.count("| spiking | 8 |") == 1 and md.count("| spiking | 32 |") == 1
     import matplotlib.image
 
