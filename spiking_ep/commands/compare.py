@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="samples for firing-rate histograms, raster and the training-step spikes (default 16)")
     c.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: faster than 2 for these small products on a shared CPU; 0: torch's)")
+    c.add_argument("--memory", action="store_true",
+                   help="count weight reads on both sides (priced only by a profile that gives weight_read with "
+                        "its source; the shipped ones do not)")
     c.add_argument("--no-plots", action="store_true")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -54,7 +57,8 @@ def run_compare(args: argparse.Namespace) -> int:
     snet = spiking_from_args(args)
     profiles = [p for item in (args.profile or [",".join(DEFAULT_PROFILES)]) for p in item.split(",") if p.strip()]
     options = CompareOptions(parse_timesteps(args.timesteps), profiles, args.probe_samples, args.threads or None,
-                             plots=not args.no_plots, progress=not args.no_progress, command=command_line(args))
+                             plots=not args.no_plots, progress=not args.no_progress, command=command_line(args),
+                             memory=args.memory)
     batches = None
     if args.data or args.synthetic:
         ep = ep_settings(args.run_dir)

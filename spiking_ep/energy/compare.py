@@ -43,8 +43,9 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_TIMESTEPS = (8, 16, 32, 64)
 DEFAULT_PROFILES = ("cmos45nm", "loihi")
 CAVEATS = (
-    "Counts are operations per sample of an idealised digital implementation; memory traffic (weight and "
-    "state reads), spike routing and static power are not priced (they favour neither side consistently).",
+    "Counts are operations per sample of an idealised digital implementation; state reads, spike routing and "
+    "static power are not priced; weight reads only with `--memory` and a profile that prices `weight_read` "
+    "with a cited source (the shipped profiles do not: no per-read constant is cited in the repository).",
     "The analog network is priced at its configured step count T₁; an early exit on the residual would lower it.",
     "Sigma-delta spikes carry n quanta and are counted as n spikes (n synaptic operations per synapse): "
     "conservative for graded-spike hardware (Loihi 2), where one message carries n.",
@@ -71,6 +72,7 @@ class CompareOptions:
     command: str = ""
     label: str = ""  # what was compared (the run directory): the report's title
     data: dict[str, Any] = field(default_factory=dict)  # where the batches come from, for the report
+    memory: bool = False  # count weight reads (the optional kind `weight_read`) on both sides
 
 
 @contextmanager
@@ -152,17 +154,18 @@ def compare_spiking(snet: SpikingNet, batches: Batches, ep: EPSection, options: 
     spiking_free_phase(snet, snet.net.prepare(x_probe), timesteps[-1], on_step=probe)
 
     spec = snet.spec
-    analog_inf = analog_counts(spec, {"free": T1})
-    analog_train = analog_training_counts(spec, ep.free_steps, ep.nudge_steps)
+    analog_inf = analog_counts(spec, {"free": T1}, memory=options.memory)
+    analog_train = analog_training_counts(spec, ep.free_steps, ep.nudge_steps, memory=options.memory)
     inference: dict[str, Counts] = {}
     training: dict[str, dict[str, Counts]] = {}
     from spiking_ep.learning import SpikingEPConfig
 
     for T in tqdm(timesteps, desc="training-step spikes", disable=not options.progress, file=sys.stderr, leave=False):
         row = result["timesteps"][str(T)]
-        inference[str(T)] = spiking_counts(snet, {"free": (T, row["spikes_per_sample_by_layer"])})
+        inference[str(T)] = spiking_counts(snet, {"free": (T, row["spikes_per_sample_by_layer"])},
+                                           memory=options.memory)
         cfg = SpikingEPConfig(beta=ep.beta, free_steps=T, nudge_steps=max(T // 2, 1))
-        training[str(T)] = spiking_training_counts(snet, x_probe, y_probe, cfg)
+        training[str(T)] = spiking_training_counts(snet, x_probe, y_probe, cfg, memory=options.memory)
         row["mean_rate"] = inference[str(T)].mean_rate()
         row["synapses"] = inference[str(T)].synapses()
         row["spikes_per_synapse"] = inference[str(T)].spikes_per_synapse()
@@ -175,6 +178,7 @@ def compare_spiking(snet: SpikingNet, batches: Batches, ep: EPSection, options: 
         "command": options.command,
         "data": options.data,
         "samples": result["samples"],
+        "memory": options.memory,
         "seed": {"training": options.data.get("seed"), "spiking": snet.attention.seed},
         "spiking_config": result["config"],
         "network": {"name": spec.name, "layers": spec.layer_names, "spec": spec.to_dict()},

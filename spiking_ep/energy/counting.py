@@ -22,6 +22,11 @@ Spiking network, measured spikes S_n (|spikes|: a sigma-delta spike of n quanta 
     neuron_update     every unit (and attention pointer unit) every step
     spike_generation  one per spike emitted (Loihi's active-minus-idle neuron update)
 
+Memory traffic (optional kind `weight_read`, `memory=True`; off by default): one read of one weight per
+weight-MAC and per synaptic operation. Analog: every MAC but the attention's scores and retrieval (those
+read keys, not weights). Spiking: every `sop`, the value path W₁ flat(s¹) and the input current; the
+scores again read keys. State reads, spike routing and the learning rule's weight writes are not counted.
+
 Learning ("update" phase, per sample, attributed to the layer each parameter feeds): analog symmetric
 EP takes two Hebbian products per parameter (at s⁺ and s⁻), C-EP one per parameter and nudged step;
 spike-driven EP with the trace rule one per parameter and accumulated step in both nudged phases
@@ -58,6 +63,13 @@ PRICES: dict[str, tuple[str, ...]] = {
     "analog": ("mac", "exp", "neuron_update", "synaptic_update"),
     "spiking": ("sop", "dense_mac", "exp", "neuron_update", "spike_generation", "synaptic_update"),
 }
+# kinds counted only on request (`memory=True`) and priced only where a profile gives a cited constant
+OPTIONAL_PRICES: dict[str, tuple[str, ...]] = {"analog": ("weight_read",), "spiking": ("weight_read",)}
+
+
+def all_kinds(backend: str) -> tuple[str, ...]:
+    """The required and the optional operation kinds of a backend."""
+    return PRICES[backend] + OPTIONAL_PRICES[backend]
 
 
 # ---------------------------------------------------------------- operation counts
@@ -76,8 +88,8 @@ class Counts:
     rate_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, phase: str, layer: str, kind: str, count: float) -> None:
-        if kind not in PRICES[self.backend]:
-            raise ValueError(f"{kind!r} is not a {self.backend} operation: {PRICES[self.backend]}")
+        if kind not in all_kinds(self.backend):
+            raise ValueError(f"{kind!r} is not a {self.backend} operation: {all_kinds(self.backend)}")
         if count:
             row = self.ops.setdefault(phase, {}).setdefault(layer, {})
             row[kind] = row.get(kind, 0.0) + float(count)
@@ -98,7 +110,7 @@ class Counts:
 
     def energy_by(self, profile: PriceList, axis: str) -> dict[str, float]:
         """pJ per layer, phase or kind (in a stable order)."""
-        keys = {"layer": self.layers, "phase": list(self.ops), "kind": list(PRICES[self.backend])}[axis]
+        keys = {"layer": self.layers, "phase": list(self.ops), "kind": list(all_kinds(self.backend))}[axis]
         return {key: self.energy_pj(profile, **{axis: key}) for key in keys}
 
     def spikes(self) -> float:
@@ -127,7 +139,7 @@ class Counts:
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "layers": self.layers, "steps": self.steps, "ops": self.ops,
                 "rate_model": self.rate_model,
-                "totals": {k: self.total(k) for k in PRICES[self.backend] if self.total(k)},
+                "totals": {k: self.total(k) for k in all_kinds(self.backend) if self.total(k)},
                 **({"synapses": self.synapses(), "spikes_per_synapse": self.spikes_per_synapse()}
                    if self.rate_model else {})}
 
@@ -163,7 +175,11 @@ def layer_parameters(spec: GraphSpec) -> dict[str, int]:
 
 
 def _analog_ops(spec: GraphSpec) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """(per relaxation step: layer → kind → count, once per sample: layer → MACs) of the analog network."""
+    """(per relaxation step: layer → kind → count, once per sample: layer → MACs) of the analog network.
+
+    Every step's MACs read one weight each except the attention's scores and retrieval (they read keys):
+    `weight_read` per step is counted alongside; the once-per-sample MACs all read weights.
+    """
     names, sizes, P = spec.layer_names, state_sizes(spec), spec.num_projections
     first_fc = first_fc_layer(spec)
     step: dict[str, dict[str, float]] = {name: {} for name in names}
@@ -172,7 +188,7 @@ def _analog_ops(spec: GraphSpec) -> tuple[dict[str, dict[str, float]], dict[str,
         row = step[name]
         if P and n == 0:
             rows, keys = P * spec.proj_len, spec.seq_len
-            row["mac"] = sizes[1] * sizes[0]  # top-down query W₁ᵀh¹
+            row["mac"] = row["weight_read"] = sizes[1] * sizes[0]  # top-down query W₁ᵀh¹
             if spec.attention:
                 row["mac"] += 2 * rows * keys * spec.dim  # scores and retrieval
                 row["exp"] = rows * keys
@@ -189,21 +205,26 @@ def _analog_ops(spec: GraphSpec) -> tuple[dict[str, dict[str, float]], dict[str,
         if n + 1 < len(sizes):
             row["mac"] = row.get("mac", 0) + sizes[n + 1] * sizes[n]
         row["neuron_update"] = sizes[n]
+        row["weight_read"] = row.get("mac", 0)
     return step, once
 
 
-def analog_counts(spec: GraphSpec, phases: Mapping[str, int], updates: Mapping[str, float] | None = None) -> Counts:
+def analog_counts(spec: GraphSpec, phases: Mapping[str, int], updates: Mapping[str, float] | None = None,
+                  memory: bool = False) -> Counts:
     """Analog operations per sample for phases {name: relaxation steps}; the input current is counted once
-    (in the first phase); `updates` (layer → Hebbian products) go to phase "update"."""
+    (in the first phase); `updates` (layer → Hebbian products) go to phase "update"; `memory`: weight reads."""
     step, once = _analog_ops(spec)
     counts = Counts("analog", spec.layer_names)
     for i, (phase, steps) in enumerate(phases.items()):
         counts.steps[phase] = steps
         for layer, kinds in step.items():
             for kind, c in kinds.items():
-                counts.add(phase, layer, kind, c * steps)
+                if kind != "weight_read" or memory:
+                    counts.add(phase, layer, kind, c * steps)
             if i == 0:
                 counts.add(phase, layer, "mac", once[layer])
+                if memory:
+                    counts.add(phase, layer, "weight_read", once[layer])
     for layer, c in (updates or {}).items():
         counts.add("update", layer, "synaptic_update", c)
     return counts
@@ -217,8 +238,10 @@ def record_phases(record: SpikeRecord) -> dict[str, tuple[int, dict[str, float]]
     return {p: (record.steps(p), record.spikes_per_sample(p)) for p in record.phases}
 
 
-def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, float] | None = None) -> Counts:
-    """Spiking operations per sample from measured spikes; the cost constants are `new_record`'s."""
+def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, float] | None = None,
+                   memory: bool = False) -> Counts:
+    """Spiking operations per sample from measured spikes; the cost constants are `new_record`'s;
+    `memory`: weight reads (one per sop, per value-path MAC and per input-current MAC)."""
     from spiking_ep.dynamics import new_record
 
     spec = snet.spec
@@ -236,6 +259,8 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
             for m in (n - 1, n + 1):  # every spike reaches every unit of both neighbours
                 if 0 <= m < len(names):
                     counts.add(phase, names[m], "sop", spikes[name] * sizes[m])
+                    if memory:
+                        counts.add(phase, names[m], "weight_read", spikes[name] * sizes[m])
             model = counts.rate_model.setdefault(name, {"spikes": 0.0, "fan_out": rec.fan_out[n],
                                                         "units": rec.layer_units[n], "unit_steps": 0.0})
             model["spikes"] += spikes[name]
@@ -244,30 +269,35 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
             counts.add(phase, names[0], "dense_mac", rec.dense_macs_per_step["attention_scores"] * steps)
             counts.add(phase, names[0], "exp", rec.softmax_exps_per_step * steps)
             counts.add(phase, names[1], "dense_mac", rec.dense_macs_per_step["attention_values"] * steps)
+            if memory:
+                counts.add(phase, names[1], "weight_read", rec.dense_macs_per_step["attention_values"] * steps)
             if snet.attention.mode == "dense":  # the ablation sends the retrieval itself: a·K MACs
                 counts.add(phase, names[0], "dense_mac", rec.dense_macs_per_step["attention_scores"] * steps)
         if i == 0:
             counts.add(phase, names[0], "dense_mac", sum(rec.dense_macs_per_sample.values()))
+            if memory:
+                counts.add(phase, names[0], "weight_read", sum(rec.dense_macs_per_sample.values()))
     for layer, c in (updates or {}).items():
         counts.add("update", layer, "synaptic_update", c)
     return counts
 
 
 # ---------------------------------------------------------------- training samples
-def analog_training_counts(spec: GraphSpec, free_steps: int, nudge_steps: int) -> dict[str, Counts]:
+def analog_training_counts(spec: GraphSpec, free_steps: int, nudge_steps: int, memory: bool = False
+                           ) -> dict[str, Counts]:
     """One training sample of analog symmetric EP (T₁ + K + K steps) and of C-EP (T₁ + K, per-step updates)."""
     params = layer_parameters(spec)
     return {
         "ep_symmetric": analog_counts(spec, {"free": free_steps, "nudge+": nudge_steps, "nudge-": nudge_steps},
-                                      {k: 2 * v for k, v in params.items()}),
+                                      {k: 2 * v for k, v in params.items()}, memory),
         "cep": analog_counts(spec, {"free": free_steps, "cep": nudge_steps},
-                             {k: nudge_steps * v for k, v in params.items()}),
+                             {k: nudge_steps * v for k, v in params.items()}, memory),
     }
 
 
 @torch.no_grad()
-def spiking_training_counts(snet: SpikingNet, x: torch.Tensor, y: torch.Tensor, cfg: SpikingEPConfig
-                            ) -> dict[str, Counts]:
+def spiking_training_counts(snet: SpikingNet, x: torch.Tensor, y: torch.Tensor, cfg: SpikingEPConfig,
+                            memory: bool = False) -> dict[str, Counts]:
     """Measured spikes of one spike-driven training step on (x, y): symmetric EP (trace rule) and C-EP.
 
     The free phase and the two nudged phases are run with their own records (same units and noise as
@@ -288,7 +318,7 @@ def spiking_training_counts(snet: SpikingNet, x: torch.Tensor, y: torch.Tensor, 
     params = layer_parameters(net.spec)
     window = cfg.accumulate_steps
     return {
-        "ep_symmetric": spiking_counts(snet, phases, {k: 2 * window * v for k, v in params.items()}),
+        "ep_symmetric": spiking_counts(snet, phases, {k: 2 * window * v for k, v in params.items()}, memory),
         "cep": spiking_counts(snet, {"free": phases["free"], "cep": phases["nudge+"]},
-                              {k: cfg.nudge_steps * v for k, v in params.items()}),
+                              {k: cfg.nudge_steps * v for k, v in params.items()}, memory),
     }

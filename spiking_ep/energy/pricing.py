@@ -1,8 +1,11 @@
 """Prices: energy profiles (pJ per operation, data in `profiles/*.toml`) and what they make of the counts.
 
 A profile prices every operation kind of `counting.PRICES` for both backends and names the source of
-every number. The shipped profiles and yours live in one registry: `load_profile(name)` reads a shipped
-TOML file on first use, `register_profile` adds an `EnergyProfile` or a TOML file of your own.
+every number. The optional kinds (`counting.OPTIONAL_PRICES`: weight reads) are priced only where a
+profile gives them; the shipped profiles do not (no cited per-read constant is in the repository), and
+`unpriced` names what a report counted but could not price. The shipped profiles and yours live in one
+registry: `load_profile(name)` reads a shipped TOML file on first use, `register_profile` adds an
+`EnergyProfile` or a TOML file of your own.
 
 Break-even spike rate (docs/energy.md): the spiking energy is E(ρ) = E_fixed + ρ·N·c̄ with ρ the mean
 spike rate of the spiking units (spikes per unit and step), N their unit-steps, c̄ the mean price of one
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from analog_ep.errors import ConfigError
-from spiking_ep.energy.counting import PRICES, Counts
+from spiking_ep.energy.counting import OPTIONAL_PRICES, PRICES, Counts, all_kinds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +56,16 @@ class EnergyProfile:
     path: str | None = None
 
     def price(self, backend: str, kind: str) -> float:
-        return getattr(self, backend)[kind]
+        """pJ per operation; an optional kind the profile does not price costs 0 (see `unpriced`)."""
+        table = getattr(self, backend)
+        if kind not in table and kind in OPTIONAL_PRICES[backend]:
+            return 0.0
+        return table[kind]
+
+    def unpriced(self, counts: Counts) -> list[str]:
+        """Optional kinds ("backend.kind") that `counts` holds and this profile gives no price for."""
+        return [f"{counts.backend}.{k}" for k in OPTIONAL_PRICES[counts.backend]
+                if counts.total(k) and k not in getattr(self, counts.backend)]
 
     def with_prices(self, **changes: float) -> EnergyProfile:
         """A copy with some prices changed, keys "backend.kind" given as backend__kind (e.g. spiking__sop=1.0)."""
@@ -67,7 +79,7 @@ class EnergyProfile:
     def rows(self) -> list[tuple[str, float, str]]:
         """(constant, pJ, source) for every price: what a report must state."""
         return [(f"{b}.{k}", self.price(b, k), self.sources.get(f"{b}.{k}", "not given"))
-                for b, kinds in PRICES.items() for k in kinds]
+                for b in PRICES for k in all_kinds(b) if k in getattr(self, b)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "path": self.path, "analog": self.analog,
@@ -140,14 +152,18 @@ def _parse_profile(raw: dict[str, Any], path: Path) -> EnergyProfile:
     for backend, kinds in PRICES.items():
         table = dict(getattr(base, backend)) if base else {}
         given = raw.get(backend) or {}
-        extra = set(given) - set(kinds)
+        extra = set(given) - set(all_kinds(backend))
         if extra:
-            raise ConfigError(f"{path}: unknown price(s) [{backend}] {sorted(extra)}; allowed: {list(kinds)}")
+            raise ConfigError(f"{path}: unknown price(s) [{backend}] {sorted(extra)}; allowed: "
+                              f"{list(all_kinds(backend))}")
         for kind, value in given.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{path}: [{backend}] {kind} = {value!r} must be a number ≥ 0 (pJ per operation)")
             table[kind] = float(value)
             sources[f"{backend}.{kind}"] = f"{path.name} (no source given)"
+            if kind in OPTIONAL_PRICES[backend] and f"{backend}.{kind}" not in (raw.get("sources") or {}):
+                raise ConfigError(f"{path}: [{backend}] {kind} needs its source: add "
+                                  f'"{backend}.{kind}" = "where the number comes from" under [sources]')
         missing = [k for k in kinds if k not in table]
         if missing:
             raise ConfigError(f"{path}: [{backend}] lacks {missing} (pJ per operation), or set base = \"cmos45nm\"")
@@ -171,6 +187,7 @@ class Comparison:
     mean_rate: float  # spikes per spiking unit and step
     unit_steps: float
     break_even_rate: float  # ρ*: spiking pays off below it; ≤ 0: never
+    unpriced: tuple[str, ...] = ()  # optional kinds counted but not priced by the profile
 
     @property
     def ratio(self) -> float:
@@ -193,13 +210,15 @@ class Comparison:
         return {"profile": self.profile, "analog_pj": self.analog_pj, "spiking_pj": self.spiking_pj,
                 "ratio_analog_over_spiking": self.ratio, "pays_off": self.pays_off, "fixed_pj": self.fixed_pj,
                 "per_spike_pj": self.per_spike_pj, "mean_rate": self.mean_rate, "unit_steps": self.unit_steps,
-                "break_even_rate": self.break_even_rate, "verdict": self.verdict()}
+                "break_even_rate": self.break_even_rate, "verdict": self.verdict(), "unpriced": list(self.unpriced)}
 
 
 def compare(analog: Counts, spiking: Counts, profile: EnergyProfile) -> Comparison:
     """Energies, ratio, mean spike rate and the break-even rate ρ* = (E_analog − E_fixed)/(N·c̄)."""
     e_analog, e_spiking = analog.energy_pj(profile), spiking.energy_pj(profile)
-    sop, gen = profile.price("spiking", "sop"), profile.price("spiking", "spike_generation")
+    # a spike's synaptic events each read a weight where memory traffic is counted and priced
+    read = profile.price("spiking", "weight_read") if spiking.total("weight_read") else 0.0
+    sop, gen = profile.price("spiking", "sop") + read, profile.price("spiking", "spike_generation")
     model = spiking.rate_model
     variable = sum(m["spikes"] * (m["fan_out"] * sop + gen) for m in model.values())
     spikes, unit_steps = spiking.spikes(), spiking.unit_steps()
@@ -210,7 +229,9 @@ def compare(analog: Counts, spiking: Counts, profile: EnergyProfile) -> Comparis
     fixed = e_spiking - variable
     denominator = unit_steps * per_spike
     break_even = (e_analog - fixed) / denominator if denominator > 0 else float("inf")
-    return Comparison(profile.name, e_analog, e_spiking, fixed, per_spike, spiking.mean_rate(), unit_steps, break_even)
+    unpriced = tuple(profile.unpriced(analog) + profile.unpriced(spiking))
+    return Comparison(profile.name, e_analog, e_spiking, fixed, per_spike, spiking.mean_rate(), unit_steps, break_even,
+                      unpriced)
 
 
 def spiking_energy_at_rate(comparison: Comparison, rate: float) -> float:

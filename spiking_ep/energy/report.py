@@ -73,6 +73,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {T} | {_uj(c['analog_pj'])} | {_uj(c['spiking_pj'])} | "
                          f"{c['ratio_analog_over_spiking']:.3g} | {_uj(c['fixed_pj'])} | {c['mean_rate']:.3g} | "
                          f"{c['break_even_rate']:.3g} | {c['verdict'].split(':')[0]} |")
+        unpriced = sorted({k for c in prof["inference"].values() for k in c.get("unpriced", [])})
+        if unpriced:
+            reads = {b: report["counts"][f"{b}_inference"] for b in ("analog", "spiking")}
+            lines += ["", f"Weight reads counted but **not priced** by `{name}` ({', '.join(unpriced)}: no cited "
+                      "constant): analog " + f"{reads['analog']['totals'].get('weight_read', 0):.4g}, spiking "
+                      + ", ".join(f"T = {T}: {reads['spiking'][T]['totals'].get('weight_read', 0):.4g}" for T in Ts)
+                      + " per inference. Give `weight_read` with its source in a profile file to price them."]
+        elif report.get("memory"):
+            lines += ["", f"Weight reads priced: analog.weight_read {prof['constants']['analog']['weight_read']:g} pJ,"
+                      f" spiking.weight_read {prof['constants']['spiking']['weight_read']:g} pJ."]
         lines += ["", f"## Energy per training sample, profile `{name}` (µJ per sample)", "",
                   "| T (free / nudge) | estimator | analog | spiking | analog / spiking | mean rate "
                   "| break-even rate | verdict |",
