@@ -8,15 +8,31 @@ from typing import Any
 
 import torch
 
+from analog_ep.bench.shapes import build_shape
+from analog_ep.errors import ConfigError
 from analog_ep.estimators import EPConfig, make_estimator
+from analog_ep.fast.precision import OPT_INS, resolve_precision
 from analog_ep.phi import enable_compiled_kernels
 from analog_ep.train.config import load_preset
 from analog_ep.train.inner_loop import train_step
 
 
+def fast_mode(name: str, precision: str = "auto") -> tuple[str, str]:
+    """The fast path's mode for shape `name` here (`resolve_precision`: a trap is refused); a ConfigError where
+    the request resolves to the exact path, which would be compared with itself."""
+    mode, reason = resolve_precision(precision, build_shape(name).spec)
+    if mode == "fp32":
+        raise ConfigError(f"--accuracy compares the exact path with a fast mode, but precision {precision} is the "
+                          f"exact path here ({reason}); name a fast mode with --precision (bf16, int8 or their "
+                          f"opt-ins {', '.join(OPT_INS)})")
+    return mode, reason
+
+
 def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: str | None = None,
-                     tol: float | None = None, log=None, compile_kernels: bool = True) -> dict:
-    """Train the same CPU-preset model twice, same seed and batches: exact path vs bf16 fast path.
+                     tol: float | None = None, log=None, compile_kernels: bool = True, precision: str = "auto"
+                     ) -> dict:
+    """Train the same CPU-preset model twice, same seed and batches: exact path vs the fast path in the mode
+    `precision` resolves to on this machine (`fast_mode`).
 
     Real data (needs the data directory). Constant learning rates (the preset's, no schedule), the preset's
     free-phase tolerance for both (`tol` overrides it; the nudged phases run all K steps); both models are
@@ -32,6 +48,7 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
         seed_everything,
     )
 
+    fast, reason = fast_mode(name, precision)
     if compile_kernels:
         enable_compiled_kernels(True)
     task_name, preset = name.split("-")
@@ -42,9 +59,9 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
     data = load_task_for(cfg, progress=False)
     embedding = model_embedding(cfg, data)
     out: dict[str, Any] = {"shape": name, "n_train": len(data.train), "n_val": len(data.val), "epochs": epochs,
-                           "tol": tol if tol is not None else cfg.ep.tol}
+                           "tol": tol if tol is not None else cfg.ep.tol, "fast": fast, "precision_reason": reason}
     predictions: dict[str, torch.Tensor] = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", fast):
         seed_everything(cfg.train.seed)
         net = build_model(cfg, data)
         opt = make_optimizer(cfg, net)
@@ -63,5 +80,5 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
         predictions[precision] = val["predictions"]
         if log:
             log(f"{name} {precision}: val accuracy {val['accuracy']:.4f}, {seconds:.0f} s training")
-    out["prediction_agreement"] = float((predictions["fp32"] == predictions["bf16"]).float().mean())
+    out["prediction_agreement"] = float((predictions["fp32"] == predictions[fast]).float().mean())
     return out

@@ -7,6 +7,7 @@ import json
 import sys
 
 from analog_ep.bench import CPU_SHAPES, PAPER_SHAPES, SHAPES, bench, compare_training, summary_table
+from analog_ep.bench.accuracy import fast_mode
 from analog_ep.errors import ConfigError
 from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
@@ -15,6 +16,7 @@ examples:
   seqep bench --shape imdb-paper --batch 32 --json          # one shape and batch size, all T1 and K steps
   seqep bench --shape paper --precision int8 --json         # our AMX int8 kernels (refused on a CPU without AMX)
   seqep bench --shape imdb-paper --precision fp32           # the exact path
+  seqep bench --shape imdb-tiny --precision bf16-emulated --peak-size 512  # bf16 where it is emulated (slow)
   seqep bench --shape paper --early-exit                    # + stop phases at the residual tolerance
   seqep bench --shape all --check-fidelity --wait-idle 0.2  # everything, waiting for an idle machine
   seqep bench --shape snli-cpu --no-reference               # fast path only
@@ -41,10 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISION_REQUESTS, default="auto",
                    help="auto (default): the fastest faithful mode on this machine, from a few seconds' calibration "
                         "cached per machine; fp32: the exact path; bf16: the fast path on bf16 operands (fast with "
-                        "AVX512-BF16 or AMX, slower than fp32 without them); int8: the large FC weights in int8 "
+                        "AVX512-BF16 or AMX; refused on a CPU without bf16 instructions, where torch emulates bf16 "
+                        "26-49x slower than fp32: bf16-emulated runs it anyway); int8: the large FC weights in int8 "
                         "with our AMX kernels (the fastest at both paper shapes on an AMX CPU; refused without "
                         "AMX, where oneDNN's int8 kernels take hundreds of times as long: int8-library runs them "
-                        "anyway)")
+                        "anyway). With --accuracy: the fast mode compared with the exact path")
     p.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=False,
                    help="stop each phase at the residual tolerance. Off by default: the benchmark's random-weight "
                         "networks settle in ~11 of 50 steps while trained ones mostly run to T1 "
@@ -62,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="angle between the fast path's EP update and the float64 EP update")
     p.add_argument("--fidelity-batch", type=int, default=4, help="batch size of the fidelity check (default 4)")
     p.add_argument("--accuracy", action="store_true",
-                   help="instead of timing: train a CPU shape (real data) with the exact and the fast path, "
-                        "same seed, and compare validation accuracy")
+                   help="instead of timing: train a CPU shape (real data) with the exact path and the fast path "
+                        "at --precision, same seed, and compare validation accuracy")
     p.add_argument("--train-limit", type=int, default=4000, help="training reviews/pairs for --accuracy")
     p.add_argument("--epochs", type=int, default=1, help="epochs for --accuracy")
     p.add_argument("--data-dir", help="data directory for --accuracy (default: $SEQEP_DATA_DIR)")
@@ -104,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     if args.accuracy:
         if any(s not in CPU_SHAPES for s in shapes):
             raise ConfigError(f"--accuracy trains the CPU shapes only ({', '.join(CPU_SHAPES)}); pick one with --shape")
+        for name in shapes:  # every shape's fast mode before any training: a refusal comes first
+            fast_mode(name, args.precision)
         results = [compare_training(name, args.train_limit, args.epochs, args.data_dir, args.tol, log,
-                                    args.compile_kernels) for name in shapes]
+                                    args.compile_kernels, args.precision) for name in shapes]
         print(json.dumps({"accuracy": results}, indent=2))
         if args.out:
             with open(args.out, "w") as f:

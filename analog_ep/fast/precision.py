@@ -1,18 +1,22 @@
 """Which precision the fast path runs at here: what this machine can do, a short measured calibration, and the rule
-that turns a request ("auto", "fp32", "bf16", "int8", "int8-library") into a mode (`analog_ep.phi.PRECISIONS`).
+that turns a request ("auto", "fp32", "bf16", "int8", or an opt-in: "int8-library", "bf16-emulated") into a mode
+(`analog_ep.phi.PRECISIONS`).
 
 Why: the fast path's modes are only fast on some machines. int8 is fast through our AMX kernels; without them it
-runs oneDNN's int8 kernels, which on an AVX2-only CPU take hundreds of times as long as fp32 (`SLOW_INT8_MEASURED`),
-so a run never finishes. bf16 products are fast where the CPU has bf16 dot products (AVX512-BF16, AMX) and can be
-far slower than fp32 where it has none. So:
+runs oneDNN's int8 kernels, which on an AVX2-only CPU take hundreds of times as long as fp32, so a run never
+finishes. bf16 is fast where the CPU has bf16 dot products (AVX512-BF16, AMX); on a CPU without them torch
+emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_WITHOUT_AMX`,
+`BF16_WITHOUT_INSTRUCTIONS`). So:
 
-- "int8" without the AMX kernels is refused (ConfigError, with the reason and the alternatives); "int8-library"
-  runs it anyway, on purpose.
-- "bf16" where its products measure slower than fp32 runs, with one warning that says so.
+- A mode that would be such a trap here is refused (ConfigError, with the reason, the measurement and the
+  alternatives): "int8" without the AMX kernels, "bf16" on a CPU without bf16 instructions. Its opt-in name
+  ("int8-library", "bf16-emulated") runs it anyway, on purpose (e.g. to measure it).
+- "bf16" where its products measure slower than fp32 for another reason runs, with one warning that says so.
 - "auto" times the first synapse's two products of a step (h·W and x·Wᵀ, 64 rows) once per mode that runs
   faithfully here (fp32; bf16; int8 on the AMX kernels only) and picks the fastest, a low-precision mode only
-  where it is at least MIN_SPEEDUP times as fast as fp32. The timings are cached as JSON per machine (CPU model,
-  flags, torch version, threads, device) and shape class under the seqep cache directory.
+  where it is at least MIN_SPEEDUP times as fast as fp32. On a CPU with neither bf16 instructions nor the AMX
+  kernels it is fp32 without measuring. The timings are cached as JSON per machine (CPU model, flags, torch
+  version, threads, device) and shape class under the seqep cache directory.
 """
 
 from __future__ import annotations
@@ -39,15 +43,17 @@ if TYPE_CHECKING:
     from analog_ep.spec import GraphSpec
 
 SLOW_INT8 = "int8-library"  # the explicit opt-in: int8 without our AMX kernels (oneDNN's int8 products)
-REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8)
+SLOW_BF16 = "bf16-emulated"  # the explicit opt-in: bf16 on a CPU without bf16 dot-product instructions
+OPT_INS = {SLOW_INT8: "int8", SLOW_BF16: "bf16"}  # each opt-in and the mode it runs
+REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8, SLOW_BF16)
+BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # CPU flags of bf16 dot products (without them bf16 is emulated)
+X86_BASELINE = ("sse2", "avx2")  # flags that say the CPU's x86 instruction sets were read (not another architecture)
 MIN_SPEEDUP = 1.1  # a lossy mode must beat fp32 by this factor: timing noise must not trade exactness for nothing
 ROWS = 64  # rows of the calibration products (a training batch's order of magnitude)
 MAX_CALIBRATION_IN = 1 << 13  # FC-1 inputs measured at most: a product's time grows linearly past it
 REPEATS = 7  # timed samples per mode; the median is kept
 SAMPLE_SECONDS = 0.05  # a sample repeats the products until it lasts this long (small shapes: timer and noise)
 CLEARLY_SLOWER = 10.0  # a mode whose first call takes this many fp32 medians (and > 1 s) is not timed again
-SLOW_INT8_MEASURED = ("measured on an AMD EPYC with AVX2 only (docs/benchmarks.md): a step's two products with a "
-                      "1,024 × 8,192 synapse, 64 rows, 8.8 s in int8 against 0.026 s in fp32")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 CACHE_FOLDER = "precision"
 CALIBRATION_VERSION = 2  # bumped when `measure` changes: older cached timings are measured again
@@ -77,6 +83,54 @@ def this_machine(device: str = "cpu") -> Machine:
     kind = torch.device(device).type
     model = torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" else native_kernels.cpu_model()
     return Machine(kind, model, tuple(native_kernels.cpu_flags() or ()), torch.__version__, torch.get_num_threads())
+
+
+def emulates_bf16(machine: Machine) -> bool:
+    """Whether this is an x86 CPU without bf16 dot-product instructions, where torch emulates every bf16 product.
+    False where the flags do not say (another architecture, no /proc/cpuinfo): nothing is refused on a guess."""
+    flags = set(machine.flags)
+    return machine.device == "cpu" and bool(flags & set(X86_BASELINE)) and not flags & set(BF16_INSTRUCTIONS)
+
+
+@dataclass(frozen=True)
+class SlowMode:
+    """A mode that runs on some machines far slower than fp32: what it needs to be fast, what runs it without
+    that, and the measurement; refused there unless requested by its opt-in name."""
+
+    mode: str
+    opt_in: str
+    needs: str
+    runs_instead: str
+    how_slow: str
+    measured: str
+
+    def refusal(self, why: str, alternatives: str) -> ConfigError:
+        return ConfigError(
+            f"precision {self.mode} needs {self.needs}, which are not available here ({why}); without them {self.mode} "
+            f"runs {self.runs_instead}, {self.how_slow} ({self.measured}), so a run would take many times as long "
+            f"as in fp32. Use precision {alternatives}; to run {self.mode} anyway, precision {self.opt_in}")
+
+    def opted_in(self, why: str) -> str:
+        return f"{self.mode}: requested as {self.opt_in}: {self.runs_instead}, without {self.needs} ({why})"
+
+
+INT8_WITHOUT_AMX = SlowMode(
+    "int8", SLOW_INT8, "our AMX int8 kernels", "oneDNN's int8 kernels",
+    "hundreds of times slower than fp32 on a CPU without AMX",
+    "measured on an AMD EPYC with AVX2 only (docs/benchmarks.md): a step's two products with a 1,024 × 8,192 "
+    "synapse, 64 rows, 8.8 s in int8 against 0.026 s in fp32")
+BF16_WITHOUT_INSTRUCTIONS = SlowMode(
+    "bf16", SLOW_BF16, f"bf16 dot-product instructions ({' or '.join(BF16_INSTRUCTIONS)})",
+    "torch's emulated bf16 products", "26-49 times slower than fp32",
+    "measured on an AMD EPYC with AVX2 only (docs/benchmarks.md): a step's two FC-1 products, 64 rows, "
+    "1,222 ms in bf16 against 46 ms in fp32 at the snli-paper shape class, 13.3 ms against 0.27 ms at the "
+    "smoke shape class")
+
+
+def _alternatives(refused: str, usable: dict[str, bool]) -> str:
+    """The requests that run well here instead of `refused`: auto, fp32 and the other fast modes this machine has."""
+    names = ["auto (the fastest faithful mode here)", "fp32", *(m for m, ok in usable.items() if ok and m != refused)]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def amx_int8_kernels() -> tuple[bool, str]:
@@ -250,14 +304,6 @@ def choose(seconds: dict[str, float], amx: tuple[bool, str]) -> tuple[str, str]:
                                          + [o for o in others if not o.startswith(best)])
 
 
-def _refuse_slow_int8(amx_reason: str) -> ConfigError:
-    return ConfigError(
-        f"precision int8 needs our AMX int8 kernels, which cannot run here ({amx_reason}); without them int8 runs "
-        f"oneDNN's int8 kernels, hundreds of times slower than fp32 on a CPU without AMX ({SLOW_INT8_MEASURED}), "
-        f"so a run would not finish. Use precision auto (the fastest faithful mode here), fp32 or bf16; to run "
-        f"int8 anyway, precision {SLOW_INT8}")
-
-
 def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> tuple[str, str]:
     """(mode, reason) for a requested precision on this machine and device; ConfigError where the request
     cannot run usefully here (module docstring: the rule)."""
@@ -265,8 +311,8 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         raise ConfigError(f"precision {requested!r}: choose one of {', '.join(REQUESTS)}")
     if requested == "fp32":
         return "fp32", "fp32: requested (the exact path)"
-    on_cpu = torch.device(device).type == "cpu"
-    if requested in ("int8", SLOW_INT8):
+    mode, on_cpu = OPT_INS.get(requested, requested), torch.device(device).type == "cpu"
+    if mode == "int8":
         from analog_ep.fast.lowp_weights import int8_available
 
         if not int8_available(device):
@@ -275,30 +321,31 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         amx, why = amx_int8_kernels()
         if amx:
             return "int8", "int8: requested, AMX kernels"
-        if requested == "int8":
-            raise _refuse_slow_int8(why)
-        return "int8", f"int8: requested as {SLOW_INT8}, oneDNN's int8 kernels (no AMX kernels: {why})"
+        if requested == SLOW_INT8:
+            return "int8", INT8_WITHOUT_AMX.opted_in(why)
+        raise INT8_WITHOUT_AMX.refusal(why, _alternatives("int8", {"bf16": not emulates_bf16(this_machine())}))
+    machine = this_machine(device)
+    if mode == "bf16" and on_cpu and emulates_bf16(machine):
+        why = f"{machine.model} has none of {', '.join(BF16_INSTRUCTIONS)}"
+        if requested == SLOW_BF16:
+            return "bf16", BF16_WITHOUT_INSTRUCTIONS.opted_in(why)
+        raise BF16_WITHOUT_INSTRUCTIONS.refusal(why, _alternatives("bf16", {"int8": amx_int8_kernels()[0]}))
     if not has_large_synapse(spec):  # nothing to calibrate: no product would run in low precision
-        if requested == "bf16":
+        if mode == "bf16":
             return "bf16", "bf16: requested"
         return "fp32", "fp32: no synapse is large enough for low-precision products"
     amx = amx_int8_kernels() if on_cpu else (False, f"int8 runs on the CPU only (device is {device})")
-    if requested == "bf16":
+    if mode == "bf16":
         seconds = calibration(spec, device, ("fp32", "bf16"))
-        reason = f"bf16: requested; {_versus_fp32('bf16', seconds)}"
         if seconds["bf16"] > seconds["fp32"]:
-            machine = this_machine(device)
-            hardware = (f" ({machine.model} has no bf16 dot-product instructions: avx512_bf16, amx_bf16)"
-                        if on_cpu and not {"avx512_bf16", "amx_bf16"} & set(machine.flags) else "")
             _warn_once(f"{machine.key()}/{ShapeClass.of(spec).key()}",
-                       f"precision bf16: {_versus_fp32('bf16', seconds)}{hardware}; precision auto or fp32 runs "
-                       f"faster")
-        return "bf16", reason
-    if on_cpu and not amx[0] and not {"avx512_bf16", "amx_bf16"} & set(this_machine(device).flags):
-        # nothing to measure: bf16 products are emulated here (26-49x slower than fp32 on an AVX2 EPYC), and a
-        # timing on a busy machine could only mislead
-        return "fp32", (f"fp32: this CPU has no bf16 dot-product instructions (avx512_bf16, amx_bf16) and no AMX "
-                        f"kernels for int8 ({amx[1]})")
+                       f"precision bf16: {_versus_fp32('bf16', seconds)}; precision auto or fp32 runs faster")
+        return "bf16", f"bf16: requested; {_versus_fp32('bf16', seconds)}"
+    if on_cpu and not amx[0] and emulates_bf16(machine):
+        # nothing to measure: bf16 products are emulated here (BF16_WITHOUT_INSTRUCTIONS), and a timing on a busy
+        # machine could only mislead
+        return "fp32", (f"fp32: this CPU has no bf16 dot-product instructions ({', '.join(BF16_INSTRUCTIONS)}) "
+                        f"and no AMX kernels for int8 ({amx[1]})")
     return choose(calibration(spec, device, ("fp32", "bf16", "int8") if amx[0] else ("fp32", "bf16")), amx)
 
 

@@ -30,7 +30,7 @@ def flat(grads):
 def test_bench_json_has_the_documented_fields(capsys):
     code = main(["bench", "--shape", "imdb-tiny", "--batch", "4", "--json", "--in-process", "--no-compile",
                  "--peak-size", "256", "--check-fidelity", "--fidelity-batch", "2", "--warmup", "1",
-                 "--precision", "bf16"])
+                 "--precision", "bf16-emulated"])  # bf16 here, even on a CPU that emulates it
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert {"machine", "settings", "peaks", "results", "flop_formula"} <= set(report)
@@ -48,7 +48,7 @@ def test_bench_json_has_the_documented_fields(capsys):
     assert math.isfinite(rec["fidelity"]["angle_deg"])
     assert report["settings"]["inputs"] == "auto" and rec["inputs"] == "random"  # test shapes have no real data
     assert rec["key_fraction"] == 1.0  # random vectors never repeat: the full retrieval
-    assert (rec["precision"], rec["precision_reason"]) == ("bf16", "bf16: requested")  # no large synapse: no check
+    assert rec["precision"] == "bf16" and rec["precision_reason"].startswith("bf16: requested")  # nothing timed
 
 
 def token_batch(spec, batch: int, vocab: int = 9, seed: int = 0):

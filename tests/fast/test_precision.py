@@ -1,5 +1,6 @@
-"""The precision rule (analog_ep/fast/precision.py): int8 refused without the AMX kernels (on every machine: the
-capability check is patched both ways), auto never slower than fp32, the calibration cached per machine."""
+"""The precision rule (analog_ep/fast/precision.py): int8 refused without the AMX kernels and bf16 on a CPU without
+bf16 instructions (on every machine: the capability checks are patched both ways), each with its opt-in; auto never
+slower than fp32; the calibration cached per machine."""
 
 from __future__ import annotations
 
@@ -59,15 +60,71 @@ def test_auto_on_a_cpu_without_bf16_instructions_or_amx_is_fp32_without_measurin
 
 def test_int8_without_the_amx_kernels_is_refused_with_the_reason_and_the_alternatives(monkeypatch):
     amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
     with pytest.raises(ConfigError) as refused:
         resolve_precision("int8", LARGE)
     message = str(refused.value)
     assert "this CPU lacks amx_tile" in message and "hundreds of times slower than fp32" in message
-    assert "auto" in message and "int8-library" in message
+    assert "8.8 s in int8 against 0.026 s in fp32" in message  # the measurement docs/benchmarks.md records
+    assert "precision auto (the fastest faithful mode here), fp32 or bf16;" in message
+    assert "to run int8 anyway, precision int8-library" in message
     mode, reason = resolve_precision("int8-library", LARGE)  # the explicit opt-in runs it anyway
     assert mode == "int8" and "oneDNN" in reason and "this CPU lacks amx_tile" in reason
     assert not calls  # an explicit int8 request measures nothing
+
+
+def test_int8_refused_on_a_cpu_without_bf16_instructions_offers_no_bf16(monkeypatch):
+    amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch, present=False)
+    with pytest.raises(ConfigError) as refused:
+        resolve_precision("int8", LARGE)
+    assert "Use precision auto (the fastest faithful mode here) or fp32;" in str(refused.value)
+
+
+@pytest.mark.parametrize("spec", [LARGE, SMALL], ids=["large-synapse", "small"])  # small: the retrieval is bf16
+def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_with_the_measurement(monkeypatch, spec):
+    amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("an explicit bf16 measures nothing"))
+    with pytest.raises(ConfigError) as refused:
+        resolve_precision("bf16", spec)
+    message = str(refused.value)
+    assert "needs bf16 dot-product instructions (avx512_bf16 or amx_bf16)" in message
+    assert "Test CPU has none of avx512_bf16, amx_bf16" in message
+    assert "1,222 ms in bf16 against 46 ms in fp32" in message  # the measurement docs/benchmarks.md records
+    assert "Use precision auto (the fastest faithful mode here) or fp32;" in message
+    assert "to run bf16 anyway, precision bf16-emulated" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mode, reason = resolve_precision("bf16-emulated", spec)  # the explicit opt-in runs it, without a warning
+    assert mode == "bf16"
+    assert reason.startswith("bf16: requested as bf16-emulated: torch's emulated bf16 products")
+    assert "Test CPU has none of avx512_bf16, amx_bf16" in reason
+
+
+def test_bf16_refused_offers_int8_where_the_amx_kernels_run(monkeypatch):
+    amx(monkeypatch, present=True)
+    bf16_instructions(monkeypatch, present=False)
+    with pytest.raises(ConfigError, match=r"Use precision auto \(the fastest faithful mode here\), fp32 or int8;"):
+        resolve_precision("bf16", LARGE)
+
+
+def test_bf16_on_a_cpu_with_bf16_instructions_or_on_a_gpu_is_not_refused(monkeypatch):
+    amx(monkeypatch, present=False)
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
+    bf16_instructions(monkeypatch, present=True)
+    assert resolve_precision("bf16", LARGE)[0] == "bf16"
+    assert resolve_precision("bf16-emulated", LARGE) == resolve_precision("bf16", LARGE)  # nothing emulated here
+    bf16_instructions(monkeypatch, present=False)
+    assert resolve_precision("bf16", LARGE, device="cuda")[0] == "bf16"  # the CPU's flags say nothing of a GPU
+
+
+def test_flags_that_do_not_name_x86_instruction_sets_refuse_nothing():
+    unknown = Machine("cpu", "ARM CPU", (), torch.__version__, 2)  # no x86 flags read: not known to emulate bf16
+    assert not precision.emulates_bf16(unknown)
+    assert precision.emulates_bf16(Machine("cpu", "Old x86", ("sse2",), torch.__version__, 2))
+    assert not precision.emulates_bf16(Machine("cpu", "Zen 5", ("sse2", "avx512_bf16"), torch.__version__, 2))
 
 
 def test_int8_with_the_amx_kernels_runs_them(monkeypatch):
@@ -116,16 +173,18 @@ def test_auto_measures_on_this_device_and_states_the_reason(monkeypatch):
 
 
 def test_a_graph_without_a_large_synapse_needs_no_calibration(monkeypatch):
+    bf16_instructions(monkeypatch)
     monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
     assert resolve_precision("auto", SMALL) == ("fp32", "fp32: no synapse is large enough for low-precision products")
     assert resolve_precision("bf16", SMALL)[0] == "bf16"
     assert resolve_precision("fp32", LARGE)[0] == "fp32"
-    with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16, int8, int8-library"):
+    with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16, int8, int8-library, bf16-emulated"):
         resolve_precision("fp16", LARGE)
 
 
-def test_bf16_slower_than_fp32_runs_with_one_warning(monkeypatch):
+def test_bf16_slower_than_fp32_on_a_cpu_with_bf16_instructions_runs_with_one_warning(monkeypatch):
     amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch)
     fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 4.0})
     with pytest.warns(RuntimeWarning, match=r"bf16 products 4\.0× slower than fp32 here"):
         mode, reason = resolve_precision("bf16", LARGE)
@@ -136,6 +195,7 @@ def test_bf16_slower_than_fp32_runs_with_one_warning(monkeypatch):
 
 
 def test_bf16_faster_than_fp32_runs_without_a_warning(monkeypatch):
+    bf16_instructions(monkeypatch)
     fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -238,3 +298,26 @@ def test_bench_refuses_int8_without_the_amx_kernels_before_measuring(monkeypatch
     assert main(["bench", "--shape", "snli-paper", "--precision", "int8", "--in-process"]) == 2
     err = capsys.readouterr().err
     assert "needs our AMX int8 kernels" in err and "int8-library" in err
+
+
+def test_bench_refuses_bf16_on_a_cpu_without_bf16_instructions_before_measuring(monkeypatch, capsys):
+    from analog_ep.cli import main
+
+    amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr("analog_ep.bench.report.machine_info", lambda: pytest.fail("nothing is measured"))
+    assert main(["bench", "--shape", "imdb-tiny", "--precision", "bf16", "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "needs bf16 dot-product instructions" in err and "bf16-emulated" in err
+
+
+def test_bench_accuracy_refuses_a_trap_and_a_comparison_of_the_exact_path_with_itself(monkeypatch, capsys):
+    from analog_ep.cli import main
+
+    amx(monkeypatch, present=False)
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr("analog_ep.cli.bench.compare_training", lambda *a, **k: pytest.fail("nothing is trained"))
+    assert main(["bench", "--accuracy", "--shape", "imdb-cpu", "--precision", "bf16"]) == 2
+    assert "bf16-emulated" in capsys.readouterr().err
+    assert main(["bench", "--accuracy", "--shape", "imdb-cpu"]) == 2  # auto is the exact path here: nothing to compare
+    assert "compares the exact path with a fast mode" in capsys.readouterr().err
