@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except SeqepError as err:
-        print(f"seqep {args.command}: error: {err}", file=sys.stderr)
+        from analog_ep.train.distributed import prints_user_errors
+
+        if prints_user_errors(err):  # under torchrun: once, not by every rank
+            print(f"seqep {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nseqep {args.command}: interrupted", file=sys.stderr)

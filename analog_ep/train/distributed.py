@@ -57,6 +57,20 @@ class World:
         return self.rank == 0
 
 
+class RankError(ConfigError):
+    """A user error of this process alone (its device, say), which the other ranks do not have: printed by the
+    rank that has it (`prints_user_errors`)."""
+
+
+def prints_user_errors(err: BaseException, env: dict[str, str] | None = None) -> bool:
+    """Whether this process prints a user error. Under torchrun every rank reads the same command line and files
+    and so meets the same error: the first rank of each node prints it (one message in each node's log; one
+    process outside torchrun), the others leave with the same exit status in silence. An error of one rank alone
+    (`RankError`) is printed by the rank that has it."""
+    env = os.environ if env is None else env
+    return isinstance(err, RankError) or int(env.get("LOCAL_RANK", "0")) == 0
+
+
 def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return all(name in env for name in LAUNCH_VARIABLES)
@@ -89,7 +103,7 @@ def _check_device(device: str, local_rank: int, world_size: int) -> None:
         raise ConfigError(f"train.device = {device} under torchrun: every rank would use the same GPU. Use "
                           "--device cuda, and each rank takes cuda:LOCAL_RANK")
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"rank with LOCAL_RANK {local_rank} has no GPU (this node shows "
+        raise RankError(f"rank with LOCAL_RANK {local_rank} has no GPU (this node shows "
                           f"{torch.cuda.device_count()}): start at most that many processes per node "
                           "(torchrun --nproc_per_node)")
     torch.cuda.set_device(local_rank)

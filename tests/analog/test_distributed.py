@@ -336,3 +336,35 @@ def test_evaluate_under_torchrun_gives_the_one_process_numbers(tmp_path, capsys)
     shared = json.loads(done.stdout)  # rank 0 alone prints
     assert shared["world_size"] == 2 and alone["world_size"] == 1
     assert (shared["accuracy"], shared["n"]) == (alone["accuracy"], alone["n"])
+
+
+# ---------------------------------------------------------------- user errors under torchrun
+@pytest.mark.parametrize("setting, says", [
+    ("ep.no_such_key=1", "unknown key ep.no_such_key"),  # met before any process group exists
+    ("ep.estimator=cep", "cannot train data-parallel"),  # met inside the process group
+], ids=["before-the-group", "inside-the-group"])
+def test_a_user_error_under_torchrun_is_printed_once_and_every_rank_exits_with_its_status(tmp_path, setting, says):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analog_ep.cli", "train",
+                           "--task", "imdb", "--preset", "smoke", "--set", setting, "--out", str(tmp_path / "run"),
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert output.count("seqep train: error:") == 1 and says in output, output[-3000:]
+    assert output.count("exitcode  : 2") == 2  # torchrun's summary: both ranks left with the user-error status
+
+
+def test_the_first_rank_of_a_node_prints_a_user_error_and_any_rank_its_own():
+    shared, own = ConfigError("the same on every rank"), distributed.RankError("this rank's device")
+    for env, prints_shared in (({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+                               ({"RANK": "1", "LOCAL_RANK": "1"}, False), ({"RANK": "8", "LOCAL_RANK": "0"}, True)):
+        assert distributed.prints_user_errors(shared, env) == prints_shared, env
+        assert distributed.prints_user_errors(own, env), env
+
+
+def test_a_rank_without_a_gpu_says_so_itself(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(distributed.RankError, match="LOCAL_RANK 1 has no GPU"):
+        distributed._check_device("cuda", 1, 2)
