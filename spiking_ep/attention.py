@@ -11,6 +11,12 @@ Two winner rules, the attention counterparts of the two rate codings:
 - "herd": deterministic herding: credit_j += p_j, winner = argmax credit, credit_winner −= 1. The count
   of each winner tracks Σ_t p_{t,j} within a bounded error (the multi-class IF neuron).
 - "dense" (ablation, not spiking): transmit the analog retrieval itself.
+- "event" (event-driven attention, an energy lever): no pointer units. A sample's rows recompute the
+  query, scores, softmax and retrieval softmax(γ q Kᵀ) K only when the first FC layer's trace has drifted
+  by at least `drift` (L1) since the last recompute, and hold the retrieval otherwise: a settled
+  attention sends nothing. The query's top-down part W₁ᵀh¹ is then computed densely at each event instead
+  of by every fc1 spike, and the value path W₁ flat(s¹) changes only at events. With drift = 0 every step
+  is an event and the rows are the exact retrieval of the current query (the reference it is tested on).
 
 What is spike-driven and what is not (the energy report must count the dense parts as MACs):
 - spike-driven: the top-down part of the query, W₁ᵀh¹ (every spike of the first FC layer adds one
@@ -30,7 +36,8 @@ import torch
 from analog_ep.hopfield import hopfield_weights
 from spiking_ep.units.base import shared_uniform
 
-ATTENTION_MODES = ("herd", "sample", "dense")
+ATTENTION_MODES = ("herd", "sample", "dense", "event")
+DEFAULT_DRIFT = 0.5  # "event": L1 drift of the first FC layer's trace that triggers a recompute
 
 
 attention_weights = hopfield_weights  # the analog layer's softmax weights, shared (one definition)
@@ -70,27 +77,54 @@ class WTAState:
         return WTAState(credit, g, self.repeat * 2)
 
 
+@dataclass
+class EventState:
+    """Event-driven attention: the rows each sample holds, and the fc1 trace they were computed from."""
+
+    retrieval: torch.Tensor | None  # None before the first step: every sample's first step is an event
+    source: torch.Tensor | None  # (batch, n₁) trace of the first FC layer at the last recompute
+
+
 @dataclass(frozen=True)
 class SpikingAttention:
     """The projection layer's spiking retrieval. `step` returns the transmitted rows and the winner count."""
 
     mode: str = "herd"
     seed: int = 0
+    drift: float = DEFAULT_DRIFT  # "event" only: see the module docstring
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        if self.drift < 0:
+            raise ValueError(f"the event threshold drift must be ≥ 0, got {self.drift}")
 
-    def init(self, query: torch.Tensor, keys: torch.Tensor) -> WTAState:
+    @property
+    def holds_rows(self) -> bool:
+        """The rows are the retrieval itself, held between events: the trace is set, not filtered."""
+        return self.mode == "event"
+
+    def init(self, query: torch.Tensor, keys: torch.Tensor) -> WTAState | EventState:
+        if self.mode == "event":
+            return EventState(None, None)
         shape = query.shape[:-1] + (keys.shape[-2],)
         credit = torch.zeros(shape, dtype=query.dtype, device=query.device) if self.mode == "herd" else None
         gen = torch.Generator(device=query.device).manual_seed(self.seed) if self.mode == "sample" else None
         return WTAState(credit, gen)
 
     def step(
-        self, query: torch.Tensor, keys: torch.Tensor, gamma: float, key_mask: torch.Tensor | None, state: WTAState
-    ) -> tuple[torch.Tensor, int, WTAState]:
-        """(rows sent (..., Lq, d), number of winner spikes, new state) for one timestep."""
+        self, query: torch.Tensor, keys: torch.Tensor, gamma: float, key_mask: torch.Tensor | None,
+        state: WTAState | EventState, source: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int, WTAState | EventState]:
+        """(rows sent (..., Lq, d), number of winner spikes, new state) for one timestep.
+
+        "event": `source` is the first FC layer's trace; the rows are the held retrieval and the count is
+        the number of samples that recomputed it.
+        """
+        if self.mode == "event":
+            if source is None:
+                raise ValueError("event-driven attention needs the first FC layer's trace (source)")
+            return event_step(query, keys, gamma, key_mask, state, source, self.drift)
         weights = attention_weights(query, keys, gamma, key_mask)
         if self.mode == "dense":
             return torch.matmul(weights, keys), 0, state
@@ -102,3 +136,21 @@ class SpikingAttention:
         live = weights.sum(-1, keepdim=True) > 0  # rows with at least one real key
         sent = torch.take_along_dim(keys, winners.unsqueeze(-1), dim=-2) * live.to(keys.dtype)
         return sent, int(live.sum()), state
+
+
+def event_step(query: torch.Tensor, keys: torch.Tensor, gamma: float, key_mask: torch.Tensor | None,
+               state: EventState, source: torch.Tensor, drift: float) -> tuple[torch.Tensor, int, EventState]:
+    """Recompute the retrieval of the samples whose source trace moved by ≥ `drift` (L1); hold the rest."""
+    flat = source.reshape(source.shape[0], -1)
+    if state.source is None or state.retrieval is None:
+        fire = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    else:
+        fire = (flat - state.source).abs().sum(-1) >= drift
+    if not bool(fire.any()):
+        return state.retrieval, 0, state
+    fresh = torch.matmul(attention_weights(query, keys, gamma, key_mask), keys)
+    if state.retrieval is None or state.source is None:
+        return fresh, int(fire.sum()), EventState(fresh, flat.clone())
+    rows = fire.view(-1, *([1] * (fresh.dim() - 1)))
+    retrieval = torch.where(rows, fresh, state.retrieval)
+    return retrieval, int(fire.sum()), EventState(retrieval, torch.where(fire[:, None], flat, state.source))

@@ -125,7 +125,10 @@ class SpikeRecord:
       sends is real-valued, so its effect on the next layer is `dense_macs_per_step["attention_values"]`
       MACs per sample and step, plus the scores `["attention_scores"]` (and `softmax_exps`);
     - `dense_macs_per_sample["input_current"]`: the constant input current, computed once per sample;
-    - `neuron_updates_per_step[n]`: units of layer n updated each step (pointer units for attention).
+    - `neuron_updates_per_step[n]`: units of layer n updated each step (pointer units for attention);
+    - event-driven attention (mode "event"): no per-step attention MACs and no pointer units; each event
+      (a sample recomputing its rows) costs `dense_macs_per_event` (top-down query, scores, retrieval,
+      value path) and `exps_per_event`; the drift detector reads the n₁ fc1 traces every step.
     """
 
     layer_names: list[str]
@@ -137,6 +140,8 @@ class SpikeRecord:
     softmax_exps_per_step: int
     samples: int = 0
     phases: dict[str, PhaseRecord] = field(default_factory=dict)
+    dense_macs_per_event: dict[str, int] = field(default_factory=dict)
+    exps_per_event: int = 0
 
     def add(self, phase: str, spikes: list[float]) -> None:
         self.phases.setdefault(phase, PhaseRecord()).spikes.append(spikes)
@@ -164,9 +169,16 @@ class SpikeRecord:
         return float(sum(per_sample[n] * f for n, f in zip(self.layer_names, self.fan_out)))
 
     def dense_macs(self, phase: str | None = None) -> float:
-        """Dense MACs per sample: per-step parts times steps, plus the once-per-sample input current."""
+        """Dense MACs per sample: per-step parts times steps, per-event parts times events (event-driven
+        attention: the attention layer's count), plus the once-per-sample input current."""
         steps = sum(self.steps(p) for p in ([phase] if phase else self.phases))
-        return float(sum(self.dense_macs_per_step.values()) * steps + sum(self.dense_macs_per_sample.values()))
+        events = self.spikes_per_sample(phase)[self.layer_names[0]] if self.dense_macs_per_event else 0.0
+        return self.dense_macs_for(steps, events)
+
+    def dense_macs_for(self, steps: int, events: float) -> float:
+        """Dense MACs per sample of a run of `steps` steps with `events` attention events per sample."""
+        return float(sum(self.dense_macs_per_step.values()) * steps + sum(self.dense_macs_per_event.values()) * events
+                     + sum(self.dense_macs_per_sample.values()))
 
     def to_dict(self) -> dict:
         return {
@@ -177,6 +189,8 @@ class SpikeRecord:
             "dense_macs_per_step": self.dense_macs_per_step,
             "dense_macs_per_sample": self.dense_macs_per_sample,
             "softmax_exps_per_step": self.softmax_exps_per_step,
+            "dense_macs_per_event": self.dense_macs_per_event,
+            "exps_per_event": self.exps_per_event,
             "samples": self.samples,
             "steps": {p: r.steps for p, r in self.phases.items()},
             "spikes_per_sample": {p: self.spikes_per_sample(p) for p in self.phases},
@@ -194,11 +208,22 @@ def new_record(snet: SpikingNet, samples: int) -> SpikeRecord:
     fan_out, units, updates = [], [], []
     macs_step = {"attention_scores": 0, "attention_values": 0}
     macs_sample = {"input_current": 0}
-    exps = 0
+    macs_event: dict[str, int] = {}
+    exps = exps_event = 0
+    events = snet.attention.holds_rows
     for n, size in enumerate(sizes):
         up = sizes[n + 1] if n + 1 < len(sizes) else 0
-        down = sizes[n - 1] if n > 0 else 0
-        if snet.is_attention_layer(n):
+        # with event-driven attention the top-down query is computed densely at events, not by fc1's spikes
+        down = sizes[n - 1] if n > 0 and not (events and snet.is_attention_layer(n - 1)) else 0
+        if snet.is_attention_layer(n) and events:
+            rows, keys = P * spec.proj_len, spec.seq_len
+            units.append(1)  # one event unit per sample: all its rows recompute together
+            updates.append(sizes[1])  # the drift detector reads every fc1 trace, every step
+            fan_out.append(0)
+            macs_event = {"query": sizes[1] * rows * spec.dim, "scores": rows * keys * spec.dim,
+                          "retrieval": rows * keys * spec.dim, "values": rows * spec.dim * sizes[1]}
+            exps_event = rows * keys
+        elif snet.is_attention_layer(n):
             rows, keys = P * spec.proj_len, spec.seq_len
             units.append(rows)
             updates.append(rows * keys)
@@ -214,7 +239,8 @@ def new_record(snet: SpikingNet, samples: int) -> SpikeRecord:
         macs_sample["input_current"] = P * spec.seq_len * spec.dim * spec.dim
     elif not P:
         macs_sample["input_current"] = spec.fc_input_size * spec.layers[0]
-    return SpikeRecord(names, units, fan_out, updates, macs_step, macs_sample, exps, samples)
+    return SpikeRecord(names, units, fan_out, updates, macs_step, macs_sample, exps, samples,
+                       dense_macs_per_event=macs_event, exps_per_event=exps_event)
 
 
 # ---------------------------------------------------------------- one timestep
@@ -250,9 +276,9 @@ def spiking_step(
         for n in group:
             if snet.is_attention_layer(n):
                 sent, events, units[n] = snet.attention.step(
-                    drives[n], inputs.keys, net.spec.hopfield_gamma, inputs.key_mask, units[n])
+                    drives[n], inputs.keys, net.spec.hopfield_gamma, inputs.key_mask, units[n], traces[n + 1])
                 spikes[n], counts[n] = sent, float(events)
-                traces[n] = filter_trace(traces[n], sent, alpha)
+                traces[n] = sent if snet.attention.holds_rows else filter_trace(traces[n], sent, alpha)
                 continue
             rate = net.update_layer(inputs, traces, n, drives[n], beta, target)
             spikes[n], units[n] = coding.encode(rate, units[n])

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from analog_ep.errors import ConfigError
+from analog_ep.train import distributed
 from analog_ep.train.config import EPSection
 from analog_ep.train.run_dir import software_versions
 from spiking_ep.convert import SpikingNet
@@ -148,6 +149,8 @@ def compare_spiking(snet: SpikingNet, batches: Batches, ep: EPSection, options: 
     bar = tqdm(keep_first(batches), total=total_batches, desc="spiking eval", unit="batch",
                disable=not options.progress, file=sys.stderr, leave=False)
     result = evaluate_spiking(snet, bar, timesteps, analog_steps=T1, analog_tol=ep.eval_tol)
+    if not distributed.current().is_main:  # under torchrun the other ranks only evaluate their parts of the data
+        return result
     x_probe = torch.cat([b[0] for b in first])[: options.probe_samples]
     y_probe = torch.cat([b[1] for b in first])[: options.probe_samples]
     probe = SpikeProbe(snet)
@@ -180,7 +183,8 @@ def compare_spiking(snet: SpikingNet, batches: Batches, ep: EPSection, options: 
         "samples": result["samples"],
         "memory": options.memory,
         "seed": {"training": options.data.get("seed"), "spiking": snet.attention.seed},
-        "spiking_config": result["config"],
+        "spiking_config": {**result["config"],
+                           **({"attention_drift": snet.attention.drift} if snet.attention.holds_rows else {})},
         "network": {"name": spec.name, "layers": spec.layer_names, "spec": spec.to_dict()},
         "software": _versions(),
         "analog": {**result["analog"], "inference_steps": T1, "training_steps": {

@@ -20,6 +20,9 @@ Spiking network, measured spikes S_n (|spikes|: a sigma-delta spike of n quanta 
     dense_mac         attention scores (proj), value path W₁ flat(s¹) (fc1), input current (once)
     exp               softmax of the attention, every step
     neuron_update     every unit (and attention pointer unit) every step
+    (event-driven attention: no pointer units and no spike-driven query; per event, i.e. per sample
+     whose fc1 trace drifted: query W₁ᵀh¹, scores, retrieval (proj) and value path (fc1) dense MACs and
+     the softmax's exps; the drift detector is n₁ neuron updates per step)
     spike_generation  one per spike emitted (Loihi's active-minus-idle neuron update)
 
 Memory traffic (optional kind `weight_read`, `memory=True`; off by default): one read of one weight per
@@ -248,16 +251,18 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
     rec = new_record(snet, 0)
     names, sizes = rec.layer_names, state_sizes(spec)
     attention = [snet.is_attention_layer(n) for n in range(len(names))]
+    events = snet.attention.holds_rows  # event-driven attention: its count is recomputes, priced as dense work
     counts = Counts("spiking", names)
     for i, (phase, (steps, spikes)) in enumerate(phases.items()):
         counts.steps[phase] = steps
         for n, name in enumerate(names):
             counts.add(phase, name, "neuron_update", rec.neuron_updates_per_step[n] * steps)
-            counts.add(phase, name, "spike_generation", spikes[name])
+            if not (attention[n] and events):
+                counts.add(phase, name, "spike_generation", spikes[name])
             if attention[n]:
                 continue  # winner events: the rows send real vectors, priced as dense MACs below
             for m in (n - 1, n + 1):  # every spike reaches every unit of both neighbours
-                if 0 <= m < len(names):
+                if 0 <= m < len(names) and not (attention[m] and events):  # events: the query is dense
                     counts.add(phase, names[m], "sop", spikes[name] * sizes[m])
                     if memory:
                         counts.add(phase, names[m], "weight_read", spikes[name] * sizes[m])
@@ -265,7 +270,9 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
                                                         "units": rec.layer_units[n], "unit_steps": 0.0})
             model["spikes"] += spikes[name]
             model["unit_steps"] += rec.layer_units[n] * steps
-        if attention[0]:
+        if attention[0] and events:
+            _add_attention_events(counts, rec, phase, spikes[names[0]], memory)
+        elif attention[0]:
             counts.add(phase, names[0], "dense_mac", rec.dense_macs_per_step["attention_scores"] * steps)
             counts.add(phase, names[0], "exp", rec.softmax_exps_per_step * steps)
             counts.add(phase, names[1], "dense_mac", rec.dense_macs_per_step["attention_values"] * steps)
@@ -280,6 +287,19 @@ def spiking_counts(snet: SpikingNet, phases: PhaseSpikes, updates: Mapping[str, 
     for layer, c in (updates or {}).items():
         counts.add("update", layer, "synaptic_update", c)
     return counts
+
+
+def _add_attention_events(counts: Counts, rec: SpikeRecord, phase: str, events: float, memory: bool) -> None:
+    """Event-driven attention: per event the query W₁ᵀh¹, scores, softmax and retrieval (proj) and the
+    value path's change W₁ Δflat(s¹) (fc1); the W₁ products read weights, scores and retrieval read keys."""
+    names, per_event = rec.layer_names, rec.dense_macs_per_event
+    counts.add(phase, names[0], "dense_mac", (per_event["query"] + per_event["scores"] + per_event["retrieval"])
+               * events)
+    counts.add(phase, names[0], "exp", rec.exps_per_event * events)
+    counts.add(phase, names[1], "dense_mac", per_event["values"] * events)
+    if memory:
+        counts.add(phase, names[0], "weight_read", per_event["query"] * events)
+        counts.add(phase, names[1], "weight_read", per_event["values"] * events)
 
 
 # ---------------------------------------------------------------- training samples

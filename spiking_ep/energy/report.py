@@ -153,7 +153,9 @@ def _coding(cfg: dict[str, Any]) -> str:
         unit = f"sigma-delta, θ = 1/{round(1 / theta)}"
     else:
         unit = f"{cfg['coding']}, τ = {cfg['tau']}"
-    return f"{unit}, attention {cfg['attention']}"
+    drift = (f" (recompute at an L1 drift of fc1's trace ≥ {cfg['attention_drift']:g})"
+             if "attention_drift" in cfg else "")
+    return f"{unit}, attention {cfg['attention']}{drift}"
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
