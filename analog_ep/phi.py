@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
-from analog_ep.hopfield import hopfield_retrieve
+from analog_ep.embedding import embed_batch, embedding_grad
+from analog_ep.hopfield import hopfield_retrieve, hopfield_weights
 from analog_ep.spec import GraphSpec, Projection
 from analog_ep.state import Inputs, State
 
@@ -60,6 +61,7 @@ class EPNet(nn.Module):
         sizes = [spec.fc_input_size, *spec.layers]
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(o, i)) for i, o in zip(sizes[:-1], sizes[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(o)) for o in sizes[1:]])
+        self.embedding = nn.Parameter(torch.empty(spec.vocab_size, spec.embed_dim)) if spec.vocab_size else None
         self.activation = get_activation(spec.activation)
         self.reset_parameters(seed)
 
@@ -89,12 +91,17 @@ class EPNet(nn.Module):
                 bound = gain / math.sqrt(w.shape[1])
                 w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
                 b.copy_(torch.rand(b.shape, generator=gen) * 2 * bound - bound + self.spec.bias_offset)
+            if self.embedding is not None:  # drawn last: a net without a table draws exactly what it always did
+                self.embedding.copy_(torch.randn(self.embedding.shape, generator=gen))
+                self.embedding[0] = 0  # PAD
 
     @property
     def param_layer(self) -> dict[str, str]:
         """Which layer each parameter feeds (for per-layer gradient reports)."""
         names = self.spec.layer_names
         out = {n: "proj" for n in ("proj_weight", "proj_query") if getattr(self, n) is not None}
+        if self.embedding is not None:
+            out["embedding"] = "embedding"
         offset = 1 if self.spec.num_projections else 0
         for n in range(len(self.weights)):
             out[f"weights.{n}"] = names[offset + n]
@@ -104,7 +111,8 @@ class EPNet(nn.Module):
     # ------------------------------------------------------------------ inputs and states
     def prepare(self, x: torch.Tensor, precision: str = "fp32",
                 weights: list[LowPrecisionWeight | None] | None = None) -> Inputs:
-        """Per-batch constants from embedded tokens x: (B, S, L, d).
+        """Per-batch constants from embedded tokens x: (B, S, L, d), or from token ids (B, S, L) when the net
+        learns its word vectors (`embedding`): they are looked up here, and the ids kept for Φ's ∂/∂table.
 
         precision "fp32" (default): every product in the parameters' dtype (the exact path). "bf16": the
         large products run on bf16 operands (`Inputs.lowp`, `analog_ep.fast.lowp_phi`). "int8": the same,
@@ -114,10 +122,28 @@ class EPNet(nn.Module):
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        ids = None
+        if not x.dtype.is_floating_point:
+            ids, x = x, self.embed(x)
+            if precision != "fp32":
+                raise ValueError("learned word vectors train on the exact path: use precision fp32 (the fast path "
+                                 "has no contrast for the embedding table)")
         inputs = self._exact_inputs(x)
+        inputs.ids = ids
         if precision != "fp32":
             return _fast().prepare(self, inputs, precision, weights)
         return inputs
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, S, L) token ids -> (B, S, L, d) through the learned table (PAD exactly zero; with
+        `spec.exact_match` the pair-overlap channel appended). Differentiable: BPTT reaches the table through it."""
+        if self.embedding is None:
+            raise ValueError("this net reads word vectors, not token ids: give prepare() embedded tokens (B, S, L, d), "
+                             "or build it with GraphSpec(vocab_size=...) to learn the vectors")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.spec.vocab_size - 1} (the table's rows), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        return embed_batch(ids, self.embedding, self.spec.exact_match)
 
     def _exact_inputs(self, x: torch.Tensor) -> Inputs:
         spec = self.spec
@@ -289,7 +315,39 @@ class EPNet(nn.Module):
             hc = h * c
             grads[f"weights.{n}"] = torch.mm(hc.t(), a)
             grads[f"biases.{n}"] = hc.sum(0)
+        if self.embedding is not None and inputs.ids is not None:
+            tokens = self._token_grads(inputs, state, c)[..., :self.spec.embed_dim]  # the overlap flag is no parameter
+            grads["embedding"] = embedding_grad(inputs.ids, tokens, self.spec.vocab_size)
         return grads
+
+    def _token_grads(self, inputs: Inputs, state: State, c: torch.Tensor) -> torch.Tensor:
+        """Σ_b c_b ∂(Φ − Σ_p Lᵖ)/∂x_b per token, (B, S, L, d): what the learned word vectors' contrast is made of.
+
+        A token enters Φ as a key of each projection that reads its stream (and, without pooling, as a query
+        through ⟨W₀ x_t, s_t⟩). The retrieval sᵖ = softmax(γ u Kᵀ) K maximises ⟨s, u⟩ − Lᵖ(s; K), where Lᵖ is the
+        convex conjugate of lse_γ(K u) = γ⁻¹ log Σ_t exp(γ k_t·u); by the envelope theorem
+        −∂Lᵖ/∂k_t = Σ_q α_qt u_q at the fixed point (u = ∂Φ/∂sᵖ, α = softmax(γ u Kᵀ)): the attention-weighted
+        drive, local to the projection layer. docs/theory.md has the derivation.
+        """
+        spec = self.spec
+        scale = c.view(-1, 1, 1, 1)
+        if not spec.num_projections:  # ⟨h¹, W₀ x⟩: ∂/∂x = W₀ᵀ h¹
+            B = state[0].shape[0]
+            return torch.mm(state[0] * c, self.weights[0]).view(B, spec.num_streams, spec.seq_len, spec.dim) \
+                * spec.input_scale
+        proj = state[0].to(c.dtype)
+        grads = torch.zeros(proj.shape[0], spec.num_streams, spec.seq_len, spec.dim, dtype=c.dtype, device=c.device)
+        if spec.attention:
+            u = self.layer_drive(inputs, state, 0)
+            alpha = hopfield_weights(u, inputs.keys, spec.hopfield_gamma, inputs.key_mask)
+            keys = torch.einsum("bpqk,bpqd->bpkd", alpha * scale, u)
+            for p, pr in enumerate(spec.projections):
+                grads[:, pr.key_stream] += keys[:, p]
+        if self.proj_weight is not None:
+            queries = torch.einsum("bple,ped->bpld", proj * scale, self.proj_weight)
+            for p, pr in enumerate(spec.projections):
+                grads[:, pr.query_stream] += queries[:, p]
+        return grads * spec.input_scale
 
     def symmetric_contrast(self, inputs: Inputs, nudged: State, scale: float) -> dict[str, torch.Tensor]:
         """scale · Σ_b [∂Φ/∂θ(s⁺_b) − ∂Φ/∂θ(s⁻_b)] for the ±β nudged states stacked as [s⁺; s⁻].

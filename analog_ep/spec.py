@@ -42,6 +42,8 @@ class GraphSpec:
     init_gain: float = 1.0
     input_scale: float = 1.0  # word vectors are multiplied by this before entering Φ
     bias_offset: float = 0.0  # added to initial biases: 1.0 starts units mid-range, off σ's kink at u = 0
+    vocab_size: int = 0  # > 0: the word vectors are a parameter of Φ (a (vocab_size, embed_dim) table, learned)
+    exact_match: bool = False  # with vocab_size: the net appends the pair-overlap channel after its lookup
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +60,12 @@ class GraphSpec:
             if not (0 <= p.query_stream < self.num_streams and 0 <= p.key_stream < self.num_streams):
                 raise ValueError(f"projection {p} refers to a stream outside 0..{self.num_streams - 1}")
         get_activation(self.activation)
+        if self.vocab_size < 0 or (self.vocab_size and self.vocab_size < 3):
+            raise ValueError(f"vocab_size must be 0 (word vectors given as inputs) or ≥ 3 (PAD, UNK and a word), "
+                             f"got {self.vocab_size}")
+        if self.exact_match and (not self.vocab_size or self.num_streams != 2 or self.dim < 2):
+            raise ValueError("exact_match needs a learned embedding table (vocab_size > 0) and sentence pairs "
+                             "(num_streams = 2)")
         if self.schedule not in ("alternating", "synchronous"):
             raise ValueError(f"schedule must be 'alternating' or 'synchronous', got {self.schedule!r}")
 
@@ -72,6 +80,11 @@ class GraphSpec:
     @property
     def hopfield_gamma(self) -> float:
         return self.gamma if self.gamma is not None else 1.0 / math.sqrt(self.dim)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the learned word vectors: the token width less the pair-overlap channel."""
+        return self.dim - int(self.exact_match)
 
     @property
     def proj_len(self) -> int:

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from analog_ep.errors import ConfigError
 from analog_ep.estimators import EPConfig
 from analog_ep.gdu import gdu_curve, gdu_report, plot_gdu_curve
 from analog_ep.models import MODELS, build_spec
@@ -19,6 +20,7 @@ examples:
   seqep gdu --model imdb --tiny --json              # seconds; the numbers the tests check
   seqep gdu --model snli --tiny --plot gdu.png      # per-step error curves, paper Fig. 2 style
   seqep gdu --model imdb --beta 0.01 --batch 4      # paper-sized IMDB network (minutes, ~3 GB)
+  seqep gdu --model snli --tiny --vocab 50          # learned word vectors: the table is checked as a layer
 
 Inputs are random Gaussian tokens: the check is about the dynamics, not the data. Angles near 0 mean
 EP's update points where BPTT's gradient does; symmetric EP should beat two-phase EP at the same β.
@@ -44,21 +46,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="also compute the per-step curve and plot it")
+    p.add_argument("--vocab", type=int, default=0, metavar="N",
+                   help="learn the word vectors: a table of N rows joins Φ's parameters and the inputs are random "
+                        "token ids (the check then covers the table as its own layer, 'embedding')")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     beta, free, nudge = PAPER_PHASES[args.model]
     cfg = EPConfig(args.beta or beta, args.free_steps or free, args.nudge_steps or nudge)
-    spec = build_spec(args.model, tiny=args.tiny, bias_offset=args.bias_offset, schedule=args.schedule)
+    if args.vocab < 0 or 0 < args.vocab < 3:
+        raise ConfigError(f"--vocab {args.vocab}: give 0 (random word vectors as inputs) or a table of ≥ 3 rows")
+    spec = build_spec(args.model, tiny=args.tiny, bias_offset=args.bias_offset, schedule=args.schedule,
+                      vocab_size=args.vocab)
     dtype = getattr(torch, args.dtype)
     net = EPNet(spec, seed=args.seed).to(dtype)
     g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, spec.num_streams, spec.seq_len, spec.dim, generator=g).to(dtype)
+    if args.vocab:  # token ids (no padding) looked up in the net's own table
+        x = torch.randint(1, args.vocab, (args.batch, spec.num_streams, spec.seq_len), generator=g)
+    else:
+        x = torch.randn(args.batch, spec.num_streams, spec.seq_len, spec.dim, generator=g).to(dtype)
     y = torch.randint(0, spec.num_classes, (args.batch,), generator=g)
     report = gdu_report(net, x, y, cfg, cep_lr=args.cep_lr)
     report["config"].update(model=args.model, tiny=args.tiny, seed=args.seed, dtype=args.dtype,
-                            schedule=args.schedule, bias_offset=args.bias_offset)
+                            schedule=args.schedule, bias_offset=args.bias_offset, vocab=args.vocab)
     if args.plot:
         plot_gdu_curve(gdu_curve(net, x, y, cfg), args.plot)
         report["plot"] = args.plot

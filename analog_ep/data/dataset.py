@@ -1,4 +1,4 @@
-"""The in-memory result: token-id datasets, one frozen embedding matrix, and per-batch embedding.
+"""The in-memory result: token-id datasets and one frozen embedding matrix (looked up per batch, `embed_batch`).
 
 Sequences are stored as int32 ids (N, S, L), never as floats: IMDB at L=600 with 300-d vectors would be
 18 GB as floats but is 60 MB as ids. The model embeds one batch at a time with ``embed_batch``.
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from analog_ep.data.vocab import PAD_ID
+from analog_ep.embedding import PAD_ID, embed_batch, exact_match_flags  # noqa: F401  (the pipeline's public lookup)
 
 
 class SequenceDataset(Dataset):
@@ -76,31 +76,3 @@ class TaskData:
     @property
     def splits(self) -> dict[str, SequenceDataset]:
         return {"train": self.train, "val": self.val, "test": self.test}
-
-
-def embed_batch(ids: torch.Tensor, embedding: torch.Tensor, exact_match: bool = False) -> torch.Tensor:
-    """``(B, S, L)`` ids -> ``(B, S, L, d)`` vectors in ``embedding``'s dtype and device.
-
-    Padding positions are exactly zero even if row 0 of ``embedding`` is not (e.g. after a careless update).
-    ``exact_match`` (sentence pairs, S = 2) appends one channel, d + 1: see `exact_match_flags`.
-    """
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
-    ids = ids.to(device=embedding.device, dtype=torch.long)
-    out = torch.nn.functional.embedding(ids, embedding).masked_fill((ids == PAD_ID).unsqueeze(-1), 0)
-    if exact_match:
-        out = torch.cat([out, exact_match_flags(ids).to(out.dtype)], dim=-1)
-    return out
-
-
-def exact_match_flags(ids: torch.Tensor) -> torch.Tensor:
-    """(B, 2, L) ids -> (B, 2, L, 1): 1 where a real token's word also occurs in the pair's other sentence.
-
-    Why: whether the hypothesis repeats the premise is the strongest cheap SNLI signal (a logistic
-    regression on mean GloVe vectors goes from 55.8 % to 62.8 % test with overlap features,
-    docs/results.md), and word vectors alone cannot express "the same word": a per-token flag can.
-    """
-    if ids.dim() != 3 or ids.shape[1] != 2:
-        raise ValueError(f"exact-match flags need sentence pairs, ids of shape (B, 2, L); got {tuple(ids.shape)}")
-    same = ids[:, 0].unsqueeze(-1) == ids[:, 1].unsqueeze(-2)  # (B, L, L): token i of the first = token j of the second
-    return (torch.stack([same.any(-1), same.any(-2)], dim=1) & (ids != PAD_ID)).unsqueeze(-1)

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-PAD_ID, UNK_ID = 0, 1
+from analog_ep.embedding import PAD_ID as PAD_ID  # the ids this module hands out (re-exported)
+
+UNK_ID = 1
 PAD, UNK = "<pad>", "<unk>"
 DROP = -1  # lookup-table value for an OOV token under oov="drop"
 

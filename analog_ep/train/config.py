@@ -61,6 +61,8 @@ class ModelConfig:
     bias_offset: float = 1.0
     init_gain: float = 1.0
     schedule: str = "alternating"
+    learn_embeddings: bool = False  # the word vectors become a parameter of Φ, initialised from data.vectors and
+    # learned by the run's estimator (EP: the local contrast of the phases, scattered onto the batch's token rows)
 
 
 @dataclass
@@ -98,6 +100,10 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     log_every: int = 20
+    embedding_lr: float | None = None  # learned word vectors' learning rate (None: the first layer's, lrs[0])
+    embedding_decay: float = 0.0  # L2 pull of the learned word vectors towards their initial values, applied
+    # only to the rows of the batch's tokens (rows never read are never touched)
+    word_dropout: float = 0.0  # fraction of a training batch's tokens replaced by padding (inputs only: EP-safe)
 
 
 @dataclass
@@ -205,6 +211,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.checkpoint_every must be > 0 steps, or none (checkpoint by time only)")
     if any(n <= 0 for n in cfg.model.hidden):
         raise ConfigError(f"{source}: model.hidden sizes must be > 0, got {cfg.model.hidden}")
+    if not 0.0 <= cfg.train.word_dropout < 1.0:
+        raise ConfigError(f"{source}: train.word_dropout = {cfg.train.word_dropout} must be in [0, 1)")
+    if cfg.train.embedding_decay < 0 or (cfg.train.embedding_lr is not None and cfg.train.embedding_lr < 0):
+        raise ConfigError(f"{source}: train.embedding_lr and train.embedding_decay must be ≥ 0")
+    if (cfg.train.embedding_lr is not None or cfg.train.embedding_decay) and not cfg.model.learn_embeddings:
+        raise ConfigError(f"{source}: train.embedding_lr / train.embedding_decay apply to learned word vectors: "
+                          "add --set model.learn_embeddings=true, or leave them unset")
     if any(lr < 0 for lr in cfg.train.lrs) or not cfg.train.lrs:
         raise ConfigError(f"{source}: train.lrs must be one or more non-negative learning rates")
 

@@ -154,12 +154,18 @@ def barrier() -> None:
 
 def sum_over_ranks(*values: float) -> list[float]:
     """Each value summed over the ranks (float64 on the wire, so counts stay exact)."""
-    world = current()
-    if not world.active:
+    if not current().active:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_device(world))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return sum_tensor_over_ranks(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed element-wise over the ranks, in float64 (counts stay exact), on `t`'s device; a new tensor."""
+    world = current()
+    total = t.to(dtype=torch.float64, device=_device(world) if world.active else t.device, copy=True)
+    if world.active:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(t.device)
 
 
 def max_over_ranks(value: float) -> float:
@@ -225,6 +231,14 @@ def shard(indices: torch.Tensor) -> torch.Tensor:
         return indices
     start, stop = shard_bounds(len(indices))
     return indices[start:stop]
+
+
+def whole_batches(n: int, batch_size: int) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous run of whole batches, when n items are cut into batches of
+    `batch_size` from the start: each rank's batches are batches one process forms, so whatever a batch decides
+    for all its samples (an early exit on its residual, a generator seeded per batch) comes out the same."""
+    start, stop = shard_bounds(-(-n // batch_size))
+    return min(start * batch_size, n), min(stop * batch_size, n)
 
 
 def shard_dataset(dataset: SequenceDataset) -> SequenceDataset:

@@ -12,8 +12,10 @@ from analog_ep.estimators import Estimate, Estimator
 from analog_ep.phi import EPNet
 
 
-def layer_param_groups(net: EPNet, lrs: Sequence[float] | float, weight_decay: float = 0.0) -> list[dict]:
-    """One optimiser group per layer (the paper's layer-wise learning rates: proj, fc1, …, out).
+def layer_param_groups(net: EPNet, lrs: Sequence[float] | float, weight_decay: float = 0.0,
+                       embedding_lr: float | None = None) -> list[dict]:
+    """One optimiser group per layer (the paper's layer-wise learning rates: proj, fc1, …, out), and one for
+    learned word vectors (`embedding_lr`).
 
     `lrs` has one entry per layer in `net.spec.layer_names` order, or is a single float for all.
     """
@@ -27,6 +29,9 @@ def layer_param_groups(net: EPNet, lrs: Sequence[float] | float, weight_decay: f
     for layer, lr in zip(names, lrs):
         params = [p for n, p in net.named_parameters() if layer_of[n] == layer]
         groups.append({"params": params, "lr": float(lr), "weight_decay": weight_decay, "layer": layer})
+    if net.embedding is not None:  # learned word vectors: their own rate (default the first layer's), no decay
+        groups.append({"params": [net.embedding], "lr": float(lrs[0] if embedding_lr is None else embedding_lr),
+                       "weight_decay": 0.0, "layer": "embedding"})
     return groups
 
 

@@ -63,9 +63,14 @@ def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
                    bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
     if m.gamma is not None:
         options["gamma"] = m.gamma
-    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(
-        model_embedding(cfg, task))
+    vectors = model_embedding(cfg, task)
+    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(vectors)
+    if m.learn_embeddings:  # the table joins Φ's parameters, starting from the word vectors the model would read
+        options.update(vocab_size=vectors.shape[0], exact_match=cfg.data.exact_match)
     net = EPNet(build_spec(task.name, **options), seed=cfg.train.seed)
+    if net.embedding is not None:
+        with torch.no_grad():
+            net.embedding.copy_(vectors)
     return net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
 
 
@@ -113,16 +118,21 @@ def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
     return out
 
 
-def load_run_data(run_dir: str | Path, progress: bool = True) -> tuple[RunConfig, TaskData, torch.Tensor]:
-    """A run directory's config, its data set and the model's view of the word vectors.
+def load_run_data(run_dir: str | Path, progress: bool = True, which: str = BEST) -> tuple[RunConfig, TaskData,
+                                                                                        torch.Tensor]:
+    """A run directory's config, its data set and the model's view of the word vectors: the frozen vectors as
+    normalised for the model, or, for a run that learned them, the table of its checkpoint `which`.
 
     The one way every consumer of a trained run (evaluate, spiking conversion, comparison reports)
     gets exactly the inputs the model was trained on.
     """
+    from analog_ep.train.checkpoint import load_checkpoint
     from analog_ep.train.run_dir import load_run_config
 
     cfg = load_run_config(run_dir)
     task = load_task_for(cfg, progress)
+    if cfg.model.learn_embeddings:
+        return cfg, task, load_checkpoint(run_dir, which)["model"]["embedding"].float()
     return cfg, task, model_embedding(cfg, task)
 
 
@@ -136,7 +146,7 @@ def ep_config(cfg: RunConfig, precision: str | None = None) -> EPConfig:
 def make_optimizer(cfg: RunConfig, net: EPNet) -> torch.optim.Optimizer:
     lrs = cfg.train.lrs[0] if len(cfg.train.lrs) == 1 else cfg.train.lrs
     try:
-        groups = layer_param_groups(net, lrs, cfg.train.weight_decay)
+        groups = layer_param_groups(net, lrs, cfg.train.weight_decay, cfg.train.embedding_lr)
     except ValueError as err:
         raise ConfigError(f"train.lrs: {err}") from err
     if cfg.train.optimizer == "sgd":
@@ -156,10 +166,11 @@ def seeded_subset(size: int, limit: int | None, seed: int = 0) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
-def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, order: torch.Tensor | None = None,
-            start: int = 0, exact_match: bool = False, shard: bool = False):
+def batches(dataset, embedding: torch.Tensor | None, batch_size: int, device, dtype,
+            order: torch.Tensor | None = None, start: int = 0, exact_match: bool = False, shard: bool = False):
     """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.
 
+    `embedding` None: x is the batch's token ids (B, S, L), for a net that looks its learned vectors up itself.
     `exact_match` (`data.exact_match`) appends the pair-overlap channel (`data.exact_match_flags`).
     `shard`: this rank's part of each batch of `batch_size` (data parallelism; the whole batch in one process).
     """
@@ -168,7 +179,16 @@ def batches(dataset, embedding: torch.Tensor, batch_size: int, device, dtype, or
     for i in range(start * batch_size, n, batch_size):
         idx = distributed.shard(index[i:i + batch_size]) if shard else index[i:i + batch_size]
         ids = dataset.ids[idx].to(device)
-        yield embed_batch(ids, embedding, exact_match).to(dtype), dataset.labels[idx].to(device)
+        x = ids if embedding is None else embed_batch(ids, embedding, exact_match).to(dtype)
+        yield x, dataset.labels[idx].to(device)
+
+
+def drop_words(ids: torch.Tensor, rate: float) -> torch.Tensor:
+    """Training-time word dropout: each token becomes padding with probability `rate` (torch's global generator,
+    seeded and checkpointed by the trainer). It changes only the inputs, so every estimator stays exact."""
+    if rate <= 0:
+        return ids
+    return ids.masked_fill(torch.rand(ids.shape, device=ids.device) < rate, 0)
 
 
 @torch.no_grad()
@@ -221,8 +241,11 @@ class Trainer:
         seed_everything(cfg.train.seed)
         with distributed.main_first():  # rank 0 fills the data cache, the others read it
             self.task = load_task_for(cfg, self.progress)
-        self.embedding = model_embedding(cfg, self.task).to(cfg.train.device)
         self.net = build_model(cfg, self.task)
+        # evaluation reads the model's vectors: the frozen ones, or the learned table itself (live, as it trains)
+        self.embedding = (self.net.embedding.detach() if self.net.embedding is not None
+                          else model_embedding(cfg, self.task).to(cfg.train.device))
+        self.initial_vectors = self.embedding.clone() if cfg.train.embedding_decay else None
         distributed.broadcast_parameters(self.net)
         self.precision, self.precision_reason = distributed.from_main(self._resolve_precision)  # one calibration
         self.processes = distributed.describe(cfg.train.device)
@@ -259,6 +282,11 @@ class Trainer:
             started = json.loads(first.read_text(encoding="utf-8"))
             if started.get("precision"):
                 return started["precision"], started["precision_reason"]
+        if self.net.embedding is not None:
+            if self.cfg.ep.precision not in ("auto", "fp32"):
+                raise ConfigError(f"ep.precision = {self.cfg.ep.precision} with model.learn_embeddings: learned word "
+                                  "vectors train on the exact path; use ep.precision=fp32 (or auto)")
+            return "fp32", "fp32: learned word vectors (their EP contrast runs on the exact path)"
         return resolve_precision(self.cfg.ep.precision, self.net.spec, self.cfg.train.device)
 
     def _precision_record(self) -> dict[str, str]:
@@ -292,6 +320,28 @@ class Trainer:
         lrs = param_lrs(self.optimizer, self.net) if ESTIMATORS[name].needs_lrs else None
         return distributed.allow_empty_shard(make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs))
 
+    def _before_step(self, x: torch.Tensor, rows: int):
+        """What runs between the estimate and the optimiser step: the ranks' gradients averaged, then the learned
+        vectors' pull towards their initial values on the rows this batch read (`train.embedding_decay`)."""
+        average = distributed.grad_averager(self.net, rows)
+        decay = self.cfg.train.embedding_decay
+        if not decay or self.net.embedding is None:
+            return average
+
+        def step() -> None:
+            if average is not None:
+                average()
+            table, grad = self.net.embedding, self.net.embedding.grad
+            if grad is None:  # C-EP moved the weights itself
+                return
+            used = torch.zeros(table.shape[0], device=table.device)
+            used[x.reshape(-1).long()] = 1
+            if self.world.active:  # the rows of the global batch, so that every rank moves the same rows
+                torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+            used[0] = 0  # PAD
+            grad.addcmul_(used.unsqueeze(1), table.detach() - self.initial_vectors, value=decay)
+        return step
+
     def _out_of_time(self) -> bool:
         limit = self.cfg.train.max_minutes
         return limit is not None and self.state.elapsed + time.perf_counter() - self._t0 > 60 * limit
@@ -314,12 +364,16 @@ class Trainer:
             self._epoch_t0, tally = time.perf_counter(), st.tally
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-            for x, y in batches(self.task.train, self.embedding, cfg.train.batch_size, cfg.train.device, dtype,
-                                order, start=st.batch, exact_match=cfg.data.exact_match, shard=True):
+            learned = self.net.embedding is not None
+            for x, y in batches(self.task.train, None if learned else self.embedding, cfg.train.batch_size,
+                                cfg.train.device, dtype, order, start=st.batch, exact_match=cfg.data.exact_match,
+                                shard=True):
                 stop.check()
                 b0 = time.perf_counter()
+                if learned:
+                    x = drop_words(x, cfg.train.word_dropout)
                 est = train_step(self.net, self._estimator(), x, y, self.optimizer,
-                                 before_step=distributed.grad_averager(self.net, len(y)))
+                                 before_step=self._before_step(x, len(y)))
                 self.scheduler.step()
                 if not all(torch.isfinite(p).all() for p in self.net.parameters()):
                     raise FloatingPointError(f"non-finite weights at epoch {st.epoch + 1} batch {st.batch}: lower "
@@ -394,9 +448,10 @@ class Trainer:
         distributed.barrier()  # rank 0 has written best.pt
         best, _ = load_model(self.run_dir, BEST, device=cfg.train.device)
         best = best.to(getattr(torch, cfg.train.dtype))
-        val = evaluate_split(best, self.task.val, self.embedding, cfg, self.progress, desc="val (best)")
-        test = evaluate_split(best, self.task.test, self.embedding, cfg, self.progress, desc="test")
-        x, _ = next(batches(self.task.val, self.embedding, 64, cfg.train.device, best.weights[0].dtype,
+        vectors = best.embedding.detach() if best.embedding is not None else self.embedding
+        val = evaluate_split(best, self.task.val, vectors, cfg, self.progress, desc="val (best)")
+        test = evaluate_split(best, self.task.test, vectors, cfg, self.progress, desc="test")
+        x, _ = next(batches(self.task.val, vectors, 64, cfg.train.device, best.weights[0].dtype,
                             exact_match=cfg.data.exact_match))
         _, trace = free_phase(best, best.prepare(x), max(cfg.ep.free_steps, cfg.ep.eval_free_steps or 0),
                               record_phi=True)
