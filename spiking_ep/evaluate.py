@@ -180,8 +180,8 @@ def evaluate_spiking(
             "firing_rates": {n: float(v) / (u * T) for n, v, u in zip(names, by_layer, record.layer_units)},
             "distance_to_analog": dict(zip(names, (totals[T]["dist"] / samples).tolist())),
             "synaptic_ops_per_sample": float((by_layer * torch.tensor(record.fan_out, dtype=torch.float64)).sum()),
-            "dense_macs_per_sample": float(sum(record.dense_macs_per_step.values()) * T
-                                           + sum(record.dense_macs_per_sample.values())),
+            "dense_macs_per_sample": record.dense_macs_for(T, float(by_layer[0]) if record.dense_macs_per_event
+                                                           else 0.0),
         }
     return result
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
+from analog_ep.errors import ConfigError
 from spiking_ep.commands.options import (
     add_command,
     add_data_options,
@@ -44,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="samples for firing-rate histograms, raster and the training-step spikes (default 16)")
     c.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: faster than 2 for these small products on a shared CPU; 0: torch's)")
+    c.add_argument("--attention-drift", type=float, metavar="L1",
+                   help="with --attention event: the drift of the first FC layer's trace (L1) that makes a sample "
+                        "recompute its attention (default 0.5; 0: every step)")
     c.add_argument("--memory", action="store_true",
                    help="count weight reads on both sides (priced only by a profile that gives weight_read with "
                         "its source; the shipped ones do not)")
@@ -55,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     snet = spiking_from_args(args)
+    if args.attention_drift is not None:
+        if snet.attention.mode != "event":
+            raise ConfigError("--attention-drift is the event threshold: use it with --attention event")
+        snet = replace(snet, attention=replace(snet.attention, drift=args.attention_drift))
     profiles = [p for item in (args.profile or [",".join(DEFAULT_PROFILES)]) for p in item.split(",") if p.strip()]
     options = CompareOptions(parse_timesteps(args.timesteps), profiles, args.probe_samples, args.threads or None,
                              plots=not args.no_plots, progress=not args.no_progress, command=command_line(args),
