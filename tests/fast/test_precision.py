@@ -290,25 +290,19 @@ def test_bench_and_train_default_to_auto():
     assert build_parser().parse_args(["bench"]).precision == "auto"
 
 
-def test_bench_refuses_int8_without_the_amx_kernels_before_measuring(monkeypatch, capsys):
-    from analog_ep.cli import main
-
-    amx(monkeypatch, present=False)
-    monkeypatch.setattr("analog_ep.bench.report.machine_info", lambda: pytest.fail("nothing is measured"))
-    assert main(["bench", "--shape", "snli-paper", "--precision", "int8", "--in-process"]) == 2
-    err = capsys.readouterr().err
-    assert "needs our AMX int8 kernels" in err and "int8-library" in err
-
-
-def test_bench_refuses_bf16_on_a_cpu_without_bf16_instructions_before_measuring(monkeypatch, capsys):
+@pytest.mark.parametrize("request_, shape, says", [
+    ("int8", "snli-paper", "needs our AMX int8 kernels"),
+    ("bf16", "imdb-tiny", "needs bf16 dot-product instructions"),
+])
+def test_bench_refuses_a_trap_before_measuring_and_names_its_opt_in(monkeypatch, capsys, request_, shape, says):
     from analog_ep.cli import main
 
     amx(monkeypatch, present=False)
     bf16_instructions(monkeypatch, present=False)
     monkeypatch.setattr("analog_ep.bench.report.machine_info", lambda: pytest.fail("nothing is measured"))
-    assert main(["bench", "--shape", "imdb-tiny", "--precision", "bf16", "--in-process"]) == 2
+    assert main(["bench", "--shape", shape, "--precision", request_, "--in-process"]) == 2
     err = capsys.readouterr().err
-    assert "needs bf16 dot-product instructions" in err and "bf16-emulated" in err
+    assert says in err and {"int8": "int8-library", "bf16": "bf16-emulated"}[request_] in err
 
 
 def test_bench_accuracy_refuses_a_trap_and_a_comparison_of_the_exact_path_with_itself(monkeypatch, capsys):
