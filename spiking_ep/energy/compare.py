@@ -51,8 +51,8 @@ CAVEATS = (
     "Sigma-delta spikes carry n quanta and are counted as n spikes (n synaptic operations per synapse): "
     "conservative for graded-spike hardware (Loihi 2), where one message carries n.",
     "The attention scores, softmax and the value path into the first FC layer are not spike-driven: priced as "
-    "dense MACs on both sides. With real-valued word vectors they dominate: a sigma-delta-coded value path "
-    "is the way to make them sparse.",
+    "dense MACs on both sides. With real-valued word vectors they dominate; event-driven attention "
+    "(`--attention event`) pays them only when fc1's trace has moved (docs/energy.md, energy levers).",
     "Loihi prices are simulated lower bounds (Davies et al. 2018); dense parts are placed on a 45 nm CMOS "
     "co-processor, the analog network on the same 45 nm CMOS accelerator.",
     "Spiking training: free T, ±β nudged T/2 steps each, trace-rule Hebbian window T/4 (every synapse every "
