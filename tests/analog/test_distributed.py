@@ -343,7 +343,7 @@ def test_evaluate_under_torchrun_gives_the_one_process_numbers(tmp_path, capsys)
     ("ep.no_such_key=1", "unknown key ep.no_such_key"),  # met before any process group exists
     ("ep.estimator=cep", "cannot train data-parallel"),  # met inside the process group
 ], ids=["before-the-group", "inside-the-group"])
-def test_a_user_error_under_torchrun_is_printed_once_and_every_rank_exits_with_its_status(tmp_path, setting, says):
+def test_a_user_error_under_torchrun_is_printed_once_and_the_launch_fails_with_its_status(tmp_path, setting, says):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analog_ep.cli", "train",
                            "--task", "imdb", "--preset", "smoke", "--set", setting, "--out", str(tmp_path / "run"),
@@ -352,7 +352,7 @@ def test_a_user_error_under_torchrun_is_printed_once_and_every_rank_exits_with_i
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert output.count("seqep train: error:") == 1 and says in output, output[-3000:]
-    assert output.count("exitcode  : 2") == 2  # torchrun's summary: both ranks left with the user-error status
+    assert "exitcode  : 2" in output  # torchrun's summary (it may stop the second rank itself once one has left)
 
 
 def test_the_first_rank_of_a_node_prints_a_user_error_and_any_rank_its_own():
