@@ -3,6 +3,10 @@
 One spiking free phase per batch runs to max(T); every requested T is read off the same run (the
 dynamics do not depend on when you stop), so the curve costs one run, not one run per T.
 Readout ("final"): the output layer's trace at step T; ("window"): its mean over steps (T/2, T].
+
+Under torchrun (`analog_ep.train.distributed`) each rank evaluates its run of whole batches of the split
+(`run_batches`, `shard_batches`) and `evaluate_spiking` sums the counts over the ranks: every rank gets the
+whole split's numbers, those of one process. In one process both are no-ops.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from analog_ep.dynamics import free_phase
 from analog_ep.errors import ConfigError
 from analog_ep.phi import EPNet, State
+from analog_ep.train import distributed
 from spiking_ep.convert import DEFAULT_CODING, SpikingNet, to_spiking
 from spiking_ep.dynamics import SpikingState, init_state, new_record, spiking_step
 from spiking_ep.units.neurons import SigmaDeltaCoding
@@ -41,22 +46,31 @@ def batches_from_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> l
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
+def shard_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous run of `batches` (all of them in one process): whole batches, as one process
+    forms them (`distributed.whole_batches`)."""
+    start, stop = distributed.shard_bounds(len(batches))
+    return list(batches[start:stop])
+
+
 def run_batches(run_dir: str | Path, split: str = "test", limit: int | None = None, batch_size: int = 128,
                 seed: int = 0, progress: bool = False) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int, dict]:
     """Embedded (x, y) batches of a run's data split, exactly as the analog model saw them in training;
-    their count; and a description of the data.
+    their count; and a description of the data (of the whole split).
 
     With `limit`, a seeded random subset (kept in stored order): the stored splits are ordered by label,
-    so "the first N" would be one class only.
+    so "the first N" would be one class only. Under torchrun, this rank's run of whole batches of it.
     """
     from analog_ep.train.trainer import batches, load_run_data, seeded_subset
 
-    cfg, task, embedding = load_run_data(run_dir, progress=progress)
+    with distributed.main_first():  # under torchrun rank 0 fills the data cache, the others read it
+        cfg, task, embedding = load_run_data(run_dir, progress=progress)
     dataset = task.splits[split]
     index = seeded_subset(len(dataset), limit, seed)
-    count = -(-len(index) // batch_size)
+    start, stop = distributed.whole_batches(len(index), batch_size)
+    count = -(-(stop - start) // batch_size)
     # `batches` walks the whole split's length: stop after the batches `index` fills
-    gen = islice(batches(dataset, embedding, batch_size, embedding.device, embedding.dtype, index,
+    gen = islice(batches(dataset, embedding, batch_size, embedding.device, embedding.dtype, index[start:stop],
                          exact_match=cfg.data.exact_match), count)
     info = {"task": cfg.data.task, "split": split, "samples": len(index), "split_size": len(dataset),
             "limit": limit, "subset_seed": seed if len(index) < len(dataset) else None,
@@ -115,6 +129,9 @@ def evaluate_spiking(
     The analog reference is the free phase run for up to `analog_steps` (early exit at `analog_tol`).
     Distances are mean |trace − analog state| per layer at step T; firing rates are spikes per unit
     and step over the first T steps (attention rows: winner events per row and step).
+
+    Under torchrun every rank calls it with its part of the batches (possibly none) and gets the numbers of
+    all of them (sums over the ranks).
     """
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -128,9 +145,9 @@ def evaluate_spiking(
         raise ValueError(f"timesteps must be integers ≥ 2, got {timesteps}")
     T_max = timesteps[-1]
     names = epnet.spec.layer_names
-    totals: dict[int, dict[str, Any]] = {
-        T: {"correct": 0, "agree": 0, "dist": torch.zeros(len(names), dtype=torch.float64)} for T in timesteps
-    }
+    # per T (rows): correct predictions, agreements with the analog prediction, summed distances per layer
+    correct, agree = torch.zeros(len(timesteps), dtype=torch.float64), torch.zeros(len(timesteps), dtype=torch.float64)
+    distance = torch.zeros(len(timesteps), len(names), dtype=torch.float64)
     analog_correct = samples = 0
     analog_residual = 0.0
     spikes_by_step = torch.zeros(T_max, len(names), dtype=torch.float64)
@@ -148,14 +165,19 @@ def evaluate_spiking(
             state, _, counts = spiking_step(snet, inputs, state)
             spikes_by_step[t] += torch.tensor(counts, dtype=torch.float64)
             snaps(state)
-        for T in timesteps:
+        for i, T in enumerate(timesteps):
             traces = snaps.final[T] if readout == "final" else snaps.window(T)
             pred = traces[-1].argmax(-1)
-            totals[T]["correct"] += int((pred == y).sum())
-            totals[T]["agree"] += int((pred == analog_pred).sum())
+            correct[i] += int((pred == y).sum())
+            agree[i] += int((pred == analog_pred).sum())
             for n, (s, a) in enumerate(zip(snaps.final[T], analog)):
-                totals[T]["dist"][n] += float((s - a).abs().flatten(1).mean(1).sum())
+                distance[i, n] += float((s - a).abs().flatten(1).mean(1).sum())
         samples += int(y.numel())
+    # the whole split's numbers from every rank's part (in one process: these)
+    samples, analog_correct = (int(v) for v in distributed.sum_over_ranks(samples, analog_correct))
+    correct, agree, distance, spikes_by_step = (distributed.sum_tensor_over_ranks(t)
+                                                for t in (correct, agree, distance, spikes_by_step))
+    analog_residual = distributed.max_over_ranks(analog_residual)
     if not samples:
         raise ValueError("no batches to evaluate")
     record.samples = samples
@@ -169,16 +191,16 @@ def evaluate_spiking(
             "softmax_exps_per_step")},
         "timesteps": {},
     }
-    for T in timesteps:
+    for i, T in enumerate(timesteps):
         by_layer = spikes_by_step[:T].sum(0) / samples
         fc = [n for n in range(len(names)) if not snet.is_attention_layer(n)]
         result["timesteps"][str(T)] = {
-            "accuracy": totals[T]["correct"] / samples,
-            "agreement": totals[T]["agree"] / samples,
+            "accuracy": float(correct[i]) / samples,
+            "agreement": float(agree[i]) / samples,
             "spikes_per_sample": float(by_layer[fc].sum()),  # unit spikes (attention winner events apart)
             "spikes_per_sample_by_layer": dict(zip(names, by_layer.tolist())),
             "firing_rates": {n: float(v) / (u * T) for n, v, u in zip(names, by_layer, record.layer_units)},
-            "distance_to_analog": dict(zip(names, (totals[T]["dist"] / samples).tolist())),
+            "distance_to_analog": dict(zip(names, (distance[i] / samples).tolist())),
             "synaptic_ops_per_sample": float((by_layer * torch.tensor(record.fan_out, dtype=torch.float64)).sum()),
             "dense_macs_per_sample": record.dense_macs_for(T, float(by_layer[0]) if record.dense_macs_per_event
                                                            else 0.0),

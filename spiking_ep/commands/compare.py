@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 from analog_ep.errors import ConfigError
+from analog_ep.train import distributed
 from spiking_ep.commands.options import (
     add_command,
     add_data_options,
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch threads (default 1: faster than 2 for these small products on a shared CPU; 0: torch's)")
     c.add_argument("--attention-drift", type=float, metavar="L1",
                    help="with --attention event: the drift of the first FC layer's trace (L1) that makes a sample "
-                        "recompute its attention (default 0.5; 0: every step)")
+                        "recompute its attention (default 2; 0: every step)")
     c.add_argument("--memory", action="store_true",
                    help="count weight reads on both sides (priced only by a profile that gives weight_read with "
                         "its source; the shipped ones do not)")
@@ -68,12 +69,16 @@ def run_compare(args: argparse.Namespace) -> int:
     options = CompareOptions(parse_timesteps(args.timesteps), profiles, args.probe_samples, args.threads or None,
                              plots=not args.no_plots, progress=not args.no_progress, command=command_line(args),
                              memory=args.memory)
-    batches = None
-    if args.data or args.synthetic:
-        ep = ep_settings(args.run_dir)
-        batches = batches_from_args(args, snet, ep.eval_free_steps or ep.free_steps)
-        options.data = {"source": args.data or f"synthetic:{args.synthetic} (labels = analog predictions)",
-                        "split": "file" if args.data else "synthetic", "limit": args.limit}
-    report = compare_run(args.run_dir, snet, args.split, args.limit, args.batch_size, options, batches)
+    with distributed.session("cpu") as world:  # under torchrun each rank evaluates its part of the data
+        options.progress = options.progress and world.is_main
+        batches = None
+        if args.data or args.synthetic:
+            ep = ep_settings(args.run_dir)
+            batches = batches_from_args(args, snet, ep.eval_free_steps or ep.free_steps)
+            options.data = {"source": args.data or f"synthetic:{args.synthetic} (labels = analog predictions)",
+                            "split": "file" if args.data else "synthetic", "limit": args.limit}
+        report = compare_run(args.run_dir, snet, args.split, args.limit, args.batch_size, options, batches)
+    if not world.is_main:  # rank 0 alone measured the rest, wrote the report and prints it
+        return 0
     print(json.dumps(report) if args.json else console_table(report))
     return 0

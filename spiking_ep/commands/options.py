@@ -78,8 +78,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def batches_from_args(args: argparse.Namespace, snet: SpikingNet, analog_steps: int) -> Any:
-    """Embedded (x, y) batches from --data FILE.pt, --synthetic N or the run's data split (--split, --limit)."""
-    from spiking_ep.evaluate import batches_from_run, batches_from_tensors
+    """Embedded (x, y) batches from --data FILE.pt, --synthetic N or the run's data split (--split, --limit);
+    under torchrun this rank's run of whole batches of them (`spiking_ep.evaluate.shard_batches`)."""
+    from spiking_ep.evaluate import batches_from_run, batches_from_tensors, shard_batches
 
     dtype = snet.net.weights[0].dtype
     if args.data:
@@ -90,15 +91,15 @@ def batches_from_args(args: argparse.Namespace, snet: SpikingNet, analog_steps: 
             raise DataError(f"cannot read {args.data} as a torch file with 'x' and 'y': {err}") from err
         if args.limit:
             x, y = x[:args.limit], y[:args.limit]
-        return batches_from_tensors(x, y, args.batch_size)
+        return shard_batches(batches_from_tensors(x, y, args.batch_size))
     if args.synthetic:
         from analog_ep.dynamics import predict
 
         spec = snet.spec
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.synthetic, spec.num_streams, spec.seq_len, spec.dim, generator=g).to(dtype)
-        y = predict(snet.net, x, analog_steps)
-        return batches_from_tensors(x, y, args.batch_size)
+        y = predict(snet.net, x, analog_steps)  # of all N on every rank: the labels one process gives them
+        return shard_batches(batches_from_tensors(x, y, args.batch_size))
     return batches_from_run(args.run_dir, args.split, args.limit, args.batch_size)
 
 

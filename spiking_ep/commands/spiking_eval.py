@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_spiking_eval(args: argparse.Namespace) -> int:
+    from analog_ep.train import distributed
     from spiking_ep.evaluate import evaluate_spiking, plot_accuracy_vs_timesteps, read_run_config, timesteps_for_gap
 
     timesteps = parse_timesteps(args.timesteps)
@@ -58,8 +59,13 @@ def run_spiking_eval(args: argparse.Namespace) -> int:
     cfg = read_run_config(run_dir)
     ep_cfg = (cfg.get("config") or cfg).get("ep") or {}
     analog_steps = args.analog_steps or 2 * int(ep_cfg.get("free_steps") or 50)
-    batches = batches_from_args(args, snet, analog_steps)
-    result = evaluate_spiking(snet, batches, timesteps, readout=args.readout, analog_steps=analog_steps)
+    # under torchrun each rank evaluates its part of the data and all get the whole split's numbers
+    with distributed.session("cpu") as world:
+        batches = batches_from_args(args, snet, analog_steps)
+        result = evaluate_spiking(snet, batches, timesteps, readout=args.readout, analog_steps=analog_steps)
+    if not world.is_main:  # rank 0 alone plots, writes and prints
+        return 0
+    result["world_size"] = world.size
     result["run_dir"] = str(run_dir)
     result["data"] = args.data or (f"synthetic:{args.synthetic}" if args.synthetic else f"run:{args.split}")
     result["timesteps_for_gap"] = {"1pp": timesteps_for_gap(result, 0.01), "0.5pp": timesteps_for_gap(result, 0.005)}
