@@ -37,7 +37,7 @@ from analog_ep.hopfield import hopfield_weights
 from spiking_ep.units.base import shared_uniform
 
 ATTENTION_MODES = ("herd", "sample", "dense", "event")
-DEFAULT_DRIFT = 0.5  # "event": L1 drift of the first FC layer's trace that triggers a recompute
+DEFAULT_DRIFT = 2.0  # "event": L1 drift of fc1's trace that triggers a recompute (docs/energy.md §5)
 
 
 attention_weights = hopfield_weights  # the analog layer's softmax weights, shared (one definition)

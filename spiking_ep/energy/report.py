@@ -62,6 +62,10 @@ def markdown(report: dict[str, Any]) -> str:
         r = report["timesteps"][T]
         lines.append(f"| spiking | {T} | {_pct(r['accuracy'])} | {_pct(r['agreement'])} | "
                      f"{r['spikes_per_sample']:.4g} | {r['mean_rate']:.3g} |")
+    if "attention_drift" in cfg:
+        first = report["network"]["layers"][0]
+        events = ", ".join(f"T = {T}: {report['timesteps'][T]['spikes_per_sample_by_layer'][first]:.3g}" for T in Ts)
+        lines += ["", f"Attention events per inference (recomputes of the rows, each priced as dense work): {events}."]
     lines += _literature_section(report, Ts)
     for name, prof in report["profiles"].items():
         lines += ["", f"## Energy per inference, profile `{name}` (µJ per sample)", "",

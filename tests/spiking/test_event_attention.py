@@ -130,3 +130,4 @@ def test_cli_attention_drift_needs_event_mode(tmp_path, capsys):
                  "--attention-drift", "1", "--no-plots", "--no-progress", "--json"]) == 0
     md = (run / "compare" / "compare.md").read_text()
     assert "attention event (recompute at an L1 drift of fc1's trace ≥ 1)" in md
+    assert "Attention events per inference (recomputes of the rows, each priced as dense work): T = 4: " in md
