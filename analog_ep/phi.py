@@ -128,8 +128,7 @@ class EPNet(nn.Module):
             if precision != "fp32":
                 raise ValueError("learned word vectors train on the exact path: use precision fp32 (the fast path "
                                  "has no contrast for the embedding table)")
-        inputs = self._exact_inputs(x)
-        inputs.ids = ids
+        inputs = self._exact_inputs(x, ids)
         if precision != "fp32":
             return _fast().prepare(self, inputs, precision, weights)
         return inputs
@@ -145,7 +144,9 @@ class EPNet(nn.Module):
                              f"{int(ids.min())}..{int(ids.max())}")
         return embed_batch(ids, self.embedding, self.spec.exact_match)
 
-    def _exact_inputs(self, x: torch.Tensor) -> Inputs:
+    def _exact_inputs(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Inputs:
+        """`ids` (token ids, when the net looked x up itself): padding is masked by id, so that a learned row
+        that happens to be zero (UNK at the start) still counts as a token."""
         spec = self.spec
         expected = (spec.num_streams, spec.seq_len, spec.dim)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -154,14 +155,17 @@ class EPNet(nn.Module):
         if spec.input_scale != 1.0:
             x = x * spec.input_scale
         if not spec.num_projections:
-            return Inputs(None, None, None, None, x.reshape(x.shape[0], -1))
-        keys = x[:, [p.key_stream for p in spec.projections]]
-        key_mask = (keys != 0).any(-1) if spec.mask_padding else None
+            return Inputs(None, None, None, None, x.reshape(x.shape[0], -1), ids=ids)
+        key_streams = [p.key_stream for p in spec.projections]
+        keys = x[:, key_streams]
+        key_mask = None
+        if spec.mask_padding:
+            key_mask = (keys != 0).any(-1) if ids is None else ids[:, key_streams] != 0
         if self.proj_query is not None:  # Hopfield pooling: the query drive is the learned patterns
-            return Inputs(None, keys, key_mask, self.proj_query.expand(x.shape[0], -1, -1, -1), None)
+            return Inputs(None, keys, key_mask, self.proj_query.expand(x.shape[0], -1, -1, -1), None, ids=ids)
         streams = tuple(p.query_stream for p in spec.projections)
         query_drive = torch.einsum("bpld,ped->bple", x[:, list(streams)], self.proj_weight)
-        return Inputs(x, keys, key_mask, query_drive, None, query_streams=streams)
+        return Inputs(x, keys, key_mask, query_drive, None, query_streams=streams, ids=ids)
 
     def low_precision_weights(self, kind: str = "bf16") -> list[LowPrecisionWeight | None]:
         """Low-precision copies of the large FC weights, rebuilt on every call (`lowp_phi.low_precision_weights`).

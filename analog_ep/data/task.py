@@ -236,7 +236,7 @@ def _build(
         )
 
     # pre-trained vectors load first, so an unusable vector source fails before minutes of reading
-    loaded = vectors() if vspec.kind != "w2v" else None
+    loaded = vectors() if vspec.kind not in ("w2v", "random") else None  # those two need the training text
     raw, split_meta = _arrange_splits(spec, read(), val_size, limits, seed)  # no caller keeps the full texts
     labels = {role: raw[role].labels for role in ROLES}
     interner, tokenised = _tokenise(raw, progress)

@@ -1,4 +1,4 @@
-"""Word vectors through gensim ``KeyedVectors``, from any of four sources named by one string.
+"""Word vectors through gensim ``KeyedVectors``, from any of five sources named by one string.
 
 * ``glove50``: the shipped pair ``<data-dir>/vectors/glove.6B.50d.imdb_snli.{npy,vocab.txt}``;
 * a path: word2vec ``.bin``, word2vec/GloVe text ``.txt``/``.vec`` (header detected; ``.gz`` fine), or
@@ -7,6 +7,8 @@
 * ``w2v:DIM[,epochs=N][,window=N][,min_count=N][,workers=N]``: gensim ``Word2Vec`` trained on the training
   split, seeded and cached. ``workers`` defaults to 1 because only a single worker thread makes gensim
   exactly reproducible; a stable ``hashfxn`` replaces Python's salted ``hash`` for the same reason.
+* ``random:DIM``: seeded N(0, 1) vectors for every training word: nothing pre-trained, for a model that learns
+  its word vectors from scratch (``model.learn_embeddings``); frozen, they carry no meaning.
 
 Parsing (``parse_vectors``) is separate from loading so a cache key can be computed without loading.
 """
@@ -54,7 +56,8 @@ W2V_DEFAULTS = {"epochs": 5, "window": 5, "min_count": 5, "workers": 1}
 HELP = (
     "glove50 (shipped GloVe 6B 50d, needs the local data dir), a vector file path (.bin, .txt, .vec, "
     f".npy+.vocab.txt), w2v:DIM[,epochs=N,window=N,min_count=N,workers=N] (train word2vec on the training "
-    f"split), or a gensim.downloader name when online ({', '.join(GENSIM_NAMES[9:11])}, ...)"
+    f"split), random:DIM (seeded random vectors, to learn from scratch), or a gensim.downloader name when "
+    f"online ({', '.join(GENSIM_NAMES[9:11])}, ...)"
 )
 
 
@@ -109,6 +112,15 @@ def parse_vectors(text: str, data_dir: Path | None) -> VectorSpec:
     elif text.startswith("w2v:"):
         params = _parse_w2v(text)
         return VectorSpec(text, "w2v", params=params, identity={"w2v": params})
+    elif text.startswith("random:"):
+        try:
+            dim = int(text[len("random:"):])
+        except ValueError:
+            dim = 0
+        if dim < 1:
+            raise DataError(f"cannot parse vectors {text!r}: expected random:DIM with a positive integer, "
+                            "e.g. random:50")
+        return VectorSpec(text, "random", params={"dim": dim}, identity={"random": dim})
     elif text in GENSIM_NAMES:
         return VectorSpec(text, "gensim", identity={"gensim": text})
     elif _looks_like_path(text):
@@ -161,6 +173,13 @@ def _from_arrays(words: list[str], vectors: np.ndarray) -> Any:
     kv = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
     kv.add_vectors(words, np.ascontiguousarray(vectors, dtype=np.float32))
     return kv
+
+
+def _random_vectors(dim: int, sentences: Callable[[], Iterable[list[str]]], seed: int) -> Any:
+    """Seeded N(0, 1) vectors for the training split's words, in order of first appearance (reproducible)."""
+    words = list(dict.fromkeys(w for sentence in sentences() for w in sentence))
+    rng = np.random.default_rng(seed)
+    return _from_arrays(words, rng.standard_normal((len(words), dim)).astype(np.float32))
 
 
 def _load_npy(spec: VectorSpec) -> Any:
@@ -337,6 +356,9 @@ def load_vectors(
     elif spec.kind == "gensim":
         kv = _load_gensim(spec)
         info["source"], info["name"] = f"gensim-data:{spec.text}", spec.text
+    elif spec.kind == "random":
+        kv = _random_vectors(spec.params["dim"], sentences, seed)
+        info["source"], info["name"] = "random", f"random N(0, 1) {spec.params['dim']}d (seed {seed})"
     else:
         key = cache.cache_key({"w2v": spec.params, "seed": seed, "corpus": corpus_key})
         path = cache_root / "vectors" / f"w2v-{key[:20]}.pt"

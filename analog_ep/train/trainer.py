@@ -71,6 +71,10 @@ def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
     if net.embedding is not None:
         with torch.no_grad():
             net.embedding.copy_(vectors)
+            # rows with no vector to start from (UNK) start small and random, so that they can learn
+            blank = (vectors[1:] == 0).all(1).nonzero().flatten() + 1
+            gen = torch.Generator().manual_seed(cfg.train.seed)
+            net.embedding[blank] = 0.1 * torch.randn(len(blank), vectors.shape[1], generator=gen)
     return net.to(device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
 
 

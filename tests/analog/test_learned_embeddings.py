@@ -130,8 +130,11 @@ def test_a_run_learns_the_vectors_saves_them_and_every_consumer_reads_them(tmp_p
                          "train.embedding_decay": 1e-3, "train.embedding_lr": 3e-2})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.setup()
-    start = model_embedding(cfg, trainer.task)
-    assert torch.equal(trainer.net.embedding.detach(), start)  # starts from the vectors the model would read
+    vectors = model_embedding(cfg, trainer.task)
+    start = trainer.net.embedding.detach().clone()
+    has_vector = (vectors != 0).any(1)
+    assert torch.equal(start[has_vector], vectors[has_vector])  # starts from the vectors the model would read
+    assert (start[1] != 0).any() and not start[0].any()  # UNK starts small and random (it can learn), PAD zero
     trainer.train()
     report = trainer.finish()
     trainer.close()
@@ -163,3 +166,25 @@ def test_learned_vectors_refuse_the_fast_path_and_settings_without_them(tmp_path
                       progress=False)
     with pytest.raises(ConfigError, match="exact path"):
         trainer.setup()
+
+
+def test_a_zero_row_read_by_id_is_a_token_not_padding():
+    net = learned_net("imdb", pool_queries=3, mask_padding=True)
+    with torch.no_grad():
+        net.embedding[5] = 0
+    ids = token_ids(net)
+    ids[:, :, 0] = 5
+    assert net.prepare(ids).key_mask[:, :, 0].all()
+    assert not net.prepare(ids).key_mask[:, :, -1].any()
+
+
+def test_random_vectors_are_seeded_and_cover_the_training_words():
+    from analog_ep.data.vectors import _random_vectors, parse_vectors
+    from analog_ep.errors import DataError
+
+    sentences = lambda: iter([["a", "b"], ["b", "c"]])  # noqa: E731
+    one, two = _random_vectors(4, sentences, seed=3), _random_vectors(4, sentences, seed=3)
+    assert list(one.index_to_key) == ["a", "b", "c"] and (one.vectors == two.vectors).all()
+    assert parse_vectors("random:50", None).params == {"dim": 50}
+    with pytest.raises(DataError, match="random:DIM"):
+        parse_vectors("random:x", None)
