@@ -111,7 +111,7 @@ class SlowMode:
             f"as in fp32. Use precision {alternatives}; to run {self.mode} anyway, precision {self.opt_in}")
 
     def opted_in(self, why: str) -> str:
-        return f"{self.mode}: requested as {self.opt_in}: {self.runs_instead}, without {self.needs} ({why})"
+        return f"{self.mode}: requested as {self.opt_in}: {self.runs_instead} ({why})"
 
 
 INT8_WITHOUT_AMX = SlowMode(
