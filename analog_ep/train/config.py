@@ -77,7 +77,8 @@ class EPSection:
     precision: str = "auto"  # "auto": the fastest faithful mode on this machine, from a short measured calibration
     # (analog_ep/fast/precision.py); "fp32": the exact path; "bf16": the fast path (bf16 products, nudged phases as
     # differences; docs/benchmarks.md); "int8": the fast path with the large FC products in int8 (our AMX kernels:
-    # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly)
+    # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly; likewise
+    # "bf16" is refused on a CPU without bf16 instructions, where "bf16-emulated" runs it anyway)
     beta_sign: str = "auto"  # one-sided nudges (ep_two_phase, cep): "random" draws ±β per batch from the run's
     # seed, cancelling the O(β) bias on average; "positive": always +β; "auto": the estimator's default (positive
     # for both; docs/results.md, "Estimators on the smoke preset"); other estimators refuse anything but auto

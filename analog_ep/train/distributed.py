@@ -241,9 +241,11 @@ def whole_batches(n: int, batch_size: int) -> tuple[int, int]:
     return min(start * batch_size, n), min(stop * batch_size, n)
 
 
-def shard_dataset(dataset: SequenceDataset) -> SequenceDataset:
-    """This rank's contiguous part of an evaluation split (views, no copy); the split itself in one process."""
-    start, stop = shard_bounds(len(dataset))
+def shard_dataset(dataset: SequenceDataset, batch_size: int | None = None) -> SequenceDataset:
+    """This rank's contiguous part of an evaluation split (views, no copy); the split itself in one process.
+    With `batch_size`, a run of whole batches (`whole_batches`): an early exit decided per batch then comes out
+    as in one process."""
+    start, stop = shard_bounds(len(dataset)) if batch_size is None else whole_batches(len(dataset), batch_size)
     if (start, stop) == (0, len(dataset)):
         return dataset
     return SequenceDataset(dataset.ids[start:stop], dataset.labels[start:stop], dataset.name)

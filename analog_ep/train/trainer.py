@@ -200,9 +200,9 @@ def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig,
                    desc: str = "eval") -> dict:
     """Accuracy of the free-phase prediction on a whole split, plus the mean final residual.
 
-    Under data parallelism each rank evaluates its contiguous part of the split and all get the whole split's
-    numbers and predictions (in its order)."""
-    dataset = distributed.shard_dataset(dataset)
+    Under data parallelism each rank evaluates its contiguous run of whole batches of the split and all get the
+    whole split's numbers and predictions (in its order)."""
+    dataset = distributed.shard_dataset(dataset, cfg.train.eval_batch_size)
     steps = cfg.ep.eval_free_steps or cfg.ep.free_steps
     dtype = net.weights[0].dtype
     correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
