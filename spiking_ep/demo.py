@@ -94,7 +94,8 @@ def nir_stage(out: Path, progress: bool) -> dict[str, Any]:
 
     from analog_ep.train.checkpoint import load_model
     from spiking_ep.evaluate import run_batches
-    from spiking_ep.nir_export import check_round_trip, export_nir
+    from spiking_ep.nir_consumers import round_trip as check_round_trip
+    from spiking_ep.nir_export import export_nir
 
     net, _ = load_model(out)
     try:

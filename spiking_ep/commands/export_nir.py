@@ -1,4 +1,5 @@
-"""`seqep export-nir`: the frozen spiking fully connected part as a NIR graph, optionally checked through norse."""
+"""`seqep export-nir`: the frozen spiking network as a NIR graph (what NIR cannot express named), optionally run
+through norse and snntorch against our reference."""
 
 from __future__ import annotations
 
@@ -14,20 +15,26 @@ from spiking_ep.commands.options import add_command
 EPILOG = """\
 examples:
   seqep export-nir runs/demo runs/demo/model.nir
-  seqep export-nir runs/demo model.nir --check 256 --steps 256     # run it through norse against our reference
+  seqep export-nir runs/demo model.nir --check 256 --steps 256     # run it through norse and snntorch
+  seqep export-nir runs/demo model_lif.nir --neuron lif            # IF units as their no-leak LIF limit
 
 The graph: IF units (reset to 0, threshold 1), Affine W/2 + b/2 bottom-up and Linear Wᵀ/2 top-down per symmetric
-synapse; the input is precomputed (the attention layer's output). Details: docs/energy.md, "NIR".
+synapse; the attention's query current as output ports; its retrieval (not expressible) is the host's, whose
+result flat(s¹) is the graph's input. Details: docs/spiking.md, "NIR export".
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    n = add_command(subparsers, "export-nir", "export the spiking FC part as a NIR graph (frozen, IF units)",
-                    "Export the frozen spiking fully connected part as a NIR graph.", EPILOG)
+    n = add_command(subparsers, "export-nir", "export the spiking network as a NIR graph (frozen, IF units)",
+                    "Export the frozen spiking network as a NIR graph; name each part NIR cannot express.", EPILOG)
     n.add_argument("run_dir", metavar="RUN_DIR", help="run directory with checkpoints/best.pt (or a .pt file)")
     n.add_argument("out", metavar="OUT.nir")
     n.add_argument("--check", type=int, default=0, metavar="N",
-                   help="run the file with norse on N samples (the run's test split, else Gaussian inputs)")
+                   help="run the file with norse and snntorch (those installed) on N samples (the run's test "
+                        "split, else Gaussian inputs) against our reference")
+    n.add_argument("--neuron", choices=("if", "lif"), default="if",  # nir_export.NEURON_ENCODINGS (loads torch)
+                   help="units as nir.IF (default) or as their no-leak nir.LIF limit (tau = 2^30 dt, dt = 1e-4 s), "
+                        "for importers that read nir.IF as a leaky neuron")
     n.add_argument("--steps", type=int, default=256, help="timesteps of the check (default %(default)s)")
     n.add_argument("--json", action="store_true")
     n.set_defaults(handler=run_export_nir)
@@ -36,30 +43,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export_nir(args: argparse.Namespace) -> int:
     from analog_ep.train.checkpoint import load_model
     from spiking_ep.energy.compare import torch_threads
-    from spiking_ep.nir_export import check_round_trip, export_nir, not_expressible_text
+    from spiking_ep.nir_consumers import round_trip
+    from spiking_ep.nir_export import export_nir, not_expressible, not_expressible_text
 
     net, _ = load_model(args.run_dir)
-    export = export_nir(net, args.out, metadata={"source_run": str(args.run_dir)})
-    result: dict[str, Any] = {"path": str(export.path), "nodes": export.nodes, "edges": export.edges}
+    export = export_nir(net, args.out, metadata={"source_run": str(args.run_dir)}, neuron=args.neuron)
+    result: dict[str, Any] = {"path": str(export.path), "nodes": export.nodes, "edges": export.edges,
+                              "not_expressible": not_expressible(export.graph)}
     if args.check:
         x, y = check_inputs(args, net)
         with torch_threads(1):
-            result["check"] = check_round_trip(export.path, net, x, args.steps, y)
+            result["check"] = round_trip(export.path, net, x, args.steps, y)
     if args.json:
         print(json.dumps(result))
         return 0
     print(export.summary())
     print("NIR cannot express these parts of the network; how the export handles them:")
-    print(not_expressible_text())
+    print(not_expressible_text(export.graph))
     if "check" in result:
-        c = result["check"]
-        print(f"norse round trip ({c['samples']} samples × {c['steps']} steps): "
-              f"{100 * c['identical_output_trains']:.1f} % identical output spike trains, max count difference "
-              f"{c['max_count_difference']:.0f}; "
-              f"predictions agree with the analog network on {100 * c['agreement_with_analog']:.1f} %")
+        print(check_text(result["check"]))
     else:
         print(f"check it: seqep export-nir {args.run_dir} {args.out} --check 256")
     return 0
+
+
+def check_text(check: dict[str, Any]) -> str:
+    lines = []
+    for consumer, c in check["consumers"].items():
+        query = (f"; query ports within {c['query_port_max_error']:.1e} of Φ's query current"
+                 if "query_port_max_error" in c else "")
+        lines.append(f"{consumer} round trip ({check['samples']} samples × {check['steps']} steps): "
+                     f"{100 * c['identical_output_trains']:.1f} % identical output spike trains, max count "
+                     f"difference {c['max_count_difference']:.0f}, {check['output_spikes_per_sample'][consumer]:.2f} "
+                     f"output spikes per sample (ours {check['output_spikes_per_sample']['ours']:.2f}){query}")
+    if not check["consumers"]:
+        lines.append("no consumer installed (pip install norse snntorch --no-deps): nothing ran the file")
+    lines.append(f"predictions agree with the analog network on {100 * check['agreement_with_analog']:.1f} %")
+    return "\n".join(lines)
 
 
 def check_inputs(args: argparse.Namespace, net: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

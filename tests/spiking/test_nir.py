@@ -1,8 +1,9 @@
-"""NIR export of the spiking FC part and its round trip: nir.write → nir.read → norse from_nir → run.
+"""NIR export of the spiking network and its round trip: nir.write → nir.read → norse from_nir → run.
 
-Tolerance of the round trip (docs/energy.md, "NIR"): norse must reproduce our reference's output spike
+Tolerance of the round trip (docs/spiking.md, "NIR export"): norse must reproduce our reference's output spike
 trains; float32 sums taken in another order could flip a spike at an exact threshold tie, so we allow
 ≥ 99 % identical trains and a count difference ≤ 1 per unit. Measured: identical (0 differences).
+The second consumer (snntorch) and the attention's query ports: test_nir_consumers.py.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import torch
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
 from analog_ep.train.checkpoint import save_model
+from spiking_ep.nir_consumers import round_trip, run_norse
 from spiking_ep.nir_export import (
+    ATTENTION_NOT_EXPRESSIBLE,
     NOT_EXPRESSIBLE,
-    check_round_trip,
     export_nir,
     graph_input,
     readout,
-    run_norse,
     simulate_exported,
+    subgraph,
 )
 from tests.helpers import trained_tiny_imdb
 
@@ -51,7 +53,7 @@ def test_graph_has_if_units_and_w_and_wT_edges(tmp_path):
     assert {("fc1", "w_fc2"), ("w_fc2", "fc2"), ("fc2", "wT_fc2"), ("wT_fc2", "fc1"), ("input", "w_fc1")} <= edges
     assert graph.nodes["input"].input_type["input"].tolist() == [net.spec.fc_input_size]
     meta = graph.metadata
-    assert all(f"not_expressible.{k}" in meta for k in NOT_EXPRESSIBLE)
+    assert all(f"not_expressible.{k}" in meta for k in {**NOT_EXPRESSIBLE, **ATTENTION_NOT_EXPRESSIBLE})
     assert "reset to 0" in meta["semantics"] and "precomputed" in meta["input"]
     assert json.loads(meta["layers"]) == names
 
@@ -63,7 +65,7 @@ def test_round_trip_through_norse_reproduces_our_spikes(model, tmp_path):
     path = export_nir(net, tmp_path / f"{model}.nir").path
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, net.spec.num_streams, net.spec.seq_len, net.spec.dim, generator=g)
-    result = check_round_trip(path, net, x, steps=64)
+    result = round_trip(path, net, x, steps=64, consumers=["norse"])
     assert result["output_spikes_per_sample"]["ours"] > 0  # the check is not vacuous
     assert result["identical_output_trains"] >= 0.99 and result["max_count_difference"] <= 1
     assert result["prediction_match_norse"] >= 0.99
@@ -72,10 +74,21 @@ def test_round_trip_through_norse_reproduces_our_spikes(model, tmp_path):
 @needs_norse
 def test_dt_does_not_change_the_imported_network(tmp_path):
     """No time constants in the graph: norse's dt (1 ms default) must not matter."""
+    from norse.torch import from_nir
+
     net = tiny("imdb")
     path = export_nir(net, tmp_path / "net.nir").path
     fc_input, _ = graph_input(net, torch.randn(4, 1, net.spec.seq_len, net.spec.dim))
-    assert torch.equal(run_norse(path, fc_input, 40, dt=1e-3), run_norse(path, fc_input, 40, dt=1e-4))
+    spiking = subgraph(nir.read(path), "input", "output")  # nirtorch runs one input and one output
+    module = {dt: from_nir(spiking, dt=dt) for dt in (1e-3, 1e-4)}
+    runs = {}
+    for dt, m in module.items():
+        state, out = None, []
+        for _ in range(40):
+            z, state = m(fc_input, state)
+            out.append(z)
+        runs[dt] = torch.stack(out)
+    assert torch.equal(runs[1e-3], runs[1e-4]) and runs[1e-3].sum() > 0
 
 
 @needs_norse
@@ -98,7 +111,7 @@ def test_exported_trained_network_agrees_with_analog(tmp_path):
     """The semantic gap (clamp, reset to zero, no traces, no attention feedback) is small on a trained model."""
     net, (x, y) = trained_tiny_imdb()
     path = export_nir(net, tmp_path / "trained.nir").path
-    result = check_round_trip(path, net, x[:100], steps=256, y=y[:100])
+    result = round_trip(path, net, x[:100], steps=256, y=y[:100], consumers=["norse"])
     assert result["identical_output_trains"] >= 0.99
     assert result["agreement_with_analog"] >= 0.9 and result["accuracy"] >= result["analog_accuracy"] - 0.1
     fc_input, analog_pred = graph_input(net, x[:8])
@@ -117,10 +130,11 @@ def test_cli_export_nir_states_what_is_left_out(saved_run, tmp_path, capsys):
 
     assert main(["export-nir", str(saved_run), str(tmp_path / "out.nir")]) == 0
     out = capsys.readouterr().out
-    assert "softmax attention" in out and "plasticity" in out and "check it: seqep export-nir" in out
+    assert "proj.scores" in out and "proj.softmax" in out and "plasticity" in out and "check it: seqep" in out
     assert nir.read(tmp_path / "out.nir").metadata["source_run"] == str(saved_run)
     assert main(["export-nir", str(saved_run), str(tmp_path / "b.nir"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["nodes"] == 10
+    result = json.loads(capsys.readouterr().out)
+    assert result["nodes"] == 15 and "no exponential" in result["not_expressible"]["proj.softmax"]
 
 
 @needs_norse
@@ -128,4 +142,6 @@ def test_cli_export_nir_check_runs_the_file_through_norse(saved_run, tmp_path, c
     from analog_ep.cli import main
 
     assert main(["export-nir", str(saved_run), str(tmp_path / "out.nir"), "--check", "8", "--steps", "32"]) == 0
-    assert "norse round trip (8 samples × 32 steps)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "norse round trip (8 samples × 32 steps): 100.0 % identical output spike trains" in out
+    assert "query ports within" in out
