@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from analog_ep.phi import EPNet
@@ -136,11 +138,29 @@ def query_port(consumer: str, graph: Any, net: EPNet, x: torch.Tensor, fc1_spike
     return query
 
 
+def tapped(spiking: Any, layer: str) -> Any:
+    """The spiking part with its one Output reading `layer` instead of the output layer: same dynamics (the
+    output layer still runs and feeds back), another population's spikes out (nirtorch returns one output)."""
+    import nir
+
+    nodes = dict(spiking.nodes)
+    nodes["output"] = nir.Output(output_type={"output": np.array(spiking.nodes[layer].output_type["output"])})
+    edges = [e for e in spiking.edges if e[1] != "output"] + [(layer, "output")]
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=dict(spiking.metadata))
+
+
+def _compare(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
+    return {"identical_trains": float((ours == theirs).all(0).float().mean()),
+            "max_count_difference": float((ours.sum(0) - theirs.sum(0)).abs().max()),
+            "spikes_per_sample": float(theirs.sum() / theirs.shape[1])}
+
+
 def round_trip(path: str | Path, net: EPNet, x: torch.Tensor, steps: int = 256, y: torch.Tensor | None = None,
                analog_steps: int = 100, consumers: list[str] | None = None) -> dict[str, Any]:
     """Run the file's spiking part in each consumer against our reference run of the exported equations
-    (output spike trains and counts, predictions), and its query ports against Φ's query current."""
+    (every layer's spike trains and counts, predictions), and its query ports against Φ's query current."""
     graph = _read(path)
+    names = json.loads(graph.metadata["layers"])
     fc_input, analog_pred = graph_input(net, x, analog_steps)
     trains = simulate_exported(net, fc_input, steps)
     ours = trains[-1]
@@ -148,19 +168,24 @@ def round_trip(path: str | Path, net: EPNet, x: torch.Tensor, steps: int = 256, 
     result: dict[str, Any] = {
         "samples": int(x.shape[0]), "steps": steps,
         "output_spikes_per_sample": {"ours": float(ours.sum() / x.shape[0])},
+        "spikes_per_sample": {name: float(t.sum() / x.shape[0]) for name, t in zip(names, trains)},
         "agreement_with_analog": float((pred == analog_pred).float().mean()),
         "consumers": {},
     }
     spiking = subgraph(graph, "input", "output")
     for consumer in consumers if consumers is not None else installed_consumers():
         theirs = run_consumer(consumer, spiking, fc_input, steps)
+        layers = {names[-1]: _compare(ours, theirs)}
+        layers.update({name: _compare(t, run_consumer(consumer, tapped(spiking, name), fc_input, steps))
+                       for name, t in zip(names[:-1], trains[:-1])})
         entry = {
-            "identical_output_trains": float((ours == theirs).all(0).float().mean()),
-            "max_count_difference": float((ours.sum(0) - theirs.sum(0)).abs().max()),
+            "identical_output_trains": layers[names[-1]]["identical_trains"],
+            "max_count_difference": layers[names[-1]]["max_count_difference"],
             "prediction_match": float((readout(theirs) == pred).float().mean()),
+            "layers": {name: layers[name] for name in names},
         }
         result["output_spikes_per_sample"][consumer] = float(theirs.sum() / x.shape[0])
-        if "query" in graph.nodes:  # fc1's spike counts over the run: a spike pattern with many active units
+        if "query" in graph.nodes:  # a spike pattern of fc1: the units that fired during the run
             fc1 = (trains[0].sum(0) > 0).float()
             expected = reference_query(net, x, fc1)
             entry["query_port_max_error"] = float((query_port(consumer, graph, net, x, fc1) - expected).abs().max())

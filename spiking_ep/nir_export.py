@@ -60,6 +60,9 @@ ATTENTION_NOT_EXPRESSIBLE = {
     "proj.winner_take_all": "the spiking retrieval's winner-take-all (per-key credit, one winner per row and step "
                             "= argmax over the row's pointer units): NIR has no population argmax or lateral "
                             "inhibition rule; its IF/LIF units threshold independently",
+    "proj.event_trigger": "event-driven attention's trigger (the L1 drift of fc1's trace since the last recompute, "
+                          "compared with δ, rows held in between): NIR has no absolute value, norm or "
+                          "sample-and-hold primitive",
     "proj.retrieval": "Σ_j p_j K_j multiplies the attention weights by the keys (this sample's tokens): not "
                       "expressible for the same reason as the scores; the host computes s¹ from the query "
                       "ports and feeds flat(s¹) into 'input'",
@@ -114,14 +117,22 @@ def nir_graph(net: EPNet, metadata: dict[str, Any] | None = None, neuron: str = 
     edges.append((names[-1], "output"))
     if spec.num_projections:
         _add_query_ports(net, nodes, edges, weights[0])
-    not_expressible = {**(ATTENTION_NOT_EXPRESSIBLE if spec.num_projections and spec.attention else {}),
-                       **NOT_EXPRESSIBLE}
+    not_expressible = {**_projection_not_expressible(spec), **NOT_EXPRESSIBLE}
     meta = {"producer": "seqep spiking_ep.nir_export", "network": spec.name, "layers": json.dumps(names),
             "spec": json.dumps(spec.to_dict()), "semantics": SEMANTICS, "input": _input_text(net),
             "neuron": "if", **_port_text(net),
             **{f"not_expressible.{k}": v for k, v in not_expressible.items()}, **(metadata or {})}
     graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata={k: str(v) for k, v in meta.items()})
     return lif_limit(graph) if neuron == "lif" else graph
+
+
+def _projection_not_expressible(spec: Any) -> dict[str, str]:
+    if not spec.num_projections:
+        return {}
+    if spec.attention:
+        return ATTENTION_NOT_EXPRESSIBLE
+    return {"proj.units": "without attention the projection layer is σ(query) per unit; this export leaves its "
+                          "units to the host (it reads the query ports and feeds flat(s¹) into 'input')"}
 
 
 def _add_query_ports(net: EPNet, nodes: dict[str, Any], edges: list[tuple[str, str]], w1: np.ndarray) -> None:
@@ -242,8 +253,9 @@ class Export:
     def summary(self) -> str:
         ports = [n for n in ("query", "token_query") if n in self.graph.nodes]
         port_text = f"; the attention's query current as port(s) {', '.join(ports)}" if ports else ""
-        return (f"wrote {self.path}: {self.nodes} NIR nodes, {self.edges} edges (IF units, Affine W and Linear Wᵀ "
-                f"edges per symmetric synapse{port_text}; units as {self.graph.metadata['neuron'].split(':')[0]})")
+        units = "nir.IF units" if self.graph.metadata["neuron"] == "if" else "units as the no-leak nir.LIF limit of IF"
+        return (f"wrote {self.path}: {self.nodes} NIR nodes, {self.edges} edges ({units}, Affine W and Linear Wᵀ "
+                f"edges per symmetric synapse{port_text})")
 
 
 def export_nir(net: EPNet, path: str | Path, metadata: dict[str, Any] | None = None, neuron: str = "if") -> Export:

@@ -70,12 +70,13 @@ def run_export_nir(args: argparse.Namespace) -> int:
 def check_text(check: dict[str, Any]) -> str:
     lines = []
     for consumer, c in check["consumers"].items():
+        layers = ", ".join(f"{name} {100 * r['identical_trains']:.1f} % ({r['spikes_per_sample']:.2f} spikes per "
+                           f"sample, ours {check['spikes_per_sample'][name]:.2f})" for name, r in c["layers"].items())
+        count = max(r["max_count_difference"] for r in c["layers"].values())
         query = (f"; query ports within {c['query_port_max_error']:.1e} of Φ's query current"
                  if "query_port_max_error" in c else "")
-        lines.append(f"{consumer} round trip ({check['samples']} samples × {check['steps']} steps): "
-                     f"{100 * c['identical_output_trains']:.1f} % identical output spike trains, max count "
-                     f"difference {c['max_count_difference']:.0f}, {check['output_spikes_per_sample'][consumer]:.2f} "
-                     f"output spikes per sample (ours {check['output_spikes_per_sample']['ours']:.2f}){query}")
+        lines.append(f"{consumer} round trip ({check['samples']} samples × {check['steps']} steps): identical spike "
+                     f"trains {layers}; max count difference {count:.0f}{query}")
     if not check["consumers"]:
         lines.append("no consumer installed (pip install norse snntorch --no-deps): nothing ran the file")
     lines.append(f"predictions agree with the analog network on {100 * check['agreement_with_analog']:.1f} %")

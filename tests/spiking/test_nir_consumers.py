@@ -17,7 +17,7 @@ import torch
 
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet
-from spiking_ep.nir_consumers import round_trip, run_consumer
+from spiking_ep.nir_consumers import round_trip, run_consumer, tapped
 from spiking_ep.nir_export import (
     ATTENTION_NOT_EXPRESSIBLE,
     LIF_DT,
@@ -49,9 +49,13 @@ def tokens(net: EPNet, n: int = 16) -> torch.Tensor:
 def assert_reproduced(result: dict, consumers: tuple[str, ...] = ("norse", "snntorch")) -> None:
     assert set(result["consumers"]) == set(consumers)
     assert result["output_spikes_per_sample"]["ours"] > 0  # the check is not vacuous
+    assert all(count > 0 for count in result["spikes_per_sample"].values())  # every layer spikes
     for name in consumers:
         c = result["consumers"][name]
         assert c["identical_output_trains"] >= 0.99 and c["max_count_difference"] <= 1, name
+        assert list(c["layers"]) == list(result["spikes_per_sample"])  # every FC layer compared
+        for layer, r in c["layers"].items():
+            assert r["identical_trains"] >= 0.99 and r["max_count_difference"] <= 1, (name, layer)
         assert c["prediction_match"] >= 0.99, name
         assert c.get("query_port_max_error", 0.0) < 1e-5, name
 
@@ -74,6 +78,8 @@ def test_trained_network_matches_in_both_consumers(tmp_path):
     assert_reproduced(result)
     counts = result["output_spikes_per_sample"]
     assert counts["norse"] == counts["snntorch"] == counts["ours"]
+    for layer, ours in result["spikes_per_sample"].items():
+        assert all(result["consumers"][c]["layers"][layer]["spikes_per_sample"] == ours for c in ("norse", "snntorch"))
 
 
 @both
@@ -87,10 +93,12 @@ def test_lif_form_runs_as_the_if_network_in_both_consumers(tmp_path):
     np.testing.assert_array_equal(graph.nodes["w_fc2"].weight, if_graph.nodes["w_fc2"].weight * np.float32(LIF_GAIN))
     np.testing.assert_array_equal(graph.nodes["wT_fc1"].weight, if_graph.nodes["wT_fc1"].weight)  # not into a unit
     fc_input, _ = graph_input(net, tokens(net))
-    ours = simulate_exported(net, fc_input, 64)[-1]
+    hidden = simulate_exported(net, fc_input, 64)
+    ours = hidden[-1]
     spiking = subgraph(graph, "input", "output")
     for consumer in ("norse", "snntorch"):
         assert torch.equal(run_consumer(consumer, spiking, fc_input, 64), ours), consumer
+        assert torch.equal(run_consumer(consumer, tapped(spiking, "fc1"), fc_input, 64), hidden[0]), consumer
 
 
 @both
