@@ -110,6 +110,7 @@ def test_snntorch_reads_nir_if_as_a_leaky_neuron():
     with contextlib.redirect_stdout(io.StringIO()):
         module = import_from_nir(spiking)
     assert float(module.out.beta) == pytest.approx(0.9) and module.out.reset_mechanism == "subtract"
+    assert not module.out.init_hidden  # so it returns (spikes, membrane) where the next edge expects spikes
 
 
 def test_query_ports_and_the_named_attention_nodes():
