@@ -135,18 +135,23 @@ def spiking_ep_symmetric(snet: SpikingNet, x: torch.Tensor, labels: torch.Tensor
     run_phase(snet, inputs2, both, cfg.nudge_steps, beta=betas, target=target.repeat(2, 1), record=record,
               phase="nudge", on_step=acc)
     grads = acc.grads
-    if set_grad:
+    if set_grad:  # a learned word-vector table gets none: the spiking network reads the vectors as inputs
         for name, p in net.named_parameters():
-            p.grad = grads[name].to(p.dtype)
+            p.grad = grads[name].to(p.dtype) if name in grads else None
     updates = _synapse_updates(snet, record, cfg.hebbian, W, acc.spikes / B)
     return SpikingEstimate(grads, free.traces[-1], float(mse_loss(free.traces[-1], target)), record,
                            synapse_updates=updates)
 
 
+def synapse_count(net: EPNet) -> int:
+    """Weights and biases: the synapses plasticity updates (a learned word-vector table is an input memory)."""
+    return sum(p.numel() for name, p in net.named_parameters() if name != "embedding")
+
+
 def _synapse_updates(snet: SpikingNet, record: SpikeRecord, rule: str, window: int, spikes_per_sample: float) -> dict:
     """Plasticity events per sample: every synapse every accumulated step ("trace"), or one per spike and
     synapse it touches ("spike": fan-out counted in both directions, as pair-based STDP hardware does)."""
-    synapses = sum(p.numel() for p in snet.net.parameters())
+    synapses = synapse_count(snet.net)
     if rule == "trace":
         return {"nudge": float(2 * window * synapses)}
     mean_fan = sum(record.fan_out) / max(len(record.fan_out), 1)
@@ -211,7 +216,7 @@ def spiking_cep(snet: SpikingNet, x: torch.Tensor, labels: torch.Tensor, cfg: Sp
         state = new
     for p in params.values():
         p.grad = None
-    synapses = sum(p.numel() for p in params.values())
+    synapses = synapse_count(net)
     return SpikingEstimate({n: -t for n, t in total.items()}, free_output, float(mse_loss(free_output, target)),
                            record, applied=True, synapse_updates={"nudge": float(cfg.nudge_steps * synapses)})
 
