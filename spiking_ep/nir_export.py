@@ -10,8 +10,9 @@ The graph (`nir_graph`) of a network with a projection (Hopfield attention) laye
 Units are `nir.IF` (v ← v + I, spike when v > 1, reset to v_reset = 0); the synaptic current of a unit is
 Φ's drive with *spikes* for states, halved: I = ½(W a + b + Wᵀ h) (σ(u) = u/2 in its linear range; the ½ is
 folded into the weights: norse ignores IF's `r`). No time constants: one NIR step is one of our timesteps
-whatever dt a simulator is given. Nodes are listed bottom-up, so a simulator that runs them in that order
-feeds each layer this step's spikes from below and the previous step's from above (the recurrent edges).
+whatever dt a simulator is given. Timing: each layer reads this step's spikes from below and the previous
+step's from above (the recurrent edges). Nodes are built bottom-up, but `nir.read` returns them alphabetically
+(HDF5): a consumer that schedules by node order gets them back in order from `nir_consumers.in_schedule_order`.
 
 The projection layer's query current ∂Φ/∂s¹ = X W₀ᵀ (or the learned queries Q) + W₁ᵀh¹ is linear and is
 exported, as ports: `query` (the top-down part, with Q as its bias when pooling) and, without pooling,
