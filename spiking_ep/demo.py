@@ -6,7 +6,7 @@ Stages, each re-runnable on its own (a second `seqep demo` picks up where an int
             a finished run is reused (unless --fresh), an interrupted one resumes from checkpoints/last.pt
 2. convert  sigma-delta units (the default coding), OUT/spiking.json
 3. compare  `seqep compare` on the test subset under the cmos45nm and loihi profiles: OUT/compare/
-4. nir      OUT/model.nir and its round trip through norse on the first test samples
+4. nir      OUT/model.nir and its round trip through norse and snntorch on the first test samples
 
 Data: $SEQEP_DATA_DIR, else ../shared/data next to the repository (the Makefile sets the variable),
 else a clear error. Timings per stage go to OUT/demo.json.
@@ -89,7 +89,8 @@ def train_stage(out: Path, fresh: bool, progress: bool, command: str) -> dict[st
 
 
 def nir_stage(out: Path, progress: bool) -> dict[str, Any]:
-    """Export OUT/model.nir and run it through norse against our reference on the first test samples."""
+    """Export OUT/model.nir and run it through norse (and snntorch) against our reference on the first test
+    samples."""
     import torch
 
     from analog_ep.train.checkpoint import load_model
@@ -159,7 +160,7 @@ def _run_stages(out: Path, timesteps: Sequence[int], fresh: bool, limit: int | N
                                                              progress=progress, command=command))
     seconds["compare"] = time.perf_counter() - t
     t = time.perf_counter()
-    if stage(4, "nir", "export the spiking FC part, round trip through norse"):
+    if stage(4, "nir", "export to NIR, round trip through norse and snntorch"):
         summary["nir"] = nir_stage(out, progress)
     seconds["nir"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
@@ -186,9 +187,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"NIR:    {nir['path']} (no round trip: norse is not installed)")
     elif nir:
         c = nir["check"]
-        lines.append(f"NIR:    {nir['path']}: norse round trip on {c['samples']} reviews × {c['steps']} steps: "
-                     f"{100 * c['identical_output_trains']:.1f} % identical output spike trains (max count difference "
-                     f"{c['max_count_difference']:.0f}); the IF-only export agrees with analog on "
+        trips = ", ".join(f"{name} {100 * r['identical_output_trains']:.1f} % (max count difference "
+                          f"{r['max_count_difference']:.0f})" for name, r in c["consumers"].items())
+        lines.append(f"NIR:    {nir['path']}: round trip on {c['samples']} reviews × {c['steps']} steps, identical "
+                     f"output spike trains: {trips}; the IF-only export agrees with analog on "
                      f"{100 * c['agreement_with_analog']:.1f} %, accuracy "
                      f"{100 * c.get('accuracy', float('nan')):.2f} %")
     lines.append("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()))

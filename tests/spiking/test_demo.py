@@ -65,6 +65,16 @@ def test_summary_table_quotes_what_the_run_measured():
     assert "no round trip: norse is not installed" in table and "timings: train 30 s, total 60 s" in table
 
 
+def test_summary_table_names_every_nir_consumer():
+    check = {"samples": 64, "steps": 256, "agreement_with_analog": 0.98, "accuracy": 0.75,
+             "consumers": {"norse": {"identical_output_trains": 1.0, "max_count_difference": 0},
+                           "snntorch": {"identical_output_trains": 0.5, "max_count_difference": 3}}}
+    summary = {"out": "runs/demo", "seconds": {"total": 60.0}, "train": {"status": "completed", "test_accuracy": 0.7,
+               "n_test": 400, "train_minutes": 0.5}, "nir": {"path": "runs/demo/model.nir", "check": check}}
+    table = summary_table(summary)
+    assert "norse 100.0 % (max count difference 0)" in table and "snntorch 50.0 % (max count difference 3)" in table
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_full_demo_runs_in_under_ten_minutes(tmp_path):
