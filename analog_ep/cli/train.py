@@ -17,6 +17,8 @@ examples:
   seqep train --task imdb --preset cpu --out runs/imdb-cpu            # the CPU accuracy preset
   seqep train --task snli --preset cpu --estimator bptt --out runs/snli-bptt
   seqep train --task imdb --preset smoke --set ep.beta=0.2 --set train.lrs=[1e-3] --out runs/b02
+  seqep train --task imdb --preset smoke --set model.learn_embeddings=true --out runs/learned  # learned vectors
+  seqep train --task imdb --preset smoke --vectors random:50 --set model.learn_embeddings=true --out runs/scratch
   seqep train --out runs/imdb-cpu --resume                            # continue an interrupted run
   seqep train --backend spiking --init runs/imdb-smoke --out runs/spk-ft --timesteps 16   # spiking EP fine-tuning
   seqep train --backend spiking --task imdb --preset smoke --set data.train_limit=2000 --out runs/spk  # from scratch
@@ -44,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=PRESETS, default="smoke", help="experiments/presets/TASK-PRESET.toml")
     p.add_argument("--config", metavar="FILE.toml", help="a config file instead of a preset")
     p.add_argument("--estimator", choices=ESTIMATORS, help="gradient estimator (default: the preset's)")
-    p.add_argument("--vectors", help="word vectors: glove50, w2v:300, a file path, or a gensim name")
+    p.add_argument("--vectors", help="word vectors: glove50, w2v:300, a file path, random:50, or a gensim name (with "
+                                      "model.learn_embeddings=true they initialise a table EP learns)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu or cuda")
