@@ -71,8 +71,10 @@ def stack_states(a: State, b: State) -> State:
 
 
 def write_grads(net: EPNet, grads: dict[str, torch.Tensor]) -> None:
+    """`.grad` of every parameter from `grads`; one without an estimate gets none (a learned word-vector table fed
+    vectors instead of token ids: the optimiser leaves it as it is)."""
     for name, p in net.named_parameters():
-        p.grad = grads[name].to(p.dtype)
+        p.grad = grads[name].to(p.dtype) if name in grads else None
 
 
 def _residual(cfg: EPConfig) -> str:

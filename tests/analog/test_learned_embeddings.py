@@ -188,3 +188,12 @@ def test_random_vectors_are_seeded_and_cover_the_training_words():
     assert parse_vectors("random:50", None).params == {"dim": 50}
     with pytest.raises(DataError, match="random:DIM"):
         parse_vectors("random:x", None)
+
+
+def test_a_learned_table_fed_vectors_gets_no_gradient_and_stays():
+    net = learned_net("imdb", pool_queries=3, mask_padding=True)
+    ids = token_ids(net)
+    x = embed_batch(ids, net.embedding.detach())
+    estimate = ep_symmetric(net, x, torch.tensor([0, 1, 0, 1, 0, 1]), EPConfig(free_steps=30, nudge_steps=10))
+    assert "embedding" not in estimate.grads and net.embedding.grad is None
+    assert net.weights[0].grad is not None
