@@ -167,6 +167,32 @@ def _train_job(rank: int, cfg_dict: dict, out: str, evaluate_run: str, evaluate_
         torch.save(result, Path(out) / f"evaluated-rank{rank}.pt")
 
 
+def _train_only_job(rank: int, cfg_dict: dict, out: str) -> None:
+    from analog_ep.train.config import RunConfig
+    from analog_ep.train.trainer import train_run
+
+    train_run(RunConfig.from_dict(cfg_dict), out, progress=False)
+
+
+@pytest.mark.realdata
+def test_two_ranks_learn_the_word_vectors_of_one_process(tmp_path):
+    """The learned table's gradient is averaged like any other; its pull towards the initial vectors reaches the
+    rows of the global batch on every rank (each rank read only its shard's tokens)."""
+    from analog_ep.train.checkpoint import load_model
+    from analog_ep.train.config import apply_overrides
+    from analog_ep.train.trainer import load_task_for, model_embedding, train_run
+
+    cfg = apply_overrides(tiny_config(32), ["model.learn_embeddings=true", "train.embedding_decay=1e-3"])
+    train_run(cfg, tmp_path / "one", progress=False)
+    spawn("_train_only_job", cfg.to_dict(), str(tmp_path / "two"))
+    a, _ = load_model(tmp_path / "one", "last.pt")
+    b, _ = load_model(tmp_path / "two", "last.pt")
+    start = model_embedding(cfg, load_task_for(cfg, progress=False)).to(torch.float64)
+    assert (a.embedding.detach()[2:] != start[2:]).any()  # the table learned
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert relative_difference(pb.detach(), pa.detach()) < WEIGHT_RTOL, name
+
+
 @pytest.mark.realdata
 def test_two_ranks_train_the_one_process_model_and_record_it(tmp_path):
     from analog_ep.train.checkpoint import load_model
