@@ -150,6 +150,13 @@ def test_a_run_learns_the_vectors_saves_them_and_every_consumer_reads_them(tmp_p
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), "--split", "test", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == report["test_accuracy"]
+    # shared as safetensors and rebuilt elsewhere, the table travels with the weights
+    shared = tmp_path / "run.safetensors"
+    assert main(["export-weights", str(tmp_path / "run"), str(shared)]) == 0
+    assert main(["import-weights", "--out", str(tmp_path / "imported"), str(shared)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "imported"), "--split", "test", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == report["test_accuracy"]
 
 
 @pytest.mark.realdata
