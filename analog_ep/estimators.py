@@ -185,8 +185,8 @@ def cep(
         for n, inc in increments.items():
             params[n].add_(inc, alpha=etas[n])
             total[n].add_(inc)
-        if net.spec.num_projections:  # the projection synapse moved: refresh its input drive
-            inputs = net.prepare(x)
+        if net.spec.num_projections or inputs.ids is not None:  # the projection synapse or the learned word
+            inputs = net.prepare(x)  # vectors moved: refresh the inputs they make
         state = new
     grads = {n: -t for n, t in total.items()}
     for p in params.values():
