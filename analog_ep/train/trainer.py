@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from analog_ep.data import TaskData, embed_batch, load_task
 from analog_ep.dynamics import free_phase
+from analog_ep.embedding import PAD_ID
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import ESTIMATORS, EPConfig, Estimator, make_estimator, training_beta_sign
 from analog_ep.fast.allocator import keep_freed_memory
@@ -192,7 +193,7 @@ def drop_words(ids: torch.Tensor, rate: float) -> torch.Tensor:
     seeded and checkpointed by the trainer). It changes only the inputs, so every estimator stays exact."""
     if rate <= 0:
         return ids
-    return ids.masked_fill(torch.rand(ids.shape, device=ids.device) < rate, 0)
+    return ids.masked_fill(torch.rand(ids.shape, device=ids.device) < rate, PAD_ID)
 
 
 @torch.no_grad()
@@ -342,7 +343,7 @@ class Trainer:
             used[x.reshape(-1).long()] = 1
             if self.world.active:  # the rows of the global batch, so that every rank moves the same rows
                 torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
-            used[0] = 0  # PAD
+            used[PAD_ID] = 0
             grad.addcmul_(used.unsqueeze(1), table.detach() - self.initial_vectors, value=decay)
         return step
 
