@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analog_ep.estimators import signed_coef
+from analog_ep.estimators import signed_coef, write_grads
 from analog_ep.phi import EPNet, Inputs, mse_loss, one_hot_target
 from spiking_ep.convert import SpikingNet
 from spiking_ep.dynamics import SpikeRecord, SpikingState, new_record, run_phase, spiking_free_phase, stack_spiking
@@ -136,8 +136,7 @@ def spiking_ep_symmetric(snet: SpikingNet, x: torch.Tensor, labels: torch.Tensor
               phase="nudge", on_step=acc)
     grads = acc.grads
     if set_grad:  # a learned word-vector table gets none: the spiking network reads the vectors as inputs
-        for name, p in net.named_parameters():
-            p.grad = grads[name].to(p.dtype) if name in grads else None
+        write_grads(net, grads)
     updates = _synapse_updates(snet, record, cfg.hebbian, W, acc.spikes / B)
     return SpikingEstimate(grads, free.traces[-1], float(mse_loss(free.traces[-1], target)), record,
                            synapse_updates=updates)
