@@ -13,6 +13,7 @@ examples:
   seqep data --task imdb --vectors w2v:300        train 300-d word2vec on IMDB train (cached)
   seqep data --task imdb --max-len 400 --oov unk  other settings make another cache entry
   seqep data --task snli --data-dir ../shared/data --train-limit 2000 --eval-limit 500
+  seqep data --task imdb --ngrams 2               frequent word pairs as tokens of their own (data.ngrams)
 
 data comes from --data-dir, else $SEQEP_DATA_DIR, else the Hugging Face hub (stanfordnlp/imdb,
 stanfordnlp/snli). Processed tensors are cached in --cache-dir, else $SEQEP_CACHE_DIR, else
@@ -75,6 +76,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--train-limit", type=int, metavar="N", help="class-balanced seeded subset of train")
     p.add_argument("--eval-limit", type=int, metavar="N", help="class-balanced seeded subset of val and test")
+    p.add_argument("--ngrams", type=int, default=1, metavar="N",
+                   help="also add the training split's word n-grams up to order N (2 or 3) as tokens (default 1)")
+    p.add_argument("--ngram-min-freq", type=int, default=3, metavar="N",
+                   help="an n-gram joins the vocabulary at this many train occurrences (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed for the validation carve, limits and word2vec")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,9 +87,11 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analog_ep.data.ngrams import add_ngrams, check_ngram_args
     from analog_ep.data.task import load_task
 
-    task = load_task(
+    check_ngram_args(args.ngrams, args.ngram_min_freq)
+    words = load_task(
         args.task,
         data_dir=args.data_dir,
         max_len=args.max_len,
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         progress=not args.quiet,
     )
+    task = add_ngrams(words, args.ngrams, args.ngram_min_freq)
     if args.json:
         print(json.dumps(task.info, indent=2))
     else:
@@ -132,6 +140,15 @@ def format_table(info: dict[str, Any]) -> str:
         f"vocabulary  {voc['size']:,} ids (PAD, UNK + {voc['words']:,} train words with a vector; "
         f"min_freq {voc['min_freq']}, oov={voc['oov']})",
         f"coverage    {info['coverage']:.2%} of {info['train_tokens']:,} train tokens have a vector",
+        *_ngram_lines(info),
         f"cache       {info['cache_path']} ({'hit' if info['cache_hit'] else 'built'} in {info['load_seconds']} s)",
     ]
     return "\n".join(lines)
+
+
+def _ngram_lines(info: dict[str, Any]) -> list[str]:
+    grams = info.get("ngrams")
+    if not grams:
+        return []
+    added = ", ".join(f"{count:,} of order {order}" for order, count in grams["added"].items())
+    return [f"n-grams     {added} (min_freq {grams['min_freq']}); {grams['word_slots']} word slots + n-gram slots"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from analog_ep.data import TaskData, embed_batch, load_task
+from analog_ep.data import TaskData, add_ngrams, embed_batch, load_task
 from analog_ep.dynamics import free_phase
 from analog_ep.embedding import PAD_ID
 from analog_ep.errors import ConfigError
@@ -51,9 +51,10 @@ def seed_everything(seed: int) -> None:
 
 def load_task_for(cfg: RunConfig, progress: bool = True) -> TaskData:
     d = cfg.data
-    return load_task(d.task, data_dir=d.data_dir, max_len=d.max_len, vectors=d.vectors, min_freq=d.min_freq,
+    task = load_task(d.task, data_dir=d.data_dir, max_len=d.max_len, vectors=d.vectors, min_freq=d.min_freq,
                      max_vocab=d.max_vocab, oov=d.oov, val_size=d.val_size, train_limit=d.train_limit,
                      eval_limit=d.eval_limit, seed=cfg.train.seed, progress=progress)
+    return add_ngrams(task, d.ngrams, d.ngram_min_freq)
 
 
 def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
