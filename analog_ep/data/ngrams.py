@@ -74,7 +74,8 @@ def add_ngrams(data: TaskData, n: int, min_freq: int) -> TaskData:
     splits = {role: _left_align(np.concatenate(parts[role], axis=2)) for role in words}
     max_len = next(iter(splits.values())).shape[2]
     info = {**data.info, "max_len": max_len,
-            "ngrams": {"n": n, "min_freq": min_freq, "added": added, "word_slots": data.max_len}}
+            "ngrams": {"n": n, "min_freq": min_freq, "added": added, "word_slots": data.max_len,
+                       "word_ids": num_words}}
     info["vocab"] = {**data.info.get("vocab", {}), "size": len(vocab)}
     datasets = {role: SequenceDataset(torch.from_numpy(ids), data.splits[role].labels, role)
                 for role, ids in splits.items()}
@@ -86,6 +87,11 @@ def add_ngrams(data: TaskData, n: int, min_freq: int) -> TaskData:
         info=info,
         vocab=vocab,
     )
+
+
+def word_ids(data: TaskData) -> int:
+    """How many ids (PAD and UNK included) are words: the n-gram rows follow them."""
+    return int(data.info.get("ngrams", {}).get("word_ids", len(data.vocab)))
 
 
 def check_ngram_args(n: int, min_freq: int) -> None:

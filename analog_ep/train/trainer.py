@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from analog_ep.data import TaskData, add_ngrams, embed_batch, load_task
+from analog_ep.data.ngrams import word_ids
 from analog_ep.dynamics import free_phase
 from analog_ep.embedding import PAD_ID
 from analog_ep.errors import ConfigError
@@ -66,7 +67,8 @@ def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
     if m.gamma is not None:
         options["gamma"] = m.gamma
     vectors = model_embedding(cfg, task)
-    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(vectors)
+    options["input_scale"] = m.input_scale if m.input_scale is not None else auto_input_scale(
+        vectors[: word_ids(task)])
     if m.learn_embeddings:  # the table joins Φ's parameters, starting from the word vectors the model would read
         options.update(vocab_size=vectors.shape[0], exact_match=cfg.data.exact_match)
     net = EPNet(build_spec(task.name, **options), seed=cfg.train.seed)
@@ -98,7 +100,9 @@ def auto_input_scale(embedding: torch.Tensor) -> float:
 def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
     """The frozen word vectors as the model sees them (`model.input_norm`); PAD and UNK stay zero.
 
-    Statistics are weighted by train-token counts (what the network actually reads). "standardize"
+    Statistics are weighted by train-token counts (what the network actually reads) of the words only:
+    an n-gram's row is the mean of its words' rows, and the same affine map keeps it their mean, so word
+    rows read the same with or without n-grams (`data.ngrams`). "standardize"
     centres and scales each dimension: word2vec trained on IMDB has a large component shared by all
     words, so mean-pooled reviews are nearly parallel and the hard-sigmoid units see almost no
     review-to-review variation. "whiten" (ZCA) also decorrelates the dimensions: every direction of
@@ -110,6 +114,7 @@ def model_embedding(cfg: RunConfig, task: TaskData) -> torch.Tensor:
         return emb
     counts = torch.bincount(task.train.ids.flatten().long(), minlength=emb.shape[0])[: emb.shape[0]].float()
     counts[:2] = 0  # PAD, UNK
+    counts[word_ids(task):] = 0  # n-grams
     w = counts / counts.sum().clamp(min=1)
     mean = w @ emb
     centred = emb - mean

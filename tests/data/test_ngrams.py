@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analog_ep.data.dataset import SequenceDataset, TaskData
-from analog_ep.data.ngrams import add_ngrams
+from analog_ep.data.ngrams import add_ngrams, word_ids
 from analog_ep.errors import ConfigError, DataError
 
 WORDS = ["<pad>", "<unk>", "not", "good", "bad", "film", "very"]
@@ -39,7 +39,9 @@ def test_pairs_known_from_training_become_tokens_after_the_words():
     assert grams.max_len == 4 + 3 and grams.test.ids.shape == (2, 1, 7)
     assert names(grams, grams.test.ids[0, 0]) == ["very", "not", "good", "not good"]
     assert names(grams, grams.test.ids[1, 0]) == ["film", "very"]  # "film very": never in training
-    assert grams.info["ngrams"] == {"n": 2, "min_freq": 2, "added": {"2": 1}, "word_slots": 4}
+    assert grams.info["ngrams"] == {"n": 2, "min_freq": 2, "added": {"2": 1}, "word_slots": 4,
+                                    "word_ids": len(WORDS)}
+    assert word_ids(grams) == word_ids(task) == len(WORDS)
     assert grams.info["vocab"]["size"] == len(WORDS) + 1
     assert torch.equal(grams.embedding[: len(WORDS)], task.embedding)
     assert torch.equal(grams.embedding[-1], (task.embedding[2] + task.embedding[3]) / 2)
@@ -97,3 +99,18 @@ def test_a_run_with_word_pairs_learns_their_vectors_and_evaluates_the_same(tmp_p
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), "--split", "test", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == report["test_accuracy"]
+
+
+@pytest.mark.parametrize("norm", ["standardize", "whiten"])
+def test_words_read_the_same_with_ngrams_and_a_gram_stays_the_mean_of_its_words(norm):
+    from analog_ep.train.config import RunConfig, apply_overrides
+    from analog_ep.train.trainer import model_embedding
+
+    task = toy_task([[[2, 3, 5, 0]], [[2, 3, 4, 6]], [[4, 5, 6, 2]]])
+    task.embedding.copy_(torch.randn(task.embedding.shape, generator=torch.Generator().manual_seed(0)))
+    task.embedding[:2] = 0
+    cfg = apply_overrides(RunConfig(), [f"model.input_norm={norm}"])
+    grams = add_ngrams(task, n=2, min_freq=2)
+    words, with_grams = model_embedding(cfg, task), model_embedding(cfg, grams)
+    assert torch.allclose(with_grams[: len(WORDS)], words, atol=1e-6)
+    assert torch.allclose(with_grams[-1], (words[2] + words[3]) / 2, atol=1e-6)  # "not good"
