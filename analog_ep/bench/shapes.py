@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from analog_ep.data.ngrams import slots as ngram_slots
 from analog_ep.errors import ConfigError, DataError
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, GraphSpec
@@ -62,7 +63,7 @@ def build_shape(name: str) -> Shape:
     cfg = load_preset(task, preset)
     m = cfg.model
     options: dict[str, Any] = dict(
-        seq_len=cfg.data.max_len or (600 if task == "imdb" else 25),
+        seq_len=ngram_slots(cfg.data.max_len or (600 if task == "imdb" else 25), cfg.data.ngrams),
         dim=vectors_dim(cfg.data.vectors) + cfg.data.extra_channels,
         hidden=tuple(m.hidden), attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
         bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule,

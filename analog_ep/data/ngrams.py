@@ -89,6 +89,15 @@ def add_ngrams(data: TaskData, n: int, min_freq: int) -> TaskData:
     )
 
 
+def slots(word_slots: int, n: int) -> int:
+    """Sequence length with the n-grams of orders 2..n appended to ``word_slots`` words.
+
+    >>> slots(600, 2), slots(600, 1)
+    (1199, 600)
+    """
+    return sum(max(word_slots - k + 1, 0) for k in range(1, n + 1))
+
+
 def word_ids(data: TaskData) -> int:
     """How many ids (PAD and UNK included) are words: the n-gram rows follow them."""
     return int(data.info.get("ngrams", {}).get("word_ids", len(data.vocab)))

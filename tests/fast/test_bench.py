@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from analog_ep import bench, reference
 from analog_ep.cli import main
+from analog_ep.data.ngrams import slots
 from analog_ep.dynamics import free_phase, predict
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase, make_estimator
@@ -231,7 +232,8 @@ def test_shapes_build_from_the_presets():
     assert (snli.spec.seq_len, snli.spec.dim, snli.spec.layers, snli.batches) == (25, 300, (400, 3), (256,))
     preset = load_preset("imdb", "cpu")
     cpu = bench.build_shape("imdb-cpu")
-    assert cpu.spec.dim == bench.vectors_dim(preset.data.vectors) and cpu.spec.seq_len == preset.data.max_len
+    assert cpu.spec.dim == bench.vectors_dim(preset.data.vectors)
+    assert cpu.spec.seq_len == slots(preset.data.max_len, preset.data.ngrams)  # the words, then the word pairs
     assert cpu.spec.layers == (*preset.model.hidden, 2) and cpu.free_steps == preset.ep.free_steps
     flops = bench.count_flops(imdb.spec, 32, 50, 25)["total"]
     assert 3.6e12 < flops < 3.8e12  # ~3.7 TFLOP per training batch at the paper's IMDB shape
