@@ -100,7 +100,7 @@ def slots(word_slots: int, n: int) -> int:
 
 def word_ids(data: TaskData) -> int:
     """How many ids (PAD and UNK included) are words: the n-gram rows follow them."""
-    return int(data.info.get("ngrams", {}).get("word_ids", len(data.vocab)))
+    return int(data.info.get("ngrams", {}).get("word_ids", data.embedding.shape[0]))
 
 
 def check_ngram_args(n: int, min_freq: int) -> None:

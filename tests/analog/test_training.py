@@ -156,7 +156,7 @@ def test_input_norms_give_unit_variance_over_train_tokens(norm):
     mixing = torch.randn(6, 6, generator=g)
     emb = torch.cat([torch.zeros(2, 6), torch.randn(40, 6, generator=g) @ mixing + 3.0])  # correlated, offset
     ids = torch.randint(2, 42, (50, 1, 30), generator=g, dtype=torch.int32)
-    task = SimpleNamespace(embedding=emb, train=SimpleNamespace(ids=ids))
+    task = SimpleNamespace(embedding=emb, train=SimpleNamespace(ids=ids), info={})
     cfg = SimpleNamespace(model=SimpleNamespace(input_norm=norm))
     out = model_embedding(cfg, task).double()
     assert torch.equal(out[:2], torch.zeros(2, 6, dtype=out.dtype))  # PAD and UNK stay zero
