@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analog_ep.data.ngrams import MAX_N as MAX_NGRAM
-from analog_ep.errors import ConfigError
+from analog_ep.data.ngrams import check_ngram_args
+from analog_ep.errors import ConfigError, DataError
 from analog_ep.estimators import BETA_SIGNS, ESTIMATORS, training_beta_sign
 from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
@@ -211,9 +211,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                           "cuda:N")
     if cfg.data.exact_match and cfg.data.task != "snli":
         raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
-    if not 1 <= cfg.data.ngrams <= MAX_NGRAM or cfg.data.ngram_min_freq < 1:
-        raise ConfigError(f"{source}: data.ngrams = {cfg.data.ngrams} must be 1 (words only) to {MAX_NGRAM}, and "
-                          f"data.ngram_min_freq = {cfg.data.ngram_min_freq} ≥ 1")
+    try:
+        check_ngram_args(cfg.data.ngrams, cfg.data.ngram_min_freq)
+    except DataError as err:
+        raise ConfigError(f"{source}: data.ngrams / data.ngram_min_freq: {err}") from None
     if cfg.train.checkpoint_every is not None and cfg.train.checkpoint_every <= 0:
         raise ConfigError(f"{source}: train.checkpoint_every must be > 0 steps, or none (checkpoint by time only)")
     if any(n <= 0 for n in cfg.model.hidden):
