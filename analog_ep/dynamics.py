@@ -101,6 +101,15 @@ def relax(
     trace = RelaxTrace()
     nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
     phase = "nudged" if nudged else "free"
+    if inputs.folded is not None:  # the first synapse folded onto the keys: the same steps, sample by sample
+        from analog_ep.fast import folded
+
+        if record_phi:
+            raise ValueError("record_phi needs the full state at every step: prepare the inputs without fold")
+        state, trace.residuals, trace.steps = folded.relax(net, inputs, state, steps, beta, target if nudged else None,
+                                                           tol, track, residual)
+        check_finite(net, state, phase, trace.steps)
+        return state, trace
     refine = refine and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
     best, stalled = float("inf"), 0
     for _ in range(steps):

@@ -43,6 +43,7 @@ class EPConfig:
     tol: float | None = None  # early exit of the free phase when the residual falls below tol
     precision: str = "fp32"  # "bf16"/"int8": large products in low precision (phi.LowPrecision); "fp32": exact
     nudge_tol: float | None = None  # early exit of the nudged phase(s) when the residual falls below nudge_tol
+    fold: bool = False  # fp32: relax with the first synapse folded onto the keys (`analog_ep.fast.folded`)
     beta_sign: str = "positive"  # one-sided estimators (two-phase EP, C-EP): "random" draws ±β per batch from
     # torch's global generator (seeded and checkpointed by the trainer, so runs stay reproducible)
 
@@ -85,7 +86,7 @@ def _residual(cfg: EPConfig) -> str:
 def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, exact_fixed_point: bool = True):
     """Free phase of an estimator. `exact_fixed_point=False`: the fast path may end where bf16 dithers
     (see `dynamics.relax`), unless early exit needs the sharper residual."""
-    inputs = net.prepare(x, cfg.precision)
+    inputs = net.prepare(x, cfg.precision, fold=cfg.fold)
     target = one_hot_target(labels, net.spec.num_classes, inputs_dtype(net))
     state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol, residual=_residual(cfg),
                               refine=exact_fixed_point or cfg.tol is not None)
@@ -169,7 +170,8 @@ def cep(
     direction −Δθ/η, for logging and for the GDU comparison; the weights have already moved.
     C-EP always runs the exact path (`cfg.precision` and `cfg.nudge_tol` are ignored).
     """
-    cfg = replace(cfg, precision="fp32", nudge_tol=None)  # per-step differences of states: the exact path only
+    # per-step differences of states: the exact path only
+    cfg = replace(cfg, precision="fp32", nudge_tol=None, fold=False)
     inputs, target, state, trace = _free(net, x, labels, cfg)
     B = x.shape[0]
     beta = signed_beta(cfg)

@@ -18,14 +18,15 @@ place, where `Inputs.lowp` is set, and that module (with its native kernels) is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from analog_ep.activations import get_activation
-from analog_ep.embedding import embed_batch, embedding_grad
+from analog_ep.embedding import PairFeatures, embed_batch, embedding_grad
 from analog_ep.hopfield import hopfield_retrieve, hopfield_weights
 from analog_ep.spec import GraphSpec, Projection
 from analog_ep.state import Inputs, State
@@ -110,7 +111,7 @@ class EPNet(nn.Module):
 
     # ------------------------------------------------------------------ inputs and states
     def prepare(self, x: torch.Tensor, precision: str = "fp32",
-                weights: list[LowPrecisionWeight | None] | None = None) -> Inputs:
+                weights: list[LowPrecisionWeight | None] | None = None, fold: bool = False) -> Inputs:
         """Per-batch constants from embedded tokens x: (B, S, L, d), or from token ids (B, S, L) when the net
         learns its word vectors (`embedding`): they are looked up here, and the ids kept for Φ's ∂/∂table.
 
@@ -119,6 +120,8 @@ class EPNet(nn.Module):
         with the large FC products in int8 (`lowp_weights.Int8Weight`; CPU builds with oneDNN only).
         `weights`: low-precision weights built once by `low_precision_weights` for batches that share
         the same parameters (inference); by default they are rebuilt here, as training needs.
+        `fold` (fp32 only): relaxations run with the first synapse folded onto each sequence's distinct keys
+        (`analog_ep.fast.folded`): the same fixed points with fewer multiply-adds where sequences are short.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -130,7 +133,13 @@ class EPNet(nn.Module):
                                  "has no contrast for the embedding table)")
         inputs = self._exact_inputs(x, ids)
         if precision != "fp32":
+            if fold:
+                raise ValueError("fold runs the fp32 products; the bf16 and int8 paths have their own retrieval")
             return _fast().prepare(self, inputs, precision, weights)
+        if fold:
+            from analog_ep.fast import folded
+
+            return folded.prepare(self, inputs)
         return inputs
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -142,7 +151,7 @@ class EPNet(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             raise ValueError(f"token ids must lie in 0..{self.spec.vocab_size - 1} (the table's rows), got "
                              f"{int(ids.min())}..{int(ids.max())}")
-        return embed_batch(ids, self.embedding, self.spec.exact_match)
+        return embed_batch(ids, self.embedding, PairFeatures(exact_match=self.spec.exact_match))
 
     def _exact_inputs(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Inputs:
         """`ids` (token ids, when the net looked x up itself): padding is masked by id, so that a learned row
@@ -286,14 +295,9 @@ class EPNet(nn.Module):
         on the energy Φ − Σ‖sⁿ‖² (σ(u) = clamp(u/2, 0, 1) maximises ⟨s, u⟩ − s² on [0, 1]): no cycles,
         same fixed points, same cost. `beta` may be a float or a (B, 1) tensor (batched ±β phases).
         """
-        if self.spec.schedule == "synchronous":
-            drives = self.drives(inputs, state)
-            return [self.update_layer(inputs, state, n, u, beta, target) for n, u in enumerate(drives)]
-        new = list(state)
-        for parity in (0, 1):
-            for n in range(parity, len(state), 2):
-                new[n] = self.update_layer(inputs, new, n, self.layer_drive(inputs, new, n), beta, target)
-        return new
+        return run_schedule(self.spec.schedule, state, lambda s, n: self.layer_drive(inputs, s, n),
+                            lambda s, n, u: self.update_layer(inputs, s, n, u, beta, target),
+                            all_drives=lambda s: self.drives(inputs, s))
 
     # ------------------------------------------------------------------ ∂Φ/∂θ
     def phi_param_grads(self, inputs: Inputs, state: State, coef: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -366,6 +370,22 @@ class EPNet(nn.Module):
 
     def named_param_dict(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+
+def run_schedule(schedule: str, state: list, drive: Callable[[list, int], Any],
+                 update: Callable[[list, int, Any], torch.Tensor],
+                 all_drives: Callable[[list], list] | None = None) -> list:
+    """One update of every layer (`EPNet.step`): `drive(state, n)` is ∂Φ/∂sⁿ, `update(state, n, drive)` the new
+    layer n. "synchronous": every layer from the previous state (`all_drives(state)`, where given, takes all
+    drives at once); "alternating": even layers first, then odd layers from the new even ones."""
+    if schedule == "synchronous":
+        drives = all_drives(state) if all_drives is not None else [drive(state, n) for n in range(len(state))]
+        return [update(state, n, u) for n, u in enumerate(drives)]
+    new = list(state)
+    for parity in (0, 1):
+        for n in range(parity, len(state), 2):
+            new[n] = update(new, n, drive(new, n))
+    return new
 
 
 def enable_compiled_kernels(enabled: bool = True) -> None:

@@ -33,6 +33,7 @@ class Inputs:
     rows: int | None = None  # rows of the relaxation's states, where the tensors above do not say it
     query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
     ids: torch.Tensor | None = None  # (B,S,L) token ids, when the net looks its word vectors up itself
+    folded: Any = None  # the first synapse folded onto the keys (`analog_ep.fast.folded.FoldedKeys`), or None
 
     @property
     def streams_in_order(self) -> bool:
@@ -61,4 +62,4 @@ class Inputs:
         tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
         return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times),
                       rows=None if self.rows is None else self.rows * times, query_streams=self.query_streams,
-                      ids=rep(self.ids))
+                      ids=rep(self.ids), folded=self.folded)

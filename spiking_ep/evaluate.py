@@ -71,7 +71,7 @@ def run_batches(run_dir: str | Path, split: str = "test", limit: int | None = No
     count = -(-(stop - start) // batch_size)
     # `batches` walks the whole split's length: stop after the batches `index` fills
     gen = islice(batches(dataset, embedding, batch_size, embedding.device, embedding.dtype, index[start:stop],
-                         exact_match=cfg.data.exact_match), count)
+                         features=cfg.data.pair_features), count)
     info = {"task": cfg.data.task, "split": split, "samples": len(index), "split_size": len(dataset),
             "limit": limit, "subset_seed": seed if len(index) < len(dataset) else None,
             "source": task.info.get("source"), "vectors": cfg.data.vectors, "max_len": task.max_len,

@@ -71,7 +71,7 @@ def compare_training(name: str, train_limit: int | None, epochs: int, data_dir: 
         for epoch in range(epochs):
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
             for x, y in batches(data.train, embedding, cfg.train.batch_size, "cpu", torch.float32, order,
-                                exact_match=cfg.data.exact_match):
+                                features=cfg.data.pair_features):
                 steps.append(train_step(net, estimator, x, y, opt).free_trace.steps)
         seconds = time.perf_counter() - t0
         val = evaluate_split(net, data.val, embedding, cfg)

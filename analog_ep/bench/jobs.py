@@ -30,7 +30,7 @@ def worker(job: dict) -> dict:
         enable_compiled_kernels(True)
     shape = build_shape(job["shape"])
     cfg = EPConfig(shape.beta, shape.free_steps, shape.nudge_steps, tol=job.get("tol"),
-                   precision=job.get("precision", "fp32"), nudge_tol=job.get("nudge_tol"))
+                   precision=job.get("precision", "fp32"), nudge_tol=job.get("nudge_tol"), fold=job.get("fold", False))
     kind, batch, repeats = job["kind"], int(job["batch"]), int(job.get("repeats", 1))
     warmup, inputs = int(job.get("warmup", WARMUP_BATCHES)), job.get("inputs", "random")
     with torch.no_grad():

@@ -14,6 +14,7 @@ from analog_ep.bench.load import foreign_load, wait_for_idle
 from analog_ep.bench.machine import machine_info
 from analog_ep.bench.shapes import INPUT_RMS, Shape, build_shape, resolve_inputs
 from analog_ep.bench.timing import WARMUP_BATCHES
+from analog_ep.fast.folded import resolve_fold
 from analog_ep.fast.lowp_weights import int8_kernel_name
 from analog_ep.fast.precision import REQUESTS, resolve_precision
 
@@ -22,6 +23,7 @@ def bench(
     shapes: list[str],
     batch: int | None = None,
     precision: str = "auto",
+    fold_keys: str = "auto",
     early_exit: bool = False,
     tol: float | None = None,
     inputs: str = "auto",
@@ -49,6 +51,9 @@ def bench(
     inputs_of = {name: resolve_inputs(inputs, name) for name in shapes}
     resolved = {name: resolve_precision(precision, build_shape(name).spec) for name in shapes}
     modes = {mode for mode, _ in resolved.values()}
+    # whether the fast path folds the first synapse onto the keys (`ep.fold_keys`), per shape and batch size
+    folds = {(name, b): resolve_fold(fold_keys, build_shape(name).spec, resolved[name][0], "ep_symmetric", b)
+             for name in shapes for b in ([batch] if batch else build_shape(name).batches)}
 
     def note(msg: str) -> None:
         if log:
@@ -63,7 +68,7 @@ def bench(
         mode = resolved[shape.name][0]
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
                     compile=compile_kernels and mode != "fp32", precision=mode,
-                    inputs=inputs_of[shape.name])
+                    inputs=inputs_of[shape.name], fold=folds[shape.name, b][0] if b else False)
         spec.update(extra)
         if early_exit:
             spec.update(tol=tol if tol is not None else shape.tol, nudge_tol=tol if tol is not None else shape.tol)
@@ -75,7 +80,8 @@ def bench(
 
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"precision": precision, "early_exit": early_exit, "tol": tol, "reference": reference,
+        "settings": {"precision": precision, "fold_keys": fold_keys, "early_exit": early_exit, "tol": tol,
+                     "reference": reference,
                      "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
                      "compiled_kernels": compile_kernels and modes != {"fp32"}, "input_rms": INPUT_RMS,
                      "inputs": inputs, "int8_kernel": int8_kernel_name() if "int8" in modes else None},
@@ -113,6 +119,7 @@ def bench(
             rec: dict[str, Any] = {
                 "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": inputs_of[name],
                 "precision": resolved[name][0], "precision_reason": resolved[name][1],
+                "fold_keys": folds[name, b][0], "fold_keys_reason": folds[name, b][1],
                 "ep": {"beta": shape.beta, "free_steps": shape.free_steps, "nudge_steps": shape.nudge_steps,
                        "tol": (tol or shape.tol) if early_exit else None},
             }
@@ -129,6 +136,8 @@ def bench(
                 peak_rss_mb=fast["peak_rss_mb"], load=fast["load"], all_seconds=fast["all_seconds"],
                 key_fraction=fast["key_fraction"],
             )
+            if rec["fold_keys"]:  # the executed count is the plain relaxation's: GFLOP/s are effective ones
+                rec["gflops_basis"] = "effective: the plain relaxation's FLOPs over the folded path's seconds"
             set_fractions(rec, peak)
             if inference:
                 rec["inference"] = job("inference", shape, b)

@@ -64,7 +64,7 @@ def build_shape(name: str) -> Shape:
     m = cfg.model
     options: dict[str, Any] = dict(
         seq_len=ngram_slots(cfg.data.max_len or (600 if task == "imdb" else 25), cfg.data.ngrams),
-        dim=vectors_dim(cfg.data.vectors) + cfg.data.extra_channels,
+        dim=vectors_dim(cfg.data.vectors) + cfg.data.extra_channels(vectors_dim(cfg.data.vectors)),
         hidden=tuple(m.hidden), attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
         bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule,
     )
@@ -116,7 +116,7 @@ def real_batch(shape: Shape, batch: int, seed: int = 0) -> tuple[torch.Tensor, t
     data = load_task_for(cfg, progress=False)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:batch]
     x, y = next(batches(data.train, model_embedding(cfg, data), batch, "cpu", torch.float32, order,
-                        exact_match=cfg.data.exact_match))
+                        features=cfg.data.pair_features))
     if tuple(x.shape[1:]) != (shape.spec.num_streams, shape.spec.seq_len, shape.spec.dim):
         raise ValueError(f"real {shape.name} batch has shape {tuple(x.shape)}, the bench shape expects "
                          f"(B, {shape.spec.num_streams}, {shape.spec.seq_len}, {shape.spec.dim})")

@@ -124,7 +124,7 @@ def run_inference(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, war
     weights = None if cfg.precision == "fp32" else net.low_precision_weights(cfg.precision)  # fixed: built once
 
     def one(steps: int) -> int:
-        inputs = net.prepare(x, cfg.precision, weights)
+        inputs = net.prepare(x, cfg.precision, weights, fold=cfg.fold)
         state, trace = dynamics.free_phase(net, inputs, steps, tol=cfg.tol, track=False, residual=residual)
         state[-1].argmax(-1)
         return trace.steps

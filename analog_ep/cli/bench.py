@@ -9,6 +9,7 @@ import sys
 from analog_ep.bench import CPU_SHAPES, PAPER_SHAPES, SHAPES, bench, compare_training, summary_table
 from analog_ep.bench.accuracy import fast_mode
 from analog_ep.errors import ConfigError
+from analog_ep.fast.folded import REQUESTS as FOLD_REQUESTS
 from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
 EPILOG = """\
@@ -40,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", choices=SHAPE_CHOICES, default="all",
                    help="a shape, or paper / cpu / all (default all = paper + cpu shapes)")
     p.add_argument("--batch", type=int, help="batch size (default: the shape's: 32 and 128 for imdb-paper, ...)")
+    p.add_argument("--fold-keys", choices=FOLD_REQUESTS, default="auto",
+                   help="auto (default): on the exact fp32 path, relax with the first synapse folded onto each "
+                        "sequence's distinct keys where that saves enough (short sentences, wide vectors: "
+                        "snli-paper); on: wherever it can run; off: the plain relaxation")
     p.add_argument("--precision", choices=PRECISION_REQUESTS, default="auto",
                    help="auto (default): the fastest faithful mode on this machine, from a few seconds' calibration "
                         "cached per machine; fp32: the exact path; bf16: the fast path on bf16 operands (fast with "
@@ -122,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             with open(args.out, "w") as f:
                 json.dump(partial, f, indent=2)
 
-    report = bench(shapes, batch=args.batch, precision=args.precision, early_exit=args.early_exit, tol=args.tol,
+    report = bench(shapes, batch=args.batch, precision=args.precision,
+                   fold_keys=args.fold_keys, early_exit=args.early_exit, tol=args.tol,
                    inputs=args.inputs, reference=args.reference, inference=args.inference, fidelity=args.check_fidelity,
                    fidelity_batch=args.fidelity_batch, repeats=args.repeats, warmup=args.warmup,
                    threads=args.threads,

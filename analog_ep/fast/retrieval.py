@@ -129,6 +129,14 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
     return distinct, counts, first.sum(-1)
 
 
+def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of (N, L, d) keys (N, L: mask, True = real): the distinct keys (N, L, d), zero past a row's count,
+    their counts (N, L) and how many there are (N,). Softmax over them with log count added to the scores equals
+    softmax over the L keys."""
+    return _distinct(keys, key_mask)
+
+
 def _partition(sizes: list[int], query_len: int, dim: int) -> list[slice]:
     """Consecutive rows into groups, each padded to its largest size: the split of least modelled cost.
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from analog_ep.data.ngrams import check_ngram_args
+from analog_ep.embedding import PairFeatures
 from analog_ep.errors import ConfigError, DataError
 from analog_ep.estimators import BETA_SIGNS, ESTIMATORS, training_beta_sign
+from analog_ep.fast.folded import REQUESTS as FOLD_REQUESTS
 from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 
 if sys.version_info >= (3, 11):
@@ -43,13 +45,19 @@ class DataConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     exact_match: bool = False  # sentence pairs: one more input channel, 1 where the word is in the other sentence
+    alignment: bool = False  # sentence pairs: 1 + d more channels, similarity and difference to the aligned word
+    alignment_temperature: float = 10.0  # softmax(temperature · cosine) aligns a token to the other sentence
     ngrams: int = 1  # 2 or 3: the training split's frequent word n-grams become tokens of their own (data/ngrams.py)
     ngram_min_freq: int = 3  # an n-gram joins the vocabulary when it occurs this often in the training split
 
     @property
-    def extra_channels(self) -> int:
-        """Input channels per token beyond the word vector (the exact-match flag)."""
-        return int(self.exact_match)
+    def pair_features(self) -> PairFeatures:
+        """The channels appended to each token of a sentence pair (`embedding.PairFeatures`)."""
+        return PairFeatures(self.exact_match, self.alignment, self.alignment_temperature)
+
+    def extra_channels(self, dim: int) -> int:
+        """Input channels per token beyond its `dim`-wide word vector (the pair features)."""
+        return self.pair_features.channels(dim)
 
 
 @dataclass
@@ -82,6 +90,9 @@ class EPSection:
     # differences; docs/benchmarks.md); "int8": the fast path with the large FC products in int8 (our AMX kernels:
     # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly; likewise
     # "bf16" is refused on a CPU without bf16 instructions, where "bf16-emulated" runs it anyway)
+    fold_keys: str = "auto"  # "auto": relax with the first synapse folded onto each sequence's distinct keys where
+    # that saves enough multiply-adds (exact path, EP estimators; analog_ep/fast/folded.py); "on": wherever it can
+    # run; "off": never
     beta_sign: str = "auto"  # one-sided nudges (ep_two_phase, cep): "random" draws ±β per batch from the run's
     # seed, cancelling the O(β) bias on average; "positive": always +β; "auto": the estimator's default (positive
     # for both; docs/results.md, "Estimators on the smoke preset"); other estimators refuse anything but auto
@@ -145,6 +156,7 @@ CHOICES = {
     ("model", "input_norm"): ("none", "standardize", "whiten"),
     ("ep", "estimator"): ESTIMATORS,
     ("ep", "precision"): PRECISION_REQUESTS,
+    ("ep", "fold_keys"): FOLD_REQUESTS,
     ("ep", "beta_sign"): ("auto", *BETA_SIGNS),
     ("train", "optimizer"): ("adam", "adam_unfused", "sgd"),
     ("train", "lr_schedule"): ("cosine", "constant"),
@@ -209,8 +221,15 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if not isinstance(cfg.train.device, str) or not _is_device(cfg.train.device):
         raise ConfigError(f"{source}: train.device = {cfg.train.device!r} is not a torch device; use cpu, cuda or "
                           "cuda:N")
-    if cfg.data.exact_match and cfg.data.task != "snli":
-        raise ConfigError(f"{source}: data.exact_match needs sentence pairs (task snli), not {cfg.data.task!r}")
+    for key in ("exact_match", "alignment"):
+        if getattr(cfg.data, key) and cfg.data.task != "snli":
+            raise ConfigError(f"{source}: data.{key} needs sentence pairs (task snli), not {cfg.data.task!r}")
+    if cfg.data.alignment and cfg.model.learn_embeddings:
+        raise ConfigError(f"{source}: data.alignment compares frozen word vectors; with model.learn_embeddings "
+                          "the alignment would have to follow the table as it learns (not built): set one of them "
+                          "false")
+    if cfg.data.alignment_temperature <= 0:
+        raise ConfigError(f"{source}: data.alignment_temperature must be > 0")
     try:
         check_ngram_args(cfg.data.ngrams, cfg.data.ngram_min_freq)
     except DataError as err:

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from analog_ep.data import TaskData, add_ngrams, embed_batch, load_task
 from analog_ep.data.ngrams import word_ids
 from analog_ep.dynamics import free_phase
-from analog_ep.embedding import PAD_ID
+from analog_ep.embedding import NO_PAIR_FEATURES, PAD_ID, PairFeatures
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import ESTIMATORS, EPConfig, Estimator, make_estimator, training_beta_sign
 from analog_ep.fast.allocator import keep_freed_memory
+from analog_ep.fast.folded import resolve_fold
 from analog_ep.fast.lowp_weights import int8_kernel_name
 from analog_ep.fast.precision import resolve_precision
 from analog_ep.models import build_spec
@@ -60,7 +61,7 @@ def load_task_for(cfg: RunConfig, progress: bool = True) -> TaskData:
 
 def build_model(cfg: RunConfig, task: TaskData) -> EPNet:
     m = cfg.model
-    options = dict(seq_len=task.max_len, dim=task.dim + cfg.data.extra_channels, hidden=tuple(m.hidden),
+    options = dict(seq_len=task.max_len, dim=task.dim + cfg.data.extra_channels(task.dim), hidden=tuple(m.hidden),
                    num_classes=task.num_classes,
                    attention=m.attention, mask_padding=m.mask_padding, pool_queries=m.pool_queries,
                    bias_offset=m.bias_offset, init_gain=m.init_gain, schedule=m.schedule)
@@ -147,10 +148,11 @@ def load_run_data(run_dir: str | Path, progress: bool = True, which: str = BEST)
     return cfg, task, model_embedding(cfg, task)
 
 
-def ep_config(cfg: RunConfig, precision: str | None = None) -> EPConfig:
-    """`precision`: the mode the run resolved `ep.precision` to (`resolve_precision`); default `ep.precision`."""
+def ep_config(cfg: RunConfig, precision: str | None = None, fold: bool = False) -> EPConfig:
+    """`precision`: the mode the run resolved `ep.precision` to (`resolve_precision`); default `ep.precision`.
+    `fold`: what the run resolved `ep.fold_keys` to (`folded.resolve_fold`)."""
     return EPConfig(cfg.ep.beta, cfg.ep.free_steps, cfg.ep.nudge_steps, cfg.ep.tol,
-                    precision=precision or cfg.ep.precision,
+                    precision=precision or cfg.ep.precision, fold=fold,
                     beta_sign=training_beta_sign(cfg.ep.estimator, cfg.ep.beta_sign))
 
 
@@ -178,11 +180,12 @@ def seeded_subset(size: int, limit: int | None, seed: int = 0) -> torch.Tensor:
 
 
 def batches(dataset, embedding: torch.Tensor | None, batch_size: int, device, dtype,
-            order: torch.Tensor | None = None, start: int = 0, exact_match: bool = False, shard: bool = False):
+            order: torch.Tensor | None = None, start: int = 0, features: PairFeatures = NO_PAIR_FEATURES,
+            shard: bool = False):
     """(x, y) batches embedded on the fly: x (B, S, L, d) on `device`; never the whole split as floats.
 
     `embedding` None: x is the batch's token ids (B, S, L), for a net that looks its learned vectors up itself.
-    `exact_match` (`data.exact_match`) appends the pair-overlap channel (`data.exact_match_flags`).
+    `features` (`data.pair_features`) appends the sentence-pair channels (`embedding.PairFeatures`).
     `shard`: this rank's part of each batch of `batch_size` (data parallelism; the whole batch in one process).
     """
     n = len(dataset)
@@ -190,7 +193,7 @@ def batches(dataset, embedding: torch.Tensor | None, batch_size: int, device, dt
     for i in range(start * batch_size, n, batch_size):
         idx = distributed.shard(index[i:i + batch_size]) if shard else index[i:i + batch_size]
         ids = dataset.ids[idx].to(device)
-        x = ids if embedding is None else embed_batch(ids, embedding, exact_match).to(dtype)
+        x = ids if embedding is None else embed_batch(ids, embedding, features).to(dtype)
         yield x, dataset.labels[idx].to(device)
 
 
@@ -215,7 +218,7 @@ def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig,
     correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
     predictions = []
     it = batches(dataset, embedding, cfg.train.eval_batch_size, net.weights[0].device, dtype,
-                 exact_match=cfg.data.exact_match)
+                 features=cfg.data.pair_features)
     n_batches = math.ceil(len(dataset) / cfg.train.eval_batch_size)
     for x, y in tqdm(it, total=n_batches, desc=desc, disable=not progress, leave=False, file=sys.stderr):
         state, trace = free_phase(net, net.prepare(x), steps, tol=cfg.ep.eval_tol, track=True)
@@ -259,9 +262,12 @@ class Trainer:
         self.initial_vectors = self.embedding.clone() if cfg.train.embedding_decay else None
         distributed.broadcast_parameters(self.net)
         self.precision, self.precision_reason = distributed.from_main(self._resolve_precision)  # one calibration
+        self.fold, self.fold_reason = resolve_fold(cfg.ep.fold_keys, self.net.spec, self.precision, cfg.ep.estimator,
+                                                   cfg.train.batch_size, cfg.train.device)
         self.processes = distributed.describe(cfg.train.device)
         if self.progress:
             print(f"ep.precision {cfg.ep.precision} -> {self.precision_reason}", file=sys.stderr)
+            print(f"ep.fold_keys {cfg.ep.fold_keys} -> {self.fold_reason}", file=sys.stderr)
         if self.precision != "fp32":
             enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
             if cfg.train.device == "cpu":
@@ -300,8 +306,9 @@ class Trainer:
             return "fp32", "fp32: learned word vectors (their EP contrast runs on the exact path)"
         return resolve_precision(self.cfg.ep.precision, self.net.spec, self.cfg.train.device)
 
-    def _precision_record(self) -> dict[str, str]:
-        return {"precision": self.precision, "precision_reason": self.precision_reason}
+    def _precision_record(self) -> dict[str, str | bool]:
+        return {"precision": self.precision, "precision_reason": self.precision_reason, "fold_keys": self.fold,
+                "fold_keys_reason": self.fold_reason}
 
     def close(self) -> None:
         """Give the run directory's lock back."""
@@ -329,7 +336,8 @@ class Trainer:
         name = self.cfg.ep.estimator
         refuse_untrainable(name)
         lrs = param_lrs(self.optimizer, self.net) if ESTIMATORS[name].needs_lrs else None
-        return distributed.allow_empty_shard(make_estimator(name, ep_config(self.cfg, self.precision), lrs=lrs))
+        estimator = make_estimator(name, ep_config(self.cfg, self.precision, self.fold), lrs=lrs)
+        return distributed.allow_empty_shard(estimator)
 
     def _before_step(self, x: torch.Tensor, rows: int):
         """What runs between the estimate and the optimiser step: the ranks' gradients averaged, then the learned
@@ -377,7 +385,7 @@ class Trainer:
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
             learned = self.net.embedding is not None
             for x, y in batches(self.task.train, None if learned else self.embedding, cfg.train.batch_size,
-                                cfg.train.device, dtype, order, start=st.batch, exact_match=cfg.data.exact_match,
+                                cfg.train.device, dtype, order, start=st.batch, features=cfg.data.pair_features,
                                 shard=True):
                 stop.check()
                 b0 = time.perf_counter()
@@ -463,7 +471,7 @@ class Trainer:
         val = evaluate_split(best, self.task.val, vectors, cfg, self.progress, desc="val (best)")
         test = evaluate_split(best, self.task.test, vectors, cfg, self.progress, desc="test")
         x, _ = next(batches(self.task.val, vectors, 64, cfg.train.device, best.weights[0].dtype,
-                            exact_match=cfg.data.exact_match))
+                            features=cfg.data.pair_features))
         _, trace = free_phase(best, best.prepare(x), max(cfg.ep.free_steps, cfg.ep.eval_free_steps or 0),
                               record_phi=True)
         report = {

@@ -48,7 +48,7 @@ def _scaled_optimizer(run_cfg: RunConfig, net: EPNet, lr_scale: float) -> torch.
 
 def _run_splits(run_cfg: RunConfig, task: Any, embedding: torch.Tensor, cfg: SpikingTrainConfig,
                 limit: int | None, eval_limit: int | None, dtype: torch.dtype) -> Splits:
-    seed, match = run_cfg.train.seed, run_cfg.data.exact_match
+    seed, match = run_cfg.train.seed, run_cfg.data.pair_features
     return Splits(dataset_split(task.train, embedding, cfg.batch_size, dtype, seed, limit, match),
                   dataset_split(task.val, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit, match),
                   dataset_split(task.test, embedding, run_cfg.train.eval_batch_size, dtype, seed, eval_limit, match))

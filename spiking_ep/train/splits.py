@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from analog_ep.embedding import NO_PAIR_FEATURES, PairFeatures
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -42,7 +44,7 @@ def tensor_split(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 
 
 
 def dataset_split(dataset: Any, embedding: torch.Tensor, batch_size: int, dtype: torch.dtype, seed: int = 0,
-                  limit: int | None = None, exact_match: bool = False) -> Split:
+                  limit: int | None = None, features: PairFeatures = NO_PAIR_FEATURES) -> Split:
     """A `SequenceDataset` split through `analog_ep.train.trainer.batches`. `limit`: N samples drawn afresh each
     epoch (training) or one fixed random subset of N (evaluation, `epoch=None`), never the first N: the
     IMDB splits are sorted by label, so their first N reviews are all negative."""
@@ -54,7 +56,7 @@ def dataset_split(dataset: Any, embedding: torch.Tensor, batch_size: int, dtype:
     def make(epoch: int | None) -> Iterable[Batch]:
         order = epoch_order(len(dataset), seed, epoch)[:n] if epoch is not None else subset
         # `batches` walks the whole data set's length: stop after the batches `order` fills
-        return islice(batches(dataset, embedding, batch_size, embedding.device, dtype, order, exact_match=exact_match),
+        return islice(batches(dataset, embedding, batch_size, embedding.device, dtype, order, features=features),
                       -(-n // batch_size))
 
     return Split(make, n)

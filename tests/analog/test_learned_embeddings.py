@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analog_ep import EPConfig, EPNet, build_spec
-from analog_ep.embedding import embed_batch
+from analog_ep.embedding import PairFeatures, embed_batch
 from analog_ep.estimators import bptt, cep, ep_symmetric, ep_two_phase
 from analog_ep.gdu import angle_deg
 
@@ -79,7 +79,7 @@ def test_the_contrast_touches_only_the_rows_of_the_batch_and_never_padding():
 def test_token_ids_and_the_looked_up_vectors_relax_to_the_same_state():
     net = learned_net("snli", exact_match=True, dim=9, mask_padding=True)
     ids = token_ids(net)
-    x = embed_batch(ids, net.embedding.detach(), exact_match=True)
+    x = embed_batch(ids, net.embedding.detach(), PairFeatures(exact_match=True))
     a, b = net.prepare(ids), net.prepare(x)
     sa, sb = net.zero_state(6), net.zero_state(6)
     for _ in range(20):

@@ -728,6 +728,7 @@ def test_real_imdb_w2v300_memory(tmp_path: Path) -> None:
 
 def test_exact_match_flags_mark_words_shared_by_the_pair():
     from analog_ep.data import embed_batch, exact_match_flags
+    from analog_ep.embedding import PairFeatures
 
     ids = torch.tensor([[[5, 6, 7, 0], [7, 8, 5, 5]],  # premise 5 6 7, hypothesis 7 8 5 5
                         [[9, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.int32)  # empty hypothesis: nothing matches
@@ -735,9 +736,9 @@ def test_exact_match_flags_mark_words_shared_by_the_pair():
     assert flags.tolist() == [[[True, False, True, False], [True, False, True, True]],
                               [[False, False, False, False], [False, False, False, False]]]
     embedding = torch.randn(10, 3)
-    x = embed_batch(ids, embedding, exact_match=True)
+    x = embed_batch(ids, embedding, PairFeatures(exact_match=True))
     assert x.shape == (2, 2, 4, 4)
     assert torch.equal(x[..., :3], embed_batch(ids, embedding))
     assert torch.equal(x[..., 3], flags.float())
     with pytest.raises(ValueError, match="sentence pairs"):
-        embed_batch(ids[:, :1], embedding, exact_match=True)
+        embed_batch(ids[:, :1], embedding, PairFeatures(exact_match=True))

@@ -1,0 +1,98 @@
+"""The folded relaxation (`analog_ep.fast.folded`) against the exact path, its oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analog_ep import EPConfig, EPNet, build_spec, relax
+from analog_ep.bench.shapes import build_shape
+from analog_ep.dynamics import free_phase
+from analog_ep.errors import ConfigError
+from analog_ep.estimators import ep_symmetric, ep_two_phase
+from analog_ep.fast.folded import resolve_fold
+
+
+def _pairs(spec, batch: int = 5, seed: int = 0) -> torch.Tensor:
+    """Sentence pairs with padding, repeated words and one sample whose hypothesis is empty."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, spec.num_streams, spec.seq_len, spec.dim, generator=g, dtype=torch.float64)
+    x[:, :, 4:] = 0  # padding
+    x[:, :, 2] = x[:, :, 0]  # a repeated word
+    x[-1, 1] = 0  # an empty hypothesis: masked, its projections retrieve nothing
+    return x
+
+
+SPECS = [dict(schedule=s, mask_padding=m, pool_queries=q) for s in ("synchronous", "alternating")
+         for m in (False, True) for q in (0, 3)]
+
+
+@pytest.mark.parametrize("options", SPECS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_folded_phases_reach_the_exact_paths_states(options):
+    spec = build_spec("snli", tiny=True, bias_offset=1.0, **options)
+    net = EPNet(spec, seed=1).double()
+    x = _pairs(spec)
+    exact_free, exact_trace = free_phase(net, net.prepare(x), 25)
+    folded_free, folded_trace = free_phase(net, net.prepare(x, fold=True), 25)
+    for a, b in zip(exact_free, folded_free):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert folded_trace.steps == exact_trace.steps == 25
+    assert folded_trace.residuals == pytest.approx(exact_trace.residuals, abs=1e-12)
+    target = torch.nn.functional.one_hot(torch.arange(5) % spec.num_classes, spec.num_classes).double()
+    betas = torch.tensor([0.5] * 5 + [-0.5] * 5, dtype=torch.float64).view(-1, 1)
+    nudged = []
+    for inputs, free in ((net.prepare(x), exact_free), (net.prepare(x, fold=True), folded_free)):
+        start_inputs, start = net.nudge_start(inputs, free, times=2)
+        nudged.append(relax(net, start_inputs, start, 8, beta=betas, target=target.repeat(2, 1), track=False)[0])
+    for a, b in zip(*nudged):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_early_exit_stops_each_sample_on_its_own_residual():
+    spec = build_spec("snli", tiny=True, bias_offset=1.0)
+    net = EPNet(spec, seed=0).double()
+    x = _pairs(spec, batch=6)
+    exact, exact_trace = free_phase(net, net.prepare(x), 200, tol=1e-9)
+    folded, folded_trace = free_phase(net, net.prepare(x, fold=True), 200, tol=1e-9)
+    assert folded_trace.steps == exact_trace.steps < 200  # the slowest sample sets the batch's step count
+    assert folded_trace.final_residual < 1e-9
+    for a, b in zip(exact, folded):
+        assert torch.allclose(a, b, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("estimator", [ep_symmetric, ep_two_phase])
+def test_ep_gradients_are_the_same_folded_or_not(estimator):
+    spec = build_spec("snli", tiny=True, bias_offset=1.0)
+    net = EPNet(spec, seed=2).double()
+    x, y = _pairs(spec, batch=4, seed=3), torch.tensor([0, 1, 2, 1])
+    plain = estimator(net, x, y, EPConfig(beta=0.5, free_steps=20, nudge_steps=6))
+    folded = estimator(net, x, y, EPConfig(beta=0.5, free_steps=20, nudge_steps=6, fold=True))
+    for name, g in plain.grads.items():
+        assert torch.allclose(g, folded.grads[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_folding_is_refused_where_it_cannot_run_and_chosen_where_it_pays():
+    snli_paper = build_shape("snli-paper").spec
+    assert resolve_fold("auto", snli_paper, "fp32", "ep_symmetric", 256)[0]
+    off, why = resolve_fold("auto", build_shape("imdb-paper").spec, "fp32", "ep_symmetric", 32)
+    assert not off and "token width" in why
+    assert not resolve_fold("auto", snli_paper, "bf16", "ep_symmetric", 256)[0]
+    assert "launches" in resolve_fold("auto", snli_paper, "fp32", "ep_symmetric", 256, "cuda")[1]
+    assert resolve_fold("off", snli_paper, "fp32", "ep_symmetric", 256) == (False, "off: requested")
+    with pytest.raises(ConfigError, match="computes in int8"):
+        resolve_fold("on", snli_paper, "int8", "ep_symmetric", 256)
+    with pytest.raises(ConfigError, match="estimator bptt"):
+        resolve_fold("on", snli_paper, "fp32", "bptt", 256)
+    assert resolve_fold("on", build_spec("snli", tiny=True), "fp32", "ep_two_phase", 8) == (True, "on: requested")
+    with pytest.raises(ConfigError, match="no attention projection"):
+        resolve_fold("on", build_spec("imdb", tiny=True, attention=False), "fp32", "ep_symmetric", 8)
+
+
+def test_folded_inputs_refuse_what_needs_every_full_state():
+    spec = build_spec("snli", tiny=True)
+    net = EPNet(spec, seed=0)
+    inputs = net.prepare(torch.randn(2, 2, spec.seq_len, spec.dim), fold=True)
+    with pytest.raises(ValueError, match="record_phi"):
+        free_phase(net, inputs, 5, record_phi=True)
+    with pytest.raises(ValueError, match="fp32"):
+        net.prepare(torch.randn(2, 2, spec.seq_len, spec.dim), precision="bf16", fold=True)
