@@ -51,9 +51,13 @@ def bench(
     inputs_of = {name: resolve_inputs(inputs, name) for name in shapes}
     resolved = {name: resolve_precision(precision, build_shape(name).spec) for name in shapes}
     modes = {mode for mode, _ in resolved.values()}
-    # whether the fast path folds the first synapse onto the keys (`ep.fold_keys`), per shape and batch size
-    folds = {(name, b): resolve_fold(fold_keys, build_shape(name).spec, resolved[name][0], "ep_symmetric", b)
-             for name in shapes for b in ([batch] if batch else build_shape(name).batches)}
+    folds: dict[tuple[str, int], tuple[bool, str]] = {}
+
+    def fold_of(name: str, b: int) -> tuple[bool, str]:
+        """Whether the fast path folds the first synapse onto the keys (`ep.fold_keys`) at this shape and batch."""
+        if (name, b) not in folds:
+            folds[name, b] = resolve_fold(fold_keys, build_shape(name).spec, resolved[name][0], "ep_symmetric", b)
+        return folds[name, b]
 
     def note(msg: str) -> None:
         if log:
@@ -68,7 +72,7 @@ def bench(
         mode = resolved[shape.name][0]
         spec = dict(kind=kind, shape=shape.name, batch=b, repeats=repeats, warmup=warmup, threads=threads,
                     compile=compile_kernels and mode != "fp32", precision=mode,
-                    inputs=inputs_of[shape.name], fold=folds[shape.name, b][0] if b else False)
+                    inputs=inputs_of[shape.name], fold=fold_of(shape.name, b)[0] if b else False)
         spec.update(extra)
         if early_exit:
             spec.update(tol=tol if tol is not None else shape.tol, nudge_tol=tol if tol is not None else shape.tol)
@@ -119,7 +123,7 @@ def bench(
             rec: dict[str, Any] = {
                 "shape": name, "batch": b, "spec": shape.spec.to_dict(), "inputs": inputs_of[name],
                 "precision": resolved[name][0], "precision_reason": resolved[name][1],
-                "fold_keys": folds[name, b][0], "fold_keys_reason": folds[name, b][1],
+                "fold_keys": fold_of(name, b)[0], "fold_keys_reason": fold_of(name, b)[1],
                 "ep": {"beta": shape.beta, "free_steps": shape.free_steps, "nudge_steps": shape.nudge_steps,
                        "tol": (tol or shape.tol) if early_exit else None},
             }
