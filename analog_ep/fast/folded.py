@@ -213,8 +213,8 @@ def _relax_sample(net: EPNet, inputs: Inputs, sample: SampleFold, proj: torch.Te
         if n == 0:  # the scores γ (q₀ + h W₀) Kᵀ, as γ q₀ Kᵀ + γ h F
             return torch.addmm(sample.const, state[1], sample.folded, alpha=scaled)
         if n == 1:  # W₀ s = F α (or W₀ s of the starting state, before any retrieval in this relaxation)
-            below = start_up if state[0] is None else torch.mm(state[0].view(copies, -1), folded_t)
-            u = below + net.biases[0]
+            u = (start_up + net.biases[0] if state[0] is None
+                 else torch.addmm(net.biases[0], state[0].view(copies, -1), folded_t))
             if len(state) > 2:
                 u = torch.addmm(u, state[2], net.weights[1])
             return u
