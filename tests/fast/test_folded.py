@@ -96,3 +96,16 @@ def test_folded_inputs_refuse_what_needs_every_full_state():
         free_phase(net, inputs, 5, record_phi=True)
     with pytest.raises(ValueError, match="fp32"):
         net.prepare(torch.randn(2, 2, spec.seq_len, spec.dim), precision="bf16", fold=True)
+
+
+def test_ep_with_folding_measures_the_residual_on_the_fc_layers_and_exits_as_the_exact_path_does():
+    spec = build_spec("snli", tiny=True, bias_offset=1.0)
+    net = EPNet(spec, seed=4).double()
+    x, y = _pairs(spec, batch=4, seed=5), torch.tensor([2, 0, 1, 1])
+    cfg = EPConfig(beta=0.5, free_steps=200, nudge_steps=6, tol=1e-8)
+    plain = ep_symmetric(net, x, y, cfg)
+    folded = ep_symmetric(net, x, y, EPConfig(beta=0.5, free_steps=200, nudge_steps=6, tol=1e-8, fold=True))
+    fc_only, _ = free_phase(net, net.prepare(x), 200, tol=1e-8, residual="fc")
+    assert folded.free_trace.steps <= plain.free_trace.steps  # FC layers settle first: never later
+    assert torch.allclose(folded.output, plain.output, atol=1e-7)
+    assert torch.allclose(folded.output, fc_only[-1], atol=1e-12)
