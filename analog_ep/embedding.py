@@ -33,10 +33,6 @@ class PairFeatures:
         """Channels added to a `dim`-wide word vector."""
         return int(self.exact_match) + (1 + dim) * int(self.alignment)
 
-    @property
-    def any(self) -> bool:
-        return self.exact_match or self.alignment
-
 
 NO_PAIR_FEATURES = PairFeatures()
 

@@ -12,7 +12,7 @@ With F = W₀ Kᵀ (H × P·Lq·U) built once per sample (H·P·Lq·U·d multipl
 2·H·P·Lq·U multiply-adds for the two products instead of 2·H·P·Lq·d, and the (P, Lq, d) state is formed only
 when the relaxation ends (and for the residual, where one is asked for). At snli-paper (d = 300, L = 25,
 U ≈ 13 distinct words) that is ~20 times fewer per step; at IMDB (U ≈ 137 of 600 tokens, d = 300) the fold
-costs more than it saves, and `fold_pays` says no.
+costs more than it saves, and `resolve_fold` says no.
 
 The samples are relaxed one at a time, each through all its steps while its F is in cache (a step's products
 are then matrix-vector products, bound by memory, not arithmetic); their rows do not interact, so this is the
@@ -43,10 +43,9 @@ BUILD_CHUNK = 16  # samples whose folds are built by one matrix product per proj
 MAX_FOLD_BYTES = 2 << 30  # the folded synapses of a batch are kept for its nudged phases: at most this much memory
 
 
-def fold_pays(spec: Any, batch: int) -> tuple[bool, str]:
-    """Whether folding the first synapse onto the keys pays for this graph and batch size, and why (or why not)."""
-    if not spec.num_projections or not spec.attention:
-        return False, "no attention projection to fold"
+def _fold_pays(spec: Any, batch: int) -> tuple[bool, str]:
+    """Whether folding the first synapse onto the keys pays for this graph (with attention projections) and batch
+    size, and why (or why not)."""
     if spec.dim < MIN_WIDTH_RATIO * spec.seq_len:
         return False, (f"token width d = {spec.dim} is below {MIN_WIDTH_RATIO} × the {spec.seq_len} keys per "
                        "sequence: folding would not save enough")
@@ -81,7 +80,7 @@ def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch:
         return True, "on: requested"
     if torch.device(device).type != "cpu":
         return False, f"off: on {device} the sample-by-sample relaxation would be bound by kernel launches"
-    pays, why = fold_pays(spec, batch)
+    pays, why = _fold_pays(spec, batch)
     return pays, ("on: " if pays else "off: ") + why
 
 
@@ -101,7 +100,6 @@ class FoldedKeys:
     first use and kept for the nudged phases, whose rows are copies of the batch (row r reads sample r mod B)."""
 
     batch: int
-    gamma: float
     weights: torch.Tensor  # (P, H·Lq, d): W₀ laid out per projection, copied once per batch
     samples: dict[int, SampleFold] = field(default_factory=dict)
 
@@ -109,7 +107,7 @@ class FoldedKeys:
         if b not in self.samples:
             first = b - b % BUILD_CHUNK
             self.samples.update(_fold_chunk(net, inputs, range(first, min(first + BUILD_CHUNK, self.batch)),
-                                            self.weights, self.gamma))
+                                            self.weights))
         return self.samples[b]
 
 
@@ -120,12 +118,11 @@ def prepare(net: EPNet, inputs: Inputs) -> Inputs:
     spec = net.spec
     P, Lq, d = spec.num_projections, spec.proj_len, spec.dim
     weights = net.weights[0].detach().view(-1, P, Lq * d).transpose(0, 1).reshape(P, -1, d)
-    inputs.folded = FoldedKeys(inputs.batch_size, spec.hopfield_gamma, weights)
+    inputs.folded = FoldedKeys(inputs.batch_size, weights)
     return inputs
 
 
-def _fold_chunk(net: EPNet, inputs: Inputs, samples: range, weights: torch.Tensor, gamma: float
-                ) -> dict[int, SampleFold]:
+def _fold_chunk(net: EPNet, inputs: Inputs, samples: range, weights: torch.Tensor) -> dict[int, SampleFold]:
     """The folds of consecutive samples: one matrix product per projection for all of them (each sample alone
     would be a product with as few columns as it has keys, far below the machine's matrix rate), then each
     sample's part cut to its own number of distinct keys."""
@@ -141,7 +138,7 @@ def _fold_chunk(net: EPNet, inputs: Inputs, samples: range, weights: torch.Tenso
     hidden = weights.shape[1] // Lq
     # (P, H·Lq, d) · (P, d, c·U) -> (P, H, Lq, c, U)
     folded = torch.bmm(weights, distinct.permute(1, 3, 0, 2).reshape(P, d, c * width)).view(P, hidden, Lq, c, width)
-    const = torch.einsum("cpqd,cpud->cpqu", inputs.query_drive[picked], distinct).mul_(gamma)
+    const = torch.einsum("cpqd,cpud->cpqu", inputs.query_drive[picked], distinct).mul_(net.spec.hopfield_gamma)
     const = const.add_(counts.log().unsqueeze(2))  # log 0 = −inf: slots without a key take no weight
     out = {}
     for i, b in enumerate(samples):
@@ -166,7 +163,6 @@ def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | to
     spec = net.spec
     rows = state[1].shape[0]
     copies = rows // fold.batch
-    nudged = target is not None and not (isinstance(beta, float) and beta == 0.0)
     start = state[0].reshape(rows, -1)
     # FC-1's first drive reads the starting projection state where the schedule updates both layers at once
     start_up = (torch.mm(start, net.weights[0].t()) if spec.schedule == "synchronous" and bool(start.any())
@@ -177,11 +173,12 @@ def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | to
         idx = torch.arange(copies, device=start.device) * fold.batch + b
         sample = fold.sample(net, inputs, b)
         beta_b = beta[idx] if isinstance(beta, torch.Tensor) else beta
-        target_b = target[idx] if nudged else None
+        target_b = None if target is None else target[idx]  # `dynamics.relax` passes a target only when nudging
         up_b = None if start_up is None else start_up[idx]
-        attention, fc, trace = _relax_sample(net, inputs, sample, state[0][idx], [s[idx] for s in state[1:]], up_b,
+        proj = state[0][idx]
+        attention, fc, trace = _relax_sample(net, inputs, sample, proj, [s[idx] for s in state[1:]], up_b,
                                              steps, beta_b, target_b, tol, track, residual)
-        out[0][idx] = _retrieved(sample, attention, state[0][idx]).to(out[0].dtype)
+        out[0][idx] = _retrieved(sample, attention, proj).to(out[0].dtype)
         for o, s in zip(out[1:], fc):
             o[idx] = s
         traces.append(trace)

@@ -97,8 +97,10 @@ def _hash_direction(dim: int) -> torch.Tensor:
     return torch.randn(dim, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=torch.float64)
 
 
-def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of (N, L, d) keys: the distinct unmasked keys (N, L, d), their counts (N, L) and how many (N,).
+    Softmax over them with log count added to the scores equals softmax over the L keys.
 
     Distinct vectors are told apart by a projection on a fixed random direction (float64) and the result
     is checked exactly; if two different keys ever collided the row set falls back to no merging.
@@ -127,14 +129,6 @@ def _distinct(keys: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.
             counts = valid.to(keys.dtype)
             return keys * valid.unsqueeze(-1), counts, valid.sum(-1)
     return distinct, counts, first.sum(-1)
-
-
-def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of (N, L, d) keys (N, L: mask, True = real): the distinct keys (N, L, d), zero past a row's count,
-    their counts (N, L) and how many there are (N,). Softmax over them with log count added to the scores equals
-    softmax over the L keys."""
-    return _distinct(keys, key_mask)
 
 
 def _partition(sizes: list[int], query_len: int, dim: int) -> list[slice]:
@@ -168,7 +162,7 @@ def _partition(sizes: list[int], query_len: int, dim: int) -> list[slice]:
 def kept_fraction(keys: torch.Tensor, key_mask: torch.Tensor | None = None, query_len: int | None = None) -> float:
     """Score columns the fast path computes for (B, P, L, d) keys, over the L of a plain retrieval."""
     length, dim = keys.shape[-2:]
-    sizes = _distinct(keys.reshape(-1, length, dim), None if key_mask is None else key_mask.reshape(-1, length))[2]
+    sizes = distinct_keys(keys.reshape(-1, length, dim), None if key_mask is None else key_mask.reshape(-1, length))[2]
     sizes = sizes.tolist()
     groups = _partition(sizes, query_len or length, dim)
     return sum((g.stop - g.start) * max(max(sizes[g]), 1) for g in groups) / (len(sizes) * length)
@@ -201,7 +195,7 @@ class DistinctKeys:
         (B, P, Lq, d): X W₀ᵀ, or the learned queries when pooling."""
         batch, proj, seq_len, dim = keys.shape
         mask = None if key_mask is None else key_mask.reshape(-1, seq_len)
-        distinct, counts, sizes = _distinct(keys.reshape(-1, seq_len, dim), mask)
+        distinct, counts, sizes = distinct_keys(keys.reshape(-1, seq_len, dim), mask)
         query_len = query_drive.shape[2]
         query_drive = query_drive.reshape(-1, query_len, dim)
         log_counts = counts.log()  # log 0 = −inf: padding columns and masked keys take no weight

@@ -74,7 +74,7 @@ def test_fast_update_with_repeated_words_is_faithful(mask_padding, monkeypatch):
     cfg = EPConfig(0.1, 40, 15)
     exact64 = flat(ep_symmetric(EPNet(spec, seed=0).double(), x.double(), y, cfg, set_grad=False).grads)
     fast = flat(ep_symmetric(EPNet(spec, seed=0), x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)
-    monkeypatch.setattr(fast_retrieval, "_distinct", lambda keys, mask: (
+    monkeypatch.setattr(fast_retrieval, "distinct_keys", lambda keys, mask: (
         keys * (1 if mask is None else mask.unsqueeze(-1)), torch.ones(keys.shape[:2]) if mask is None
         else mask.to(keys.dtype), torch.full((keys.shape[0],), keys.shape[1])))
     every_key = flat(ep_symmetric(EPNet(spec, seed=0), x, y, replace_precision(cfg, "bf16"), set_grad=False).grads)

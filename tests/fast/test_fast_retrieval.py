@@ -5,7 +5,7 @@ import torch
 
 from analog_ep.fast import native_kernels
 from analog_ep.fast import retrieval as fast_retrieval
-from analog_ep.fast.retrieval import DistinctKeys, Query, _distinct, _partition
+from analog_ep.fast.retrieval import DistinctKeys, Query, _partition, distinct_keys
 from analog_ep.hopfield import hopfield_retrieve
 
 GAMMA = 0.4
@@ -74,14 +74,14 @@ def test_delta_retrieval_and_repeat_are_exact(many_groups):
 
 def test_distinct_counts_and_fallback_on_collision(monkeypatch):
     keys = token_keys(3, 1, 10, 4, seed=4).view(3, 10, 4)
-    distinct, counts, sizes = _distinct(keys, None)
+    distinct, counts, sizes = distinct_keys(keys, None)
     assert counts.sum(-1).tolist() == [10.0] * 3
     for row in range(3):
         assert sizes[row] == len(torch.unique(keys[row], dim=0))
         assert len(torch.unique(distinct[row, :sizes[row]], dim=0)) == sizes[row]
     # a hash that maps every key to the same code: the exact check catches it and keeps all keys
     monkeypatch.setattr(fast_retrieval, "_hash_direction", lambda dim: torch.zeros(dim, dtype=torch.float64))
-    distinct, counts, sizes = _distinct(keys, None)
+    distinct, counts, sizes = distinct_keys(keys, None)
     assert torch.equal(distinct, keys) and sizes.tolist() == [10] * 3 and torch.all(counts == 1)
 
 
