@@ -64,7 +64,7 @@ def alignment_channels(ids: torch.Tensor, vectors: torch.Tensor, temperature: fl
 
     Why: the difference to the aligned word says what the hypothesis adds or changes word by word ("a man
     sleeps" against "a man runs": near zero for "a man", large for the verb), which a pooled reading of
-    each sentence apart cannot see; with it a backprop model of the SNLI `cpu` architecture gains 3 pp
+    each sentence apart cannot see; with it the SNLI `cpu` preset reaches 71.75 % against 68.69 % without
     (docs/results.md).
 
     Example:
