@@ -5,31 +5,41 @@ to the order of its sums.
 The projection layer's state is a retrieval, sᵖ = α K with α = softmax(γ u Kᵀ + log count) over the U distinct
 keys K of the sequence it reads, and it meets FC-1 only through the first synapse W₀:
 
-- FC-1's bottom-up drive is W₀ s = Σ_{p,i,j} α_pij F_pij, with F_pij = W₀,pi k_pjᵀ (a column per query and key);
+- FC-1's bottom-up drive is W₀ s = Σ_{p,i,j} α_pij F_pij, with F_pij = W₀,pi k_pjᵀ (a row of H per query and key);
 - the projection's drive u = q₀ + h W₀ enters only through the scores γ u Kᵀ = γ (q₀ Kᵀ + h F).
 
-With F = W₀ Kᵀ (H × P·Lq·U) built once per sample (H·P·Lq·U·d multiply-adds), every step takes
+With F = W₀ Kᵀ (P·U·Lq rows of H) formed once per batch, every step takes
 2·H·P·Lq·U multiply-adds for the two products instead of 2·H·P·Lq·d, and the (P, Lq, d) state is formed only
 when the relaxation ends (and for the residual, where one is asked for). At snli-paper (d = 300, L = 25,
 U ≈ 13 distinct words) that is ~20 times fewer per step; at IMDB (U ≈ 137 of 600 tokens, d = 300) the fold
 costs more than it saves, and `resolve_fold` says no.
 
-The samples are relaxed one at a time, each through all its steps while its F is in cache (a step's products
-are then matrix-vector products, bound by memory, not arithmetic); their rows do not interact, so this is the
-same computation as the batched one. Early exit (`tol`) stops each sample on its own residual; the trace
-reports per step the largest residual over the samples still running.
+The batch's words are folded once: F's columns for one key depend only on its vector and the projection, so
+W₀ is applied to the batch's vocabulary of distinct keys per projection (one large matrix product; SNLI's
+sentences share most of their words, ~4 uses per word at batch 256): each sample's F is a list of the
+vocabulary's (Lq × H) blocks, read in place by the kernel and gathered into a dense tensor for torch's products.
+
+Consecutive samples are relaxed together, a chunk whose folded synapses fit in half the last-level cache
+(`CHUNK_BYTES`), through all their steps: one torch call per step serves the whole chunk, and a step's products
+are matrix-vector products per sample. Where the AVX2 kernels load (`native/folded_avx2.c`), both products of a
+synchronous step take one pass over each F, for both ±β copies of a nudged phase, skipping the padded keys.
+The rows do not interact, so this is the same computation as the batched one. Early exit (`tol`) stops each
+sample on its own residual (its state is kept from that step); the trace reports per step the largest residual
+over the samples still running.
 
 The exact path (`analog_ep.phi`, `hopfield`) is the oracle this module is tested against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from analog_ep.fast.retrieval import distinct_keys
+from analog_ep.fast import native_kernels
+from analog_ep.fast.retrieval import distinct_keys, key_vocabulary
 from analog_ep.phi import run_schedule
 from analog_ep.state import Inputs, State
 
@@ -39,7 +49,19 @@ REQUESTS = ("auto", "on", "off")  # `ep.fold_keys`
 FOLDING_ESTIMATORS = ("ep_symmetric", "ep_two_phase")  # relax without autograd through the steps, on the exact path
 MIN_WIDTH_RATIO = 8  # fold where d ≥ this × L: a folded step's products run at matrix-vector speed, several times
 # below a batched matrix product's (docs/benchmarks.md), so it must save at least that many multiply-adds
-BUILD_CHUNK = 16  # samples whose folds are built by one matrix product per projection
+
+
+def _half_last_level_cache(default: int = 16 << 20) -> int:
+    """Half the CPU's last-level cache (Linux sysfs), else `default`: what the samples relaxed together may hold."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        size = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError):
+        return default
+    return max(size // 2, 1 << 20)
+
+
+CHUNK_BYTES = _half_last_level_cache()  # folded synapses of the samples relaxed together, read at every step
 MAX_FOLD_BYTES = 2 << 30  # the folded synapses of a batch are kept for its nudged phases: at most this much memory
 
 
@@ -85,30 +107,62 @@ def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch:
 
 
 @dataclass
-class SampleFold:
-    """One sample's first synapse in key space."""
+class FoldChunk:
+    """Consecutive samples' first synapses in key space, as rows of the batch's vocabulary blocks, padded to the
+    chunk's largest number U of distinct keys (padded slots score −∞, so they take no weight whatever F holds)."""
 
-    folded: torch.Tensor  # (H, P·Lq·U): F = W₀ Kᵀ per projection, query and key
-    const: torch.Tensor  # (P·Lq·U,) γ q₀ Kᵀ + log count; −inf where a slot holds no key
-    keys: torch.Tensor  # (P, U, d) the distinct keys, zero past a projection's count
-    empty: torch.Tensor  # (P,) bool: the projection has no key at all (its retrieval is zero)
+    samples: range
+    vocab_folded: torch.Tensor  # (V, Lq, H) the batch's folded blocks (`FoldedKeys.vocab_folded`)
+    slots: torch.Tensor  # (c, P, U) int64: the vocabulary block of each sample's (projection, key)
+    sizes: torch.Tensor  # (c, P) int64: distinct keys per projection (slots past it are padding)
+    const: torch.Tensor  # (c, P·U·Lq): γ q₀ Kᵀ + log count; −inf where a slot holds no key
+    keys: torch.Tensor  # (c, P, U, d): the distinct keys, zero past a projection's count
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """(c, P) bool: the projection has no key at all (its retrieval is zero)."""
+        return self.sizes == 0
+
+    def dense(self) -> torch.Tensor:
+        """(c, P·U·Lq, H) each sample's folded synapse F, a row per (projection, key, query): the torch
+        products' operand (the kernel reads the vocabulary's blocks in place)."""
+        c, P, width = self.slots.shape
+        return self.vocab_folded.index_select(0, self.slots.reshape(-1)).view(c, -1, self.vocab_folded.shape[2])
 
 
 @dataclass
 class FoldedKeys:
-    """The per-batch operand of the folded relaxation (`Inputs.folded`): one `SampleFold` per sample, built on
-    first use and kept for the nudged phases, whose rows are copies of the batch (row r reads sample r mod B)."""
+    """The per-batch operand of the folded relaxation (`Inputs.folded`): the first synapse applied to the batch's
+    vocabulary, and each sample's distinct keys as indices into it. The nudged phases' rows are copies of the
+    batch (row r reads sample r mod B)."""
 
     batch: int
-    weights: torch.Tensor  # (P, H·Lq, d): W₀ laid out per projection, copied once per batch
-    samples: dict[int, SampleFold] = field(default_factory=dict)
+    vocab_folded: torch.Tensor  # (V, Lq, H): W₀ of projection p on a distinct key of the batch, for every p
+    slots: torch.Tensor  # (B, P, U) each sample's distinct keys as vocabulary blocks (0 past its count)
+    keys: torch.Tensor  # (B, P, U, d) each sample's distinct keys, zero past its count
+    sizes: torch.Tensor  # (B, P) how many distinct keys each sample's projection reads
+    const: torch.Tensor  # (B, P, U, Lq) γ q₀ Kᵀ + log count
 
-    def sample(self, net: EPNet, inputs: Inputs, b: int) -> SampleFold:
-        if b not in self.samples:
-            first = b - b % BUILD_CHUNK
-            self.samples.update(_fold_chunk(net, inputs, range(first, min(first + BUILD_CHUNK, self.batch)),
-                                            self.weights))
-        return self.samples[b]
+    def chunks(self) -> list[range]:
+        """Consecutive samples whose folded synapses together fit in `CHUNK_BYTES` (at least one sample each)."""
+        per_key = 4 * self.vocab_folded[0].numel()
+        total = (self.sizes.sum(1) * per_key).tolist()
+        out, first, held = [], 0, 0
+        for b, size in enumerate(total):
+            if b > first and held + size > CHUNK_BYTES:
+                out.append(range(first, b))
+                first, held = b, 0
+            held += size
+        out.append(range(first, self.batch))
+        return out
+
+    def chunk(self, samples: range) -> FoldChunk:
+        picked = slice(samples.start, samples.stop)
+        sizes = self.sizes[picked]
+        width = max(int(sizes.max()), 1)
+        c = len(samples)
+        return FoldChunk(samples, self.vocab_folded, self.slots[picked, :, :width].contiguous(), sizes.contiguous(),
+                         self.const[picked, :, :width].reshape(c, -1).contiguous(), self.keys[picked, :, :width])
 
 
 def prepare(net: EPNet, inputs: Inputs) -> Inputs:
@@ -116,42 +170,34 @@ def prepare(net: EPNet, inputs: Inputs) -> Inputs:
     if not net.spec.attention or inputs.keys is None:
         raise ValueError("folding needs attention projections (the retrieval's keys)")
     spec = net.spec
-    P, Lq, d = spec.num_projections, spec.proj_len, spec.dim
-    weights = net.weights[0].detach().view(-1, P, Lq * d).transpose(0, 1).reshape(P, -1, d)
-    inputs.folded = FoldedKeys(inputs.batch_size, weights)
+    P, Lq = spec.num_projections, spec.proj_len
+    keys = inputs.keys  # (B, P, L, d)
+    B, _, length, d = keys.shape
+    mask = None if inputs.key_mask is None else inputs.key_mask.reshape(B * P, length)
+    distinct, counts, sizes = distinct_keys(keys.reshape(B * P, length, d), mask)
+    width = max(int(sizes.max()), 1)
+    distinct, counts, sizes = distinct[:, :width].view(B, P, width, d), counts[:, :width].view(B, P, width), \
+        sizes.view(B, P)
+    hidden = net.weights[0].shape[0]
+    # W₀ per projection with rows (query, unit): (P, Lq·H, d)
+    weights = net.weights[0].detach().view(hidden, P, Lq, d).permute(1, 2, 0, 3).reshape(P, Lq * hidden, d)
+    blocks, slots, offset = [], [], 0
+    for p in range(P):
+        vocab, index = key_vocabulary(distinct[:, p].reshape(-1, d), (counts[:, p] > 0).reshape(-1))
+        blocks.append(torch.mm(vocab, weights[p].t()).view(-1, Lq, hidden))
+        slots.append(index.view(B, width) + offset)
+        offset += vocab.shape[0]
+    const = torch.einsum("bpud,bpqd->bpuq", distinct, inputs.query_drive).mul_(spec.hopfield_gamma)
+    const = const.add_(counts.log().unsqueeze(3))  # log 0 = −inf: slots without a key take no weight
+    inputs.folded = FoldedKeys(B, torch.cat(blocks), torch.stack(slots, 1), distinct, sizes, const)
     return inputs
 
 
-def _fold_chunk(net: EPNet, inputs: Inputs, samples: range, weights: torch.Tensor) -> dict[int, SampleFold]:
-    """The folds of consecutive samples: one matrix product per projection for all of them (each sample alone
-    would be a product with as few columns as it has keys, far below the machine's matrix rate), then each
-    sample's part cut to its own number of distinct keys."""
-    P, Lq = net.spec.num_projections, net.spec.proj_len
-    picked = slice(samples.start, samples.stop)
-    keys = inputs.keys[picked]  # (c, P, L, d)
-    c, _, length, d = keys.shape
-    mask = None if inputs.key_mask is None else inputs.key_mask[picked].reshape(c * P, length)
-    distinct, counts, sizes = distinct_keys(keys.reshape(c * P, length, d), mask)
-    width = max(int(sizes.max()), 1)
-    distinct = distinct[:, :width].view(c, P, width, d)
-    counts, sizes = counts[:, :width].view(c, P, width), sizes.view(c, P)
-    hidden = weights.shape[1] // Lq
-    # (P, H·Lq, d) · (P, d, c·U) -> (P, H, Lq, c, U)
-    folded = torch.bmm(weights, distinct.permute(1, 3, 0, 2).reshape(P, d, c * width)).view(P, hidden, Lq, c, width)
-    const = torch.einsum("cpqd,cpud->cpqu", inputs.query_drive[picked], distinct).mul_(net.spec.hopfield_gamma)
-    const = const.add_(counts.log().unsqueeze(2))  # log 0 = −inf: slots without a key take no weight
-    out = {}
-    for i, b in enumerate(samples):
-        u = max(int(sizes[i].max()), 1)
-        f = folded[:, :, :, i, :u].permute(1, 0, 2, 3).reshape(hidden, P * Lq * u)  # (H, P·Lq·U_b)
-        out[b] = SampleFold(f, const[i, :, :, :u].reshape(-1), distinct[i, :, :u].contiguous(), sizes[i] == 0)
-    return out
-
-
-@dataclass
-class _SampleTrace:
-    residuals: list[float]
-    steps: int
+def _kernel_for(dtype: torch.dtype, device: torch.device, schedule: str) -> Any:
+    """The AVX2 kernel library where it serves this relaxation (fp32 on the CPU, synchronous steps), else None."""
+    if dtype != torch.float32 or device.type != "cpu" or schedule != "synchronous":
+        return None
+    return native_kernels.library(native_kernels.AVX2)
 
 
 def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | torch.Tensor = 0.0,
@@ -167,20 +213,22 @@ def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | to
     # FC-1's first drive reads the starting projection state where the schedule updates both layers at once
     start_up = (torch.mm(start, net.weights[0].t()) if spec.schedule == "synchronous" and bool(start.any())
                 else None)
+    kernel = _kernel_for(state[1].dtype, state[1].device, spec.schedule)
     out = [torch.empty_like(s) for s in state]
     traces = []
-    for b in range(fold.batch):
-        idx = torch.arange(copies, device=start.device) * fold.batch + b
-        sample = fold.sample(net, inputs, b)
-        beta_b = beta[idx] if isinstance(beta, torch.Tensor) else beta
-        target_b = None if target is None else target[idx]  # `dynamics.relax` passes a target only when nudging
-        up_b = None if start_up is None else start_up[idx]
+    for samples in fold.chunks():
+        # the chunk's rows, sample-major: (sample, copy)
+        idx = (torch.arange(copies, device=start.device) * fold.batch
+               + torch.tensor(samples, device=start.device).unsqueeze(1)).reshape(-1)
+        chunk = fold.chunk(samples)
+        beta_c = beta[idx] if isinstance(beta, torch.Tensor) else beta
+        target_c = None if target is None else target[idx]  # `dynamics.relax` passes a target only when nudging
+        up_c = None if start_up is None else start_up[idx]
         proj = state[0][idx]
-        attention, fc, trace = _relax_sample(net, inputs, sample, proj, [s[idx] for s in state[1:]], up_b,
-                                             steps, beta_b, target_b, tol, track, residual)
-        out[0][idx] = _retrieved(sample, attention, proj).to(out[0].dtype)
-        for o, s in zip(out[1:], fc):
-            o[idx] = s
+        final, trace = _relax_chunk(net, inputs, chunk, kernel, proj, [s[idx] for s in state[1:]], up_c, steps,
+                                    beta_c, target_c, tol, track, residual)
+        for o, s in zip(out, final):
+            o[idx] = s.to(o.dtype)
         traces.append(trace)
     taken = max(t.steps for t in traces)
     residuals = [max(t.residuals[i] for t in traces if i < len(t.residuals)) for i in range(taken)] if (
@@ -188,65 +236,119 @@ def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | to
     return out, residuals, taken
 
 
-def _retrieved(sample: SampleFold, attention: torch.Tensor | None, start: torch.Tensor) -> torch.Tensor:
-    """(copies, P, Lq, d) the projection state from attention weights (copies, P, Lq, U): α K; the starting state
-    where no step has run."""
-    if attention is None:
-        return start
-    return torch.matmul(attention, sample.keys)  # (copies, P, Lq, U) · (P, U, d), broadcast over the copies
+@dataclass
+class _ChunkTrace:
+    residuals: list[float]  # per step: the largest residual over the chunk's samples still running
+    steps: int
 
 
-def _relax_sample(net: EPNet, inputs: Inputs, sample: SampleFold, proj: torch.Tensor, fc: State,
-                  start_up: torch.Tensor | None, steps: int, beta: float | torch.Tensor, target: torch.Tensor | None,
-                  tol: float | None, track: bool, residual: str) -> tuple[torch.Tensor | None, State, _SampleTrace]:
+def _retrieved(chunk: FoldChunk, attention: torch.Tensor, copies: int) -> torch.Tensor:
+    """(c·copies, P, Lq, d) the projection state from attention weights (c·copies, P·U·Lq): α K."""
+    c, P, width, d = chunk.keys.shape
+    alpha = attention.view(c, copies, P, width, -1).transpose(-1, -2)  # (c, copies, P, Lq, U)
+    return torch.matmul(alpha, chunk.keys.unsqueeze(1)).view(c * copies, P, -1, d)
+
+
+def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj: torch.Tensor, fc: State,
+                 start_up: torch.Tensor | None, steps: int, beta: float | torch.Tensor, target: torch.Tensor | None,
+                 tol: float | None, track: bool, residual: str) -> tuple[State, _ChunkTrace]:
     spec = net.spec
-    copies = fc[0].shape[0]
-    P, Lq = spec.num_projections, spec.proj_len
-    width = sample.keys.shape[1]
-    folded_t = sample.folded.t()
-    scaled = spec.hopfield_gamma
+    rows = fc[0].shape[0]
+    c, P, width = chunk.slots.shape
+    Lq, hidden = spec.proj_len, spec.layers[0]
+    copies, n_cols = rows // c, chunk.const.shape[1]
+    gamma = spec.hopfield_gamma
+    const = chunk.const.unsqueeze(1)  # (c, 1, N): the same for every copy
+    dense = chunk.dense() if kernel is None else None  # (c, N, H)
+    empty = chunk.empty.view(c, 1, P, 1, 1) if bool(chunk.empty.any()) else None
+
+    def scores(state: list) -> torch.Tensor:  # γ (q₀ + h W₀) Kᵀ, as γ q₀ Kᵀ + γ F h
+        return torch.baddbmm(const, state[1].view(c, copies, hidden), dense.transpose(1, 2), alpha=gamma)
+
+    def fc_drive(state: list, products: torch.Tensor | None) -> torch.Tensor:  # W₀ s = Fᵀ α, bias, top-down
+        if state[0] is None:  # no retrieval yet in this relaxation: W₀ s of the starting state
+            u = start_up + net.biases[0]  # (the kernel's products of a zero α are not read)
+        elif products is None:
+            u = torch.bmm(state[0].view(c, copies, n_cols), dense).view(rows, hidden).add_(net.biases[0])
+        else:
+            u = products.view(rows, hidden).add_(net.biases[0])
+        return torch.addmm(u, state[2], net.weights[1]) if len(state) > 2 else u
+
+    def all_drives(state: list) -> list:  # synchronous steps: both products of F in one pass of the kernel
+        first, products = torch.empty(c, copies, n_cols), torch.empty(c, copies, hidden)
+        h = state[1].contiguous()
+        alpha = torch.zeros(c, copies, n_cols) if state[0] is None else state[0].contiguous()  # first step: no α
+        kernel.seqep_fold_products(chunk.vocab_folded.data_ptr(), chunk.slots.data_ptr(), chunk.sizes.data_ptr(),
+                                   h.data_ptr(), alpha.data_ptr(), chunk.const.data_ptr(), gamma, first.data_ptr(),
+                                   products.data_ptr(), c, copies, P, width, Lq, hidden, torch.get_num_threads())
+        return [first, fc_drive(state, products)] + [net.layer_drive(inputs, state, n) for n in range(2, len(state))]
 
     def drive(state: list, n: int) -> torch.Tensor:
-        if n == 0:  # the scores γ (q₀ + h W₀) Kᵀ, as γ q₀ Kᵀ + γ h F
-            return torch.addmm(sample.const, state[1], sample.folded, alpha=scaled)
-        if n == 1:  # W₀ s = F α (or W₀ s of the starting state, before any retrieval in this relaxation)
-            u = (start_up + net.biases[0] if state[0] is None
-                 else torch.addmm(net.biases[0], state[0].view(copies, -1), folded_t))
-            if len(state) > 2:
-                u = torch.addmm(u, state[2], net.weights[1])
-            return u
-        return net.layer_drive(inputs, state, n)
+        if n == 0:
+            return scores(state)
+        return fc_drive(state, None) if n == 1 else net.layer_drive(inputs, state, n)
 
     def update(state: list, n: int, u: torch.Tensor) -> torch.Tensor:
-        if n == 0:
-            weights = torch.softmax(u.view(copies, P, Lq, width), dim=-1)
-            if bool(sample.empty.any()):
-                weights = weights.masked_fill(sample.empty.view(1, P, 1, 1), 0.0)
-            return weights
+        if n == 0:  # softmax over each query's keys: the U axis of (c, copies, P, U, Lq)
+            weights = torch.softmax(u.view(c, copies, P, width, Lq), dim=3)
+            if empty is not None:
+                weights = weights.masked_fill(empty, 0.0)
+            return weights.view(rows, -1)
         return net.update_layer(inputs, state, n, u, beta, target)
 
-    state: list = [None, *fc]
     if start_up is None and spec.schedule == "synchronous":
-        start_up = torch.zeros(copies, spec.layers[0], dtype=fc[0].dtype, device=fc[0].device)
-    trace = _SampleTrace([], 0)
+        start_up = torch.zeros(rows, hidden, dtype=fc[0].dtype, device=fc[0].device)
+    state: list = [None, *fc]
+    final: list = [None, *fc]  # each sample's state at its exit (early exit), else the last state
+    running = torch.ones(c, dtype=torch.bool)
+    trace = _ChunkTrace([], 0)
     first = 1 if residual == "fc" else 0
     previous_s = proj
-    pending = []  # residuals as tensors: read back once at the end unless early exit needs each at once
+    pending = []  # per-step residuals as tensors: read back once at the end unless early exit needs each at once
     for _ in range(steps):
-        new = run_schedule(spec.schedule, state, drive, update)
-        if track or tol is not None:
-            now, before = list(new[1:]), list(state[1:])
-            if first == 0:
-                s = _retrieved(sample, new[0], proj)
-                now.append(s)
-                before.append(previous_s)
-                previous_s = s
-            # one flat difference: a few large ops cost less than a reduction per layer on these small tensors
-            res = (torch.cat([t.reshape(-1) for t in now]) - torch.cat([t.reshape(-1) for t in before])).abs_().max()
-            pending.append(res)
-        state = new
+        new = run_schedule(spec.schedule, state, drive, update, all_drives if kernel is not None else None)
         trace.steps += 1
-        if tol is not None and float(pending[-1]) < tol:
-            break
-    trace.residuals = torch.stack(pending).tolist() if pending else []
-    return state[0], state[1:], trace
+        if not (track or tol is not None):
+            state = new
+            continue
+        moved = [(a - b).abs_().view(c, -1).amax(1) for a, b in zip(new[1:], state[1:])]
+        if first == 0:
+            s = _retrieved(chunk, new[0], copies)
+            moved.append((s - previous_s).abs_().view(c, -1).amax(1))
+            previous_s = s
+        per_sample = torch.stack(moved).amax(0)  # (c,)
+        state = new
+        if tol is None:
+            pending.append(per_sample.max())
+            continue
+        values = per_sample.tolist()
+        live = running.tolist()
+        trace.residuals.append(max(v for v, r in zip(values, live) if r))
+        done = running & (per_sample < tol)
+        if bool(done.any()):
+            final = _keep(final, state, done, c, copies)
+            running &= ~done
+            if not bool(running.any()):
+                break
+    if tol is None or bool(running.any()):
+        final = _keep(final, state, running if tol is not None else torch.ones(c, dtype=torch.bool), c, copies)
+    if pending:
+        trace.residuals = torch.stack(pending).tolist()
+    proj_out = proj if final[0] is None else _retrieved(chunk, final[0], copies)
+    return [proj_out, *final[1:]], trace
+
+
+def _keep(final: list, state: list, samples: torch.Tensor, c: int, copies: int) -> list:
+    """`final` with the rows of the chosen samples (c,) bool taken from `state`."""
+    if bool(samples.all()):
+        return list(state)
+    rows = samples.repeat_interleave(copies)
+    out = []
+    for kept, now in zip(final, state):
+        if now is None:
+            out.append(kept)
+        elif kept is None:
+            out.append(torch.where(rows.view(-1, *[1] * (now.dim() - 1)), now, torch.zeros_like(now)))
+        else:
+            out.append(torch.where(rows.view(-1, *[1] * (now.dim() - 1)), now, kept))
+    return out

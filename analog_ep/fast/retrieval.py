@@ -97,13 +97,15 @@ def _hash_direction(dim: int) -> torch.Tensor:
     return torch.randn(dim, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=torch.float64)
 
 
-def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of (N, L, d) keys: the distinct unmasked keys (N, L, d), their counts (N, L) and how many (N,).
+def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None, with_slots: bool = False
+                  ) -> tuple[torch.Tensor, ...]:
+    """Per row of (N, L, d) keys: the distinct unmasked keys (N, L, d), their counts (N, L) and how many (N,);
+    `with_slots` adds the distinct key each position holds (N, L), the slot its vector sits in.
     Softmax over them with log count added to the scores equals softmax over the L keys.
 
     Distinct vectors are told apart by a projection on a fixed random direction (float64) and the result
-    is checked exactly; if two different keys ever collided the row set falls back to no merging.
+    is checked exactly; if two different keys ever collided the row set falls back to no merging (every
+    position its own slot).
     """
     n, length, d = keys.shape
     direction = _hash_direction(d).to(keys.device)
@@ -127,8 +129,19 @@ def distinct_keys(keys: torch.Tensor, key_mask: torch.Tensor | None = None
         rebuilt = distinct[part].gather(1, position_slot[part].unsqueeze(-1).expand(-1, -1, d))
         if (rebuilt != keys[part]).logical_and_(valid[part].unsqueeze(-1)).any():  # a hash collision: keep every key
             counts = valid.to(keys.dtype)
-            return keys * valid.unsqueeze(-1), counts, valid.sum(-1)
-    return distinct, counts, first.sum(-1)
+            merged = (keys * valid.unsqueeze(-1), counts, valid.sum(-1))
+            identity = torch.arange(length, device=keys.device).expand(n, length)
+            return (*merged, identity) if with_slots else merged
+    found = (distinct, counts, first.sum(-1))
+    return (*found, position_slot) if with_slots else found
+
+
+def key_vocabulary(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct vectors among the valid rows of (n, d) keys, (V, d) with V ≥ 1, and the one each row holds
+    (n,) (0 for invalid rows): a batch's word vocabulary, where each sentence's distinct keys share words."""
+    distinct, _, _, slots = distinct_keys(keys.unsqueeze(0), valid.unsqueeze(0), with_slots=True)
+    slots = slots[0].masked_fill(~valid, 0)
+    return distinct[0, :int(slots.max()) + 1], slots
 
 
 def _partition(sizes: list[int], query_len: int, dim: int) -> list[slice]:

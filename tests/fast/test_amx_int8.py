@@ -171,7 +171,7 @@ def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypat
     monkeypatch.setenv("CC", "/bin/false")
     monkeypatch.delenv("SEQEP_NATIVE", raising=False)
     monkeypatch.delenv("SEQEP_INT8_KERNEL", raising=False)
-    monkeypatch.setattr(native_kernels, "_cpu_missing", lambda: [])
+    monkeypatch.setattr(native_kernels, "_cpu_missing", lambda kernels: [])
     monkeypatch.setattr(fast_retrieval, "_COMPILED", {})
     native_kernels.forget()
     try:
@@ -179,6 +179,10 @@ def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypat
         reason = native_kernels.unavailable_reason()
         assert reason.startswith("/bin/false failed to build") and "int8_amx.c" in reason
         assert amx_int8.unavailable_reason() == reason and reason in int8_kernel_name()
+        avx2 = native_kernels.unavailable_reason(native_kernels.AVX2)
+        assert avx2.startswith("/bin/false failed to build") and "folded_avx2.c" in avx2  # each set says why
+        from analog_ep.fast.folded import _kernel_for
+        assert _kernel_for(torch.float32, torch.device("cpu"), "synchronous") is None  # the fold's torch products
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left for a later process to load
         with pytest.raises(RuntimeError, match="AMX int8 kernels unavailable: /bin/false failed to build"):
             amx_int8.PackedInt8(torch.randn(4, 4))
@@ -198,10 +202,10 @@ def test_the_build_is_cached_per_source_version(monkeypatch: pytest.MonkeyPatch,
     native_kernels.forget()
     try:
         assert amx_int8.available()
-        built = list((tmp_path / "native").glob("seqep-kernels-*.so"))
+        built = list((tmp_path / "native").glob("seqep-amx-*.so"))
         assert len(built) == 1
         native_kernels.forget()
-        assert amx_int8.available() and list((tmp_path / "native").glob("seqep-kernels-*.so")) == built
+        assert amx_int8.available() and list((tmp_path / "native").glob("seqep-amx-*.so")) == built
     finally:
         monkeypatch.undo()
         native_kernels.forget()

@@ -5,7 +5,7 @@ import torch
 
 from analog_ep.fast import native_kernels
 from analog_ep.fast import retrieval as fast_retrieval
-from analog_ep.fast.retrieval import DistinctKeys, Query, _partition, distinct_keys
+from analog_ep.fast.retrieval import DistinctKeys, Query, _partition, distinct_keys, key_vocabulary
 from analog_ep.hopfield import hopfield_retrieve
 
 GAMMA = 0.4
@@ -188,3 +188,17 @@ def test_native_retrieval_shares_keys_and_keeps_nan_and_empty_rows(native_retrie
     top_down[2, 1, 3, 0] = float("nan")
     out = DistinctKeys.build(keys, None, torch.randn(B, P, L, d), GAMMA, torch.bfloat16).retrieve(Query(top_down))
     assert out[2, 1, 3].isnan().all() and not out[2, 1, :3].isnan().any()  # divergence stays visible, locally
+
+
+def test_a_batchs_key_vocabulary_holds_each_valid_vector_once():
+    g = torch.Generator().manual_seed(3)
+    words = torch.randn(5, 6, generator=g)
+    keys = words[torch.tensor([0, 3, 0, 4, 3, 1, 1, 2])]
+    valid = torch.tensor([True, True, True, True, True, True, False, True])
+    keys[6] = torch.randn(6, generator=g)  # masked: never enters the vocabulary
+    vocab, index = key_vocabulary(keys, valid)
+    assert vocab.shape == (5, 6)
+    assert torch.equal(vocab[index[valid]], keys[valid]) and int(index[6]) == 0
+    assert len({tuple(v.tolist()) for v in vocab}) == 5
+    empty_vocab, empty_index = key_vocabulary(keys, torch.zeros(8, dtype=torch.bool))
+    assert empty_vocab.shape == (1, 6) and not bool(empty_index.any())

@@ -10,6 +10,7 @@ from analog_ep.bench.shapes import build_shape
 from analog_ep.dynamics import free_phase
 from analog_ep.errors import ConfigError
 from analog_ep.estimators import ep_symmetric, ep_two_phase
+from analog_ep.fast import folded, native_kernels
 from analog_ep.fast.folded import resolve_fold
 
 
@@ -109,3 +110,70 @@ def test_ep_with_folding_measures_the_residual_on_the_fc_layers_and_exits_as_the
     assert folded.free_trace.steps <= plain.free_trace.steps  # FC layers settle first: never later
     assert torch.allclose(folded.output, plain.output, atol=1e-7)
     assert torch.allclose(folded.output, fc_only[-1], atol=1e-12)
+
+
+needs_avx2_kernel = pytest.mark.skipif(native_kernels.library(native_kernels.AVX2) is None,
+                                       reason=f"AVX2 kernels: {native_kernels.unavailable_reason(native_kernels.AVX2)}")
+
+
+@needs_avx2_kernel
+@pytest.mark.parametrize("copies", [1, 2, 3])
+@pytest.mark.parametrize("lq, hidden", [(25, 400), (7, 13), (1, 8)])
+def test_the_avx2_kernel_takes_both_products_as_torch_does(copies: int, lq: int, hidden: int) -> None:
+    """`native/folded_avx2.c` against float64 products of the same gathered rows: padded slots score their
+    constant (−∞) and add nothing; a projection without keys adds nothing either."""
+    g = torch.Generator().manual_seed(lq * 100 + copies)
+    c, P, U, V = 3, 2, 4, 9
+    vocab = torch.randn(V, lq, hidden, generator=g)
+    slots = torch.randint(0, V, (c, P, U), generator=g)
+    sizes = torch.tensor([[4, 2], [1, 0], [3, 4]])
+    const = torch.randn(c, P, U, lq, generator=g)
+    const[torch.arange(U).view(1, 1, U) >= sizes.unsqueeze(-1)] = float("-inf")
+    const = const.reshape(c, -1)
+    h = torch.rand(c, copies, hidden, generator=g)
+    alpha = torch.rand(c, copies, P, U, lq, generator=g)
+    alpha[(torch.arange(U).view(1, 1, U) >= sizes.unsqueeze(-1)).unsqueeze(1).expand(c, copies, P, U)] = 0.0
+    alpha = alpha.reshape(c, copies, -1)
+    scores, up = torch.empty(c, copies, const.shape[1]), torch.empty(c, copies, hidden)
+    native_kernels.library(native_kernels.AVX2).seqep_fold_products(
+        vocab.data_ptr(), slots.data_ptr(), sizes.data_ptr(), h.data_ptr(), alpha.data_ptr(), const.data_ptr(), 0.3,
+        scores.data_ptr(), up.data_ptr(), c, copies, P, U, lq, hidden, 2)
+    dense = vocab.double().index_select(0, slots.reshape(-1)).view(c, -1, hidden)  # (c, N, H)
+    want_scores = const.unsqueeze(1).double() + 0.3 * torch.bmm(h.double(), dense.transpose(1, 2))
+    want_up = torch.bmm(alpha.double(), dense)
+    padded = torch.isinf(want_scores)
+    assert torch.equal(padded, torch.isinf(scores)) and bool((scores[padded] < 0).all())
+    assert torch.allclose(scores[~padded].double(), want_scores[~padded], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(up.double(), want_up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-9])
+def test_samples_relaxed_together_or_one_by_one_reach_the_same_states(monkeypatch, tol) -> None:
+    spec = build_spec("snli", tiny=True, bias_offset=1.0)
+    net = EPNet(spec, seed=6).double()
+    x = _pairs(spec, batch=7, seed=8)
+    together, t_trace = free_phase(net, net.prepare(x, fold=True), 120, tol=tol)
+    monkeypatch.setattr(folded, "CHUNK_BYTES", 1)  # every sample a chunk of its own
+    inputs = net.prepare(x, fold=True)
+    assert [len(r) for r in inputs.folded.chunks()] == [1] * 7
+    alone, a_trace = free_phase(net, inputs, 120, tol=tol)
+    for a, b in zip(together, alone):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert t_trace.steps == a_trace.steps and t_trace.residuals == pytest.approx(a_trace.residuals, abs=1e-12)
+
+
+@needs_avx2_kernel
+def test_the_kernels_relaxation_matches_torchs_in_fp32(monkeypatch) -> None:
+    """Free and nudged phases in fp32: the AVX2 kernel's steps against the torch products' (the oracle)."""
+    spec = build_spec("snli", tiny=True, bias_offset=1.0, schedule="synchronous")
+    assert folded._kernel_for(torch.float32, torch.device("cpu"), spec.schedule) is not None
+    net = EPNet(spec, seed=9)
+    x = _pairs(spec, batch=6, seed=10).float()
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    cfg = EPConfig(beta=0.5, free_steps=30, nudge_steps=8, fold=True)
+    with_kernel = ep_symmetric(net, x, y, cfg)
+    monkeypatch.setattr(folded, "_kernel_for", lambda *args: None)
+    with_torch = ep_symmetric(net, x, y, cfg)
+    assert torch.allclose(with_kernel.output, with_torch.output, atol=1e-5)
+    for name, g in with_torch.grads.items():
+        assert torch.allclose(with_kernel.grads[name], g, rtol=1e-3, atol=1e-5), name
