@@ -20,12 +20,12 @@ def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 def check_fidelity(shape: Shape, batch: int, cfg: EPConfig, seed: int = 0, inputs: str = "random") -> dict:
     """Angle between the fast path's EP update and the float64 EP update (same net, batch, steps).
 
-    The float64 update is the exact path in float64 without early exit: the numbers EP defines.
+    The float64 update is the exact path in float64 without early exit, unfolded: the numbers EP defines.
     Also reported: the exact float32 path against the same float64 update (the floor fp32 itself sets).
     """
     net = make_net(shape)
     x, y = bench_batch(shape, batch, inputs, seed=seed + 2)
-    exact = replace(cfg, precision="fp32", tol=None, nudge_tol=None)
+    exact = replace(cfg, precision="fp32", tol=None, nudge_tol=None, fold=False)
     net64 = copy.deepcopy(net).double()
     g64 = ep_symmetric(net64, x.double(), y, exact, set_grad=False).grads
     del net64
