@@ -47,8 +47,11 @@ EPNet = Any  # `analog_ep.phi.EPNet` (annotations only)
 
 REQUESTS = ("auto", "on", "off")  # `ep.fold_keys`
 FOLDING_ESTIMATORS = ("ep_symmetric", "ep_two_phase")  # relax without autograd through the steps, on the exact path
-MIN_WIDTH_RATIO = 8  # fold where d ≥ this × L: a folded step's products run at matrix-vector speed, several times
-# below a batched matrix product's (docs/benchmarks.md), so it must save at least that many multiply-adds
+# Fold where d ≥ this × L (L keys per sequence, an upper bound on its distinct ones): a folded step's products are
+# matrix-vector products, below a batched matrix product's rate, so the fold must save at least this many
+# multiply-adds. With our AVX2 kernel (both products in one pass) 3 (snli-cpu, d = 102 ≥ 3 × 25: 2.4× per batch);
+# with torch's products 8 (snli-cpu folded with them: 2× slower than unfolded). docs/benchmarks.md.
+MIN_WIDTH_RATIO = {"kernel": 3, "torch": 8}
 
 
 def _half_last_level_cache(default: int = 16 << 20) -> int:
@@ -65,17 +68,19 @@ CHUNK_BYTES = _half_last_level_cache()  # folded synapses of the samples relaxed
 MAX_FOLD_BYTES = 2 << 30  # the folded synapses of a batch are kept for its nudged phases: at most this much memory
 
 
-def _fold_pays(spec: Any, batch: int) -> tuple[bool, str]:
-    """Whether folding the first synapse onto the keys pays for this graph (with attention projections) and batch
-    size, and why (or why not)."""
-    if spec.dim < MIN_WIDTH_RATIO * spec.seq_len:
-        return False, (f"token width d = {spec.dim} is below {MIN_WIDTH_RATIO} × the {spec.seq_len} keys per "
-                       "sequence: folding would not save enough")
+def _fold_pays(spec: Any, batch: int, products: str) -> tuple[bool, str]:
+    """Whether folding the first synapse onto the keys pays for this graph (with attention projections), batch
+    size and step products ("kernel": our AVX2 kernel; "torch"), and why (or why not)."""
+    ratio = MIN_WIDTH_RATIO[products]
+    how = "the AVX2 kernel's products" if products == "kernel" else "torch's products (no AVX2 kernel here)"
+    if spec.dim < ratio * spec.seq_len:
+        return False, (f"token width d = {spec.dim} is below {ratio} × the {spec.seq_len} keys per sequence: with "
+                       f"{how} folding would not save enough")
     size = 4 * batch * spec.layers[0] * spec.num_projections * spec.proj_len * spec.seq_len
     if size > MAX_FOLD_BYTES:
         return False, f"the folded synapses would take {size / 2**30:.1f} GiB (limit {MAX_FOLD_BYTES / 2**30:.0f})"
-    return True, (f"first synapse folded onto each sequence's distinct keys (d = {spec.dim} ≥ {MIN_WIDTH_RATIO} × "
-                  f"L = {spec.seq_len})")
+    return True, (f"first synapse folded onto each sequence's distinct keys (d = {spec.dim} ≥ {ratio} × "
+                  f"L = {spec.seq_len}, {how})")
 
 
 def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch: int, device: str = "cpu"
@@ -102,7 +107,7 @@ def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch:
         return True, "on: requested"
     if torch.device(device).type != "cpu":
         return False, f"off: on {device} the sample-by-sample relaxation would be bound by kernel launches"
-    pays, why = _fold_pays(spec, batch)
+    pays, why = _fold_pays(spec, batch, "kernel" if _kernel_for(torch.float32, torch.device(device)) else "torch")
     return pays, ("on: " if pays else "off: ") + why
 
 
@@ -193,11 +198,15 @@ def prepare(net: EPNet, inputs: Inputs) -> Inputs:
     return inputs
 
 
-def _kernel_for(dtype: torch.dtype, device: torch.device, schedule: str) -> Any:
-    """The AVX2 kernel library where it serves this relaxation (fp32 on the CPU, synchronous steps), else None."""
-    if dtype != torch.float32 or device.type != "cpu" or schedule != "synchronous":
+def _kernel_for(dtype: torch.dtype, device: torch.device) -> Any:
+    """The AVX2 kernel library where it serves this relaxation (fp32 on the CPU), else None."""
+    if dtype != torch.float32 or device.type != "cpu":
         return None
     return native_kernels.library(native_kernels.AVX2)
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | torch.Tensor = 0.0,
@@ -213,7 +222,7 @@ def relax(net: EPNet, inputs: Inputs, state: State, steps: int, beta: float | to
     # FC-1's first drive reads the starting projection state where the schedule updates both layers at once
     start_up = (torch.mm(start, net.weights[0].t()) if spec.schedule == "synchronous" and bool(start.any())
                 else None)
-    kernel = _kernel_for(state[1].dtype, state[1].device, spec.schedule)
+    kernel = _kernel_for(state[1].dtype, state[1].device)
     out = [torch.empty_like(s) for s in state]
     traces = []
     for samples in fold.chunks():
@@ -263,30 +272,39 @@ def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj
     empty = chunk.empty.view(c, 1, P, 1, 1) if bool(chunk.empty.any()) else None
 
     def scores(state: list) -> torch.Tensor:  # γ (q₀ + h W₀) Kᵀ, as γ q₀ Kᵀ + γ F h
+        if kernel is not None:
+            return kernel_products(state, scores=True, up=False)[0]
         return torch.baddbmm(const, state[1].view(c, copies, hidden), dense.transpose(1, 2), alpha=gamma)
 
-    def fc_drive(state: list, products: torch.Tensor | None) -> torch.Tensor:  # W₀ s = Fᵀ α, bias, top-down
+    def fc_drive(state: list, products: torch.Tensor | None = None) -> torch.Tensor:  # W₀ s = Fᵀ α, bias, top-down
         if state[0] is None:  # no retrieval yet in this relaxation: W₀ s of the starting state
-            u = start_up + net.biases[0]  # (the kernel's products of a zero α are not read)
-        elif products is None:
-            u = torch.bmm(state[0].view(c, copies, n_cols), dense).view(rows, hidden).add_(net.biases[0])
+            u = start_up + net.biases[0]
         else:
+            if products is None:
+                products = (kernel_products(state, scores=False, up=True)[1] if kernel is not None
+                            else torch.bmm(state[0].view(c, copies, n_cols), dense))
             u = products.view(rows, hidden).add_(net.biases[0])
         return torch.addmm(u, state[2], net.weights[1]) if len(state) > 2 else u
 
-    def all_drives(state: list) -> list:  # synchronous steps: both products of F in one pass of the kernel
-        first, products = torch.empty(c, copies, n_cols), torch.empty(c, copies, hidden)
-        h = state[1].contiguous()
-        alpha = torch.zeros(c, copies, n_cols) if state[0] is None else state[0].contiguous()  # first step: no α
+    def kernel_products(state: list, scores: bool, up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scores' product γ F h (plus the constant) and/or FC-1's Fᵀ α, in one pass over each sample's F."""
+        first = torch.empty(c, copies, n_cols) if scores else None
+        products = torch.empty(c, copies, hidden) if up else None
+        h = state[1].contiguous() if scores else None
+        alpha = state[0].contiguous() if up else None
         kernel.seqep_fold_products(chunk.vocab_folded.data_ptr(), chunk.slots.data_ptr(), chunk.sizes.data_ptr(),
-                                   h.data_ptr(), alpha.data_ptr(), chunk.const.data_ptr(), gamma, first.data_ptr(),
-                                   products.data_ptr(), c, copies, P, width, Lq, hidden, torch.get_num_threads())
+                                   _pointer(h), _pointer(alpha), chunk.const.data_ptr(), gamma, _pointer(first),
+                                   _pointer(products), c, copies, P, width, Lq, hidden, torch.get_num_threads())
+        return first, products
+
+    def all_drives(state: list) -> list:  # synchronous steps: both products from one pass of the kernel
+        first, products = kernel_products(state, scores=True, up=state[0] is not None)
         return [first, fc_drive(state, products)] + [net.layer_drive(inputs, state, n) for n in range(2, len(state))]
 
     def drive(state: list, n: int) -> torch.Tensor:
         if n == 0:
             return scores(state)
-        return fc_drive(state, None) if n == 1 else net.layer_drive(inputs, state, n)
+        return fc_drive(state) if n == 1 else net.layer_drive(inputs, state, n)
 
     def update(state: list, n: int, u: torch.Tensor) -> torch.Tensor:
         if n == 0:  # softmax over each query's keys: the U axis of (c, copies, P, U, Lq)

@@ -182,7 +182,7 @@ def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypat
         avx2 = native_kernels.unavailable_reason(native_kernels.AVX2)
         assert avx2.startswith("/bin/false failed to build") and "folded_avx2.c" in avx2  # each set says why
         from analog_ep.fast.folded import _kernel_for
-        assert _kernel_for(torch.float32, torch.device("cpu"), "synchronous") is None  # the fold's torch products
+        assert _kernel_for(torch.float32, torch.device("cpu")) is None  # the fold's torch products
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left for a later process to load
         with pytest.raises(RuntimeError, match="AMX int8 kernels unavailable: /bin/false failed to build"):
             amx_int8.PackedInt8(torch.randn(4, 4))

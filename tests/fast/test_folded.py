@@ -89,6 +89,17 @@ def test_folding_is_refused_where_it_cannot_run_and_chosen_where_it_pays():
         resolve_fold("on", build_spec("imdb", tiny=True, attention=False), "fp32", "ep_symmetric", 8)
 
 
+def test_the_width_folding_needs_depends_on_the_products_a_step_runs(monkeypatch):
+    snli_cpu = build_shape("snli-cpu").spec  # d = 102, L = 25
+    monkeypatch.setattr(folded, "_kernel_for", lambda *args: object())
+    on, why = resolve_fold("auto", snli_cpu, "fp32", "ep_symmetric", 64)
+    assert on and "AVX2 kernel" in why
+    monkeypatch.setattr(folded, "_kernel_for", lambda *args: None)
+    on, why = resolve_fold("auto", snli_cpu, "fp32", "ep_symmetric", 64)
+    assert not on and "below 8 ×" in why and "torch's products" in why
+    assert resolve_fold("auto", build_shape("snli-paper").spec, "fp32", "ep_symmetric", 256)[0]  # 300 ≥ 8 × 25
+
+
 def test_folded_inputs_refuse_what_needs_every_full_state():
     spec = build_spec("snli", tiny=True)
     net = EPNet(spec, seed=0)
@@ -134,10 +145,16 @@ def test_the_avx2_kernel_takes_both_products_as_torch_does(copies: int, lq: int,
     alpha = torch.rand(c, copies, P, U, lq, generator=g)
     alpha[(torch.arange(U).view(1, 1, U) >= sizes.unsqueeze(-1)).unsqueeze(1).expand(c, copies, P, U)] = 0.0
     alpha = alpha.reshape(c, copies, -1)
+    kernel = native_kernels.library(native_kernels.AVX2).seqep_fold_products
     scores, up = torch.empty(c, copies, const.shape[1]), torch.empty(c, copies, hidden)
-    native_kernels.library(native_kernels.AVX2).seqep_fold_products(
-        vocab.data_ptr(), slots.data_ptr(), sizes.data_ptr(), h.data_ptr(), alpha.data_ptr(), const.data_ptr(), 0.3,
-        scores.data_ptr(), up.data_ptr(), c, copies, P, U, lq, hidden, 2)
+    kernel(vocab.data_ptr(), slots.data_ptr(), sizes.data_ptr(), h.data_ptr(), alpha.data_ptr(), const.data_ptr(), 0.3,
+           scores.data_ptr(), up.data_ptr(), c, copies, P, U, lq, hidden, 2)
+    scores_only, up_only = torch.empty_like(scores), torch.empty_like(up)  # one product at a time: NULL for the other
+    kernel(vocab.data_ptr(), slots.data_ptr(), sizes.data_ptr(), h.data_ptr(), None, const.data_ptr(), 0.3,
+           scores_only.data_ptr(), None, c, copies, P, U, lq, hidden, 2)
+    kernel(vocab.data_ptr(), slots.data_ptr(), sizes.data_ptr(), None, alpha.data_ptr(), const.data_ptr(), 0.3,
+           None, up_only.data_ptr(), c, copies, P, U, lq, hidden, 1)
+    assert torch.equal(scores_only, scores) and torch.equal(up_only, up)  # the same sums in the same order
     dense = vocab.double().index_select(0, slots.reshape(-1)).view(c, -1, hidden)  # (c, N, H)
     want_scores = const.unsqueeze(1).double() + 0.3 * torch.bmm(h.double(), dense.transpose(1, 2))
     want_up = torch.bmm(alpha.double(), dense)
@@ -163,10 +180,12 @@ def test_samples_relaxed_together_or_one_by_one_reach_the_same_states(monkeypatc
 
 
 @needs_avx2_kernel
-def test_the_kernels_relaxation_matches_torchs_in_fp32(monkeypatch) -> None:
-    """Free and nudged phases in fp32: the AVX2 kernel's steps against the torch products' (the oracle)."""
-    spec = build_spec("snli", tiny=True, bias_offset=1.0, schedule="synchronous")
-    assert folded._kernel_for(torch.float32, torch.device("cpu"), spec.schedule) is not None
+@pytest.mark.parametrize("schedule", ["synchronous", "alternating"])
+def test_the_kernels_relaxation_matches_torchs_in_fp32(monkeypatch, schedule: str) -> None:
+    """Free and nudged phases in fp32: the AVX2 kernel's steps (both products in one pass, or one at a time)
+    against the torch products' (the oracle)."""
+    spec = build_spec("snli", tiny=True, bias_offset=1.0, schedule=schedule)
+    assert folded._kernel_for(torch.float32, torch.device("cpu")) is not None
     net = EPNet(spec, seed=9)
     x = _pairs(spec, batch=6, seed=10).float()
     y = torch.tensor([0, 1, 2, 1, 0, 2])
