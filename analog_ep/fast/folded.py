@@ -11,8 +11,8 @@ keys K of the sequence it reads, and it meets FC-1 only through the first synaps
 With F = W₀ Kᵀ (P·U·Lq rows of H) formed once per batch, every step takes
 2·H·P·Lq·U multiply-adds for the two products instead of 2·H·P·Lq·d, and the (P, Lq, d) state is formed only
 when the relaxation ends (and for the residual, where one is asked for). At snli-paper (d = 300, L = 25,
-U ≈ 13 distinct words) that is ~20 times fewer per step; at IMDB (U ≈ 137 of 600 tokens, d = 300) the fold
-costs more than it saves, and `resolve_fold` says no.
+U ≈ 11 distinct words) that is ~25 times fewer per step, at SNLI's `cpu` preset (d = 102) ~8 times; at IMDB
+(U ≈ 137 of 600 tokens, d = 300) the fold costs more than it saves, and `resolve_fold` says no.
 
 The batch's words are folded once: F's columns for one key depend only on its vector and the projection, so
 W₀ is applied to the batch's vocabulary of distinct keys per projection (one large matrix product; SNLI's
@@ -22,7 +22,8 @@ vocabulary's (Lq × H) blocks, read in place by the kernel and gathered into a d
 Consecutive samples are relaxed together, a chunk whose folded synapses fit in half the last-level cache
 (`CHUNK_BYTES`), through all their steps: one torch call per step serves the whole chunk, and a step's products
 are matrix-vector products per sample. Where the AVX2 kernels load (`native/folded_avx2.c`), both products of a
-synchronous step take one pass over each F, for both ±β copies of a nudged phase, skipping the padded keys.
+synchronous step take one pass over each F (the alternating schedule's one at a time), for both ±β copies of
+a nudged phase, skipping the padded keys.
 The rows do not interact, so this is the same computation as the batched one. Early exit (`tol`) stops each
 sample on its own residual (its state is kept from that step); the trace reports per step the largest residual
 over the samples still running.
@@ -83,9 +84,10 @@ def _fold_pays(spec: Any, batch: int, products: str) -> tuple[bool, str]:
                   f"L = {spec.seq_len}, {how})")
 
 
-def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch: int, device: str = "cpu"
+def resolve_fold(request: str, spec: Any, precision: str, estimator: str | None, batch: int, device: str = "cpu"
                  ) -> tuple[bool, str]:
-    """(fold, reason) for `ep.fold_keys` = request; ConfigError where "on" cannot run."""
+    """(fold, reason) for `ep.fold_keys` = request; ConfigError where "on" cannot run. `estimator` None: free
+    phases only (evaluation), which any estimator's run may fold."""
     from analog_ep.errors import ConfigError
 
     if request not in REQUESTS:
@@ -95,7 +97,7 @@ def resolve_fold(request: str, spec: Any, precision: str, estimator: str, batch:
     blockers = []
     if precision != "fp32":
         blockers.append(f"the run computes in {precision} (folding runs the fp32 products)")
-    if estimator not in FOLDING_ESTIMATORS:
+    if estimator is not None and estimator not in FOLDING_ESTIMATORS:
         blockers.append(f"estimator {estimator} (folding serves {', '.join(FOLDING_ESTIMATORS)})")
     if not spec.num_projections or not spec.attention:
         blockers.append("the graph has no attention projection")

@@ -208,20 +208,24 @@ def drop_words(ids: torch.Tensor, rate: float) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_split(net: EPNet, dataset, embedding: torch.Tensor, cfg: RunConfig, progress: bool = False,
                    desc: str = "eval") -> dict:
-    """Accuracy of the free-phase prediction on a whole split, plus the mean final residual.
+    """Accuracy of the free-phase prediction on a whole split, plus the mean final residual. The free phase folds
+    the first synapse onto the keys where `ep.fold_keys` says it pays (the same fixed points, sooner).
 
     Under data parallelism each rank evaluates its contiguous run of whole batches of the split and all get the
     whole split's numbers and predictions (in its order)."""
     dataset = distributed.shard_dataset(dataset, cfg.train.eval_batch_size)
     steps = cfg.ep.eval_free_steps or cfg.ep.free_steps
     dtype = net.weights[0].dtype
+    precision = "fp32" if dtype == torch.float32 else str(dtype).removeprefix("torch.")  # the exact path's
+    fold, _ = resolve_fold(cfg.ep.fold_keys, net.spec, precision, None, cfg.train.eval_batch_size,
+                           str(net.weights[0].device))
     correct, total, residual, start = 0, 0, 0.0, time.perf_counter()
     predictions = []
     it = batches(dataset, embedding, cfg.train.eval_batch_size, net.weights[0].device, dtype,
                  features=cfg.data.pair_features)
     n_batches = math.ceil(len(dataset) / cfg.train.eval_batch_size)
     for x, y in tqdm(it, total=n_batches, desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        state, trace = free_phase(net, net.prepare(x), steps, tol=cfg.ep.eval_tol, track=True)
+        state, trace = free_phase(net, net.prepare(x, fold=fold), steps, tol=cfg.ep.eval_tol, track=True)
         pred = state[-1].argmax(-1)
         predictions.append(pred.cpu())
         correct += int((pred == y).sum())

@@ -81,3 +81,13 @@ def test_an_snli_run_with_alignment_reads_the_wider_tokens_and_evaluates_the_sam
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), "--split", "test", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == report["test_accuracy"]
+    # 102-wide tokens of 25 words: where our AVX2 kernel loads, training and evaluation fold the first synapse,
+    # and the folded evaluation predicts what the plain one does
+    from analog_ep.fast.folded import _kernel_for
+    from analog_ep.train.trainer import evaluate_split, load_run_data
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["fold_keys"] == (_kernel_for(torch.float32, torch.device("cpu")) is not None)
+    _, task, embedding = load_run_data(tmp_path / "run", progress=False)
+    auto = evaluate_split(best, task.test, embedding, cfg)
+    plain = evaluate_split(best, task.test, embedding, apply_overrides(cfg, ["ep.fold_keys=off"]))
+    assert torch.equal(auto["predictions"], plain["predictions"]) and auto["accuracy"] == report["test_accuracy"]
