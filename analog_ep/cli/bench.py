@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-keys", choices=FOLD_REQUESTS, default="auto",
                    help="auto (default): on the exact fp32 path, relax with the first synapse folded onto each "
                         "sequence's distinct keys where that saves enough (short sentences, wide vectors: "
-                        "snli-paper); on: wherever it can run; off: the plain relaxation")
+                        "snli-paper and snli-cpu where our AVX2 kernel loads, snli-paper elsewhere); on: wherever "
+                        "it can run; off: the plain relaxation")
     p.add_argument("--precision", choices=PRECISION_REQUESTS, default="auto",
                    help="auto (default): the fastest faithful mode on this machine, from a few seconds' calibration "
                         "cached per machine; fp32: the exact path; bf16: the fast path on bf16 operands (fast with "

@@ -91,8 +91,8 @@ class EPSection:
     # refused on a CPU without them, where "int8-library" runs oneDNN's int8 kernels anyway, very slowly; likewise
     # "bf16" is refused on a CPU without bf16 instructions, where "bf16-emulated" runs it anyway)
     fold_keys: str = "auto"  # "auto": relax with the first synapse folded onto each sequence's distinct keys where
-    # that saves enough multiply-adds (exact path, EP estimators; analog_ep/fast/folded.py); "on": wherever it can
-    # run; "off": never
+    # that saves enough multiply-adds (exact path on the CPU, EP estimators, and every run's evaluation; SNLI's
+    # presets; analog_ep/fast/folded.py); "on": wherever it can run; "off": never
     beta_sign: str = "auto"  # one-sided nudges (ep_two_phase, cep): "random" draws ±β per batch from the run's
     # seed, cancelling the O(β) bias on average; "positive": always +β; "auto": the estimator's default (positive
     # for both; docs/results.md, "Estimators on the smoke preset"); other estimators refuse anything but auto
