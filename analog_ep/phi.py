@@ -122,6 +122,8 @@ class EPNet(nn.Module):
         the same parameters (inference); by default they are rebuilt here, as training needs.
         `fold` (fp32 only): relaxations run with the first synapse folded onto each sequence's distinct keys
         (`analog_ep.fast.folded`): the same fixed points with fewer multiply-adds where sequences are short.
+        Without fold and outside autograd, the exact path's retrievals run over each sequence's distinct keys
+        where that saves enough (`DistinctKeys.for_exact_path`: long reviews with repeated words).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -140,6 +142,11 @@ class EPNet(nn.Module):
             from analog_ep.fast import folded
 
             return folded.prepare(self, inputs)
+        if self.spec.attention and inputs.keys is not None and not torch.is_grad_enabled():
+            from analog_ep.fast.retrieval import DistinctKeys
+
+            inputs.distinct = DistinctKeys.for_exact_path(inputs.keys, inputs.key_mask, self.spec.hopfield_gamma,
+                                                          self.spec.proj_len)
         return inputs
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -274,6 +281,8 @@ class EPNet(nn.Module):
             if inputs.lowp is not None:
                 return _fast().update_projection(self, inputs, drive)
             if self.spec.attention:
+                if inputs.distinct is not None and not torch.is_grad_enabled():  # the same softmax over U ≤ L keys
+                    return inputs.distinct.retrieve_drive(drive)
                 return hopfield_retrieve(drive, inputs.keys, self.spec.hopfield_gamma, inputs.key_mask)
             return self.activation(drive)
         if n == len(state) - 1 and target is not None:

@@ -34,6 +34,7 @@ class Inputs:
     query_streams: tuple[int, ...] = ()  # the stream each projection's queries come from (() without them)
     ids: torch.Tensor | None = None  # (B,S,L) token ids, when the net looks its word vectors up itself
     folded: Any = None  # the first synapse folded onto the keys (`analog_ep.fast.folded.FoldedKeys`), or None
+    distinct: Any = None  # the exact path's keys deduplicated for its retrieval (`fast.retrieval.DistinctKeys`)
 
     @property
     def streams_in_order(self) -> bool:
@@ -62,4 +63,5 @@ class Inputs:
         tensors = (self.x_query, self.keys, self.key_mask, self.query_drive, self.flat_x)
         return Inputs(*(rep(t) for t in tensors), lowp=None if self.lowp is None else self.lowp.repeat(times),
                       rows=None if self.rows is None else self.rows * times, query_streams=self.query_streams,
-                      ids=rep(self.ids), folded=self.folded)
+                      ids=rep(self.ids), folded=self.folded,
+                      distinct=None if self.distinct is None else self.distinct.repeat(times))

@@ -202,3 +202,34 @@ def test_a_batchs_key_vocabulary_holds_each_valid_vector_once():
     assert len({tuple(v.tolist()) for v in vocab}) == 5
     empty_vocab, empty_index = key_vocabulary(keys, torch.zeros(8, dtype=torch.bool))
     assert empty_vocab.shape == (1, 6) and not bool(empty_index.any())
+
+
+def test_the_exact_path_retrieves_over_distinct_keys_where_words_repeat():
+    """Reviews of three words over twelve positions: the exact path's free and nudged phases over the distinct
+    keys reach the plain retrieval's states (float64); under autograd the plain retrieval serves."""
+    from analog_ep import EPNet, build_spec, relax
+    from analog_ep.dynamics import free_phase
+
+    spec = build_spec("imdb", tiny=True, bias_offset=1.0)
+    net = EPNet(spec, seed=0).double()
+    g = torch.Generator().manual_seed(0)
+    words = torch.randn(3, spec.dim, generator=g, dtype=torch.float64)
+    x = words[torch.randint(0, 3, (4, spec.num_streams, spec.seq_len), generator=g)]
+    with torch.no_grad():
+        inputs, plain = net.prepare(x), net.prepare(x)
+        plain.distinct = None
+        assert inputs.distinct is not None and inputs.distinct.kept_fraction <= fast_retrieval.EXACT_MAX_KEPT
+        fast, fast_trace = free_phase(net, inputs, 30)
+        exact, exact_trace = free_phase(net, plain, 30)
+        for a, b in zip(fast, exact):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        assert fast_trace.residuals == pytest.approx(exact_trace.residuals, abs=1e-12)
+        target = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0]), spec.num_classes).double().repeat(2, 1)
+        betas = torch.tensor([0.5] * 4 + [-0.5] * 4, dtype=torch.float64).view(-1, 1)
+        nudged = [relax(net, *net.nudge_start(i, s, times=2), 8, beta=betas, target=target, track=False)[0]
+                  for i, s in ((inputs, fast), (plain, exact))]
+        for a, b in zip(*nudged):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        random_words = net.prepare(torch.randn(4, spec.num_streams, spec.seq_len, spec.dim, dtype=torch.float64))
+        assert random_words.distinct is None  # nothing repeats: the plain retrieval
+    assert net.prepare(x).distinct is None  # autograd (BPTT) differentiates the plain retrieval
