@@ -83,9 +83,14 @@ def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_a
 
 
 def _key_fraction(net: EPNet, x: torch.Tensor, cfg: EPConfig) -> float:
-    """Share of the L × L retrieval scores the path computes: < 1 on the fast path when keys repeat."""
-    if cfg.precision == "fp32" or not (net.spec.num_projections and net.spec.attention):
+    """Share of the L × L retrieval scores the path computes: < 1 where keys repeat, on the fast path and where
+    the exact path retrieves over distinct keys (the folded path forms no scores over d: reported as 1)."""
+    if cfg.fold or not (net.spec.num_projections and net.spec.attention):
         return 1.0
+    if cfg.precision == "fp32":
+        with torch.no_grad():
+            distinct = net.prepare(x).distinct
+        return 1.0 if distinct is None else distinct.kept_fraction
     inputs = net.prepare(x)
     return kept_fraction(inputs.keys, inputs.key_mask)
 
