@@ -188,15 +188,17 @@ def prepare(net: EPNet, inputs: Inputs) -> Inputs:
     hidden = net.weights[0].shape[0]
     # W₀ per projection with rows (query, unit): (P, Lq·H, d)
     weights = net.weights[0].detach().view(hidden, P, Lq, d).permute(1, 2, 0, 3).reshape(P, Lq * hidden, d)
-    blocks, slots, offset = [], [], 0
-    for p in range(P):
-        vocab, index = key_vocabulary(distinct[:, p].reshape(-1, d), (counts[:, p] > 0).reshape(-1))
-        blocks.append(torch.mm(vocab, weights[p].t()).view(-1, Lq, hidden))
+    vocabularies = [key_vocabulary(distinct[:, p].reshape(-1, d), (counts[:, p] > 0).reshape(-1)) for p in range(P)]
+    sizes_v = [vocab.shape[0] for vocab, _ in vocabularies]
+    blocks = torch.empty(sum(sizes_v), Lq * hidden, dtype=weights.dtype, device=weights.device)
+    slots, offset = [], 0
+    for p, (vocab, index) in enumerate(vocabularies):  # each projection's blocks written in place: no copy of all
+        torch.mm(vocab, weights[p].t(), out=blocks[offset:offset + sizes_v[p]])
         slots.append(index.view(B, width) + offset)
-        offset += vocab.shape[0]
+        offset += sizes_v[p]
     const = torch.einsum("bpud,bpqd->bpuq", distinct, inputs.query_drive).mul_(spec.hopfield_gamma)
     const = const.add_(counts.log().unsqueeze(3))  # log 0 = −inf: slots without a key take no weight
-    inputs.folded = FoldedKeys(B, torch.cat(blocks), torch.stack(slots, 1), distinct, sizes, const)
+    inputs.folded = FoldedKeys(B, blocks.view(-1, Lq, hidden), torch.stack(slots, 1), distinct, sizes, const)
     return inputs
 
 
