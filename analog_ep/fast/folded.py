@@ -118,7 +118,6 @@ class FoldChunk:
     """Consecutive samples' first synapses in key space, as rows of the batch's vocabulary blocks, padded to the
     chunk's largest number U of distinct keys (padded slots score −∞, so they take no weight whatever F holds)."""
 
-    samples: range
     vocab_folded: torch.Tensor  # (V, Lq, H) the batch's folded blocks (`FoldedKeys.vocab_folded`)
     slots: torch.Tensor  # (c, P, U) int64: the vocabulary block of each sample's (projection, key)
     sizes: torch.Tensor  # (c, P) int64: distinct keys per projection (slots past it are padding)
@@ -143,12 +142,15 @@ class FoldedKeys:
     vocabulary, and each sample's distinct keys as indices into it. The nudged phases' rows are copies of the
     batch (row r reads sample r mod B)."""
 
-    batch: int
     vocab_folded: torch.Tensor  # (V, Lq, H): W₀ of projection p on a distinct key of the batch, for every p
     slots: torch.Tensor  # (B, P, U) each sample's distinct keys as vocabulary blocks (0 past its count)
     keys: torch.Tensor  # (B, P, U, d) each sample's distinct keys, zero past its count
     sizes: torch.Tensor  # (B, P) how many distinct keys each sample's projection reads
     const: torch.Tensor  # (B, P, U, Lq) γ q₀ Kᵀ + log count
+
+    @property
+    def batch(self) -> int:
+        return self.sizes.shape[0]
 
     def chunks(self) -> list[range]:
         """Consecutive samples whose folded synapses together fit in `CHUNK_BYTES` (at least one sample each)."""
@@ -168,7 +170,7 @@ class FoldedKeys:
         sizes = self.sizes[picked]
         width = max(int(sizes.max()), 1)
         c = len(samples)
-        return FoldChunk(samples, self.vocab_folded, self.slots[picked, :, :width].contiguous(), sizes.contiguous(),
+        return FoldChunk(self.vocab_folded, self.slots[picked, :, :width].contiguous(), sizes.contiguous(),
                          self.const[picked, :, :width].reshape(c, -1).contiguous(), self.keys[picked, :, :width])
 
 
@@ -198,7 +200,7 @@ def prepare(net: EPNet, inputs: Inputs) -> Inputs:
         offset += sizes_v[p]
     const = torch.einsum("bpud,bpqd->bpuq", distinct, inputs.query_drive).mul_(spec.hopfield_gamma)
     const = const.add_(counts.log().unsqueeze(3))  # log 0 = −inf: slots without a key take no weight
-    inputs.folded = FoldedKeys(B, blocks.view(-1, Lq, hidden), torch.stack(slots, 1), distinct, sizes, const)
+    inputs.folded = FoldedKeys(blocks.view(-1, Lq, hidden), torch.stack(slots, 1), distinct, sizes, const)
     return inputs
 
 
@@ -277,7 +279,7 @@ def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj
 
     def scores(state: list) -> torch.Tensor:  # γ (q₀ + h W₀) Kᵀ, as γ q₀ Kᵀ + γ F h
         if kernel is not None:
-            return kernel_products(state, scores=True, up=False)[0]
+            return kernel_products(state, want_scores=True, want_up=False)[0]
         return torch.baddbmm(const, state[1].view(c, copies, hidden), dense.transpose(1, 2), alpha=gamma)
 
     def fc_drive(state: list, products: torch.Tensor | None = None) -> torch.Tensor:  # W₀ s = Fᵀ α, bias, top-down
@@ -285,24 +287,25 @@ def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj
             u = start_up + net.biases[0]
         else:
             if products is None:
-                products = (kernel_products(state, scores=False, up=True)[1] if kernel is not None
+                products = (kernel_products(state, want_scores=False, want_up=True)[1] if kernel is not None
                             else torch.bmm(state[0].view(c, copies, n_cols), dense))
             u = products.view(rows, hidden).add_(net.biases[0])
         return torch.addmm(u, state[2], net.weights[1]) if len(state) > 2 else u
 
-    def kernel_products(state: list, scores: bool, up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def kernel_products(state: list, want_scores: bool, want_up: bool
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The scores' product γ F h (plus the constant) and/or FC-1's Fᵀ α, in one pass over each sample's F."""
-        first = torch.empty(c, copies, n_cols) if scores else None
-        products = torch.empty(c, copies, hidden) if up else None
-        h = state[1].contiguous() if scores else None
-        alpha = state[0].contiguous() if up else None
+        first = torch.empty(c, copies, n_cols) if want_scores else None
+        products = torch.empty(c, copies, hidden) if want_up else None
+        h = state[1].contiguous() if want_scores else None
+        alpha = state[0].contiguous() if want_up else None
         kernel.seqep_fold_products(chunk.vocab_folded.data_ptr(), chunk.slots.data_ptr(), chunk.sizes.data_ptr(),
                                    _pointer(h), _pointer(alpha), chunk.const.data_ptr(), gamma, _pointer(first),
                                    _pointer(products), c, copies, P, width, Lq, hidden, torch.get_num_threads())
         return first, products
 
     def all_drives(state: list) -> list:  # synchronous steps: both products from one pass of the kernel
-        first, products = kernel_products(state, scores=True, up=state[0] is not None)
+        first, products = kernel_products(state, want_scores=True, want_up=state[0] is not None)
         return [first, fc_drive(state, products)] + [net.layer_drive(inputs, state, n) for n in range(2, len(state))]
 
     def drive(state: list, n: int) -> torch.Tensor:
@@ -322,7 +325,7 @@ def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj
         start_up = torch.zeros(rows, hidden, dtype=fc[0].dtype, device=fc[0].device)
     state: list = [None, *fc]
     final: list = [None, *fc]  # each sample's state at its exit (early exit), else the last state
-    running = torch.ones(c, dtype=torch.bool)
+    running = torch.ones(c, dtype=torch.bool, device=fc[0].device)
     trace = _ChunkTrace([], 0)
     first = 1 if residual == "fc" else 0
     previous_s = proj
@@ -348,29 +351,28 @@ def _relax_chunk(net: EPNet, inputs: Inputs, chunk: FoldChunk, kernel: Any, proj
         trace.residuals.append(max(v for v, r in zip(values, live) if r))
         done = running & (per_sample < tol)
         if bool(done.any()):
-            final = _keep(final, state, done, c, copies)
+            final = _keep(final, state, done, copies)
             running &= ~done
             if not bool(running.any()):
                 break
-    if tol is None or bool(running.any()):
-        final = _keep(final, state, running if tol is not None else torch.ones(c, dtype=torch.bool), c, copies)
+    if tol is None:
+        final = state
+    elif bool(running.any()):  # the samples that ran all the steps
+        final = _keep(final, state, running, copies)
     if pending:
         trace.residuals = torch.stack(pending).tolist()
     proj_out = proj if final[0] is None else _retrieved(chunk, final[0], copies)
     return [proj_out, *final[1:]], trace
 
 
-def _keep(final: list, state: list, samples: torch.Tensor, c: int, copies: int) -> list:
-    """`final` with the rows of the chosen samples (c,) bool taken from `state`."""
-    if bool(samples.all()):
-        return list(state)
+def _keep(final: list, state: list, samples: torch.Tensor, copies: int) -> list:
+    """`final` with the rows of the chosen samples (c,) bool taken from `state` (a layer not kept yet takes all
+    of `state`'s rows: every sample's are written when it stops)."""
     rows = samples.repeat_interleave(copies)
-    out = []
-    for kept, now in zip(final, state):
-        if now is None:
-            out.append(kept)
-        elif kept is None:
-            out.append(torch.where(rows.view(-1, *[1] * (now.dim() - 1)), now, torch.zeros_like(now)))
-        else:
-            out.append(torch.where(rows.view(-1, *[1] * (now.dim() - 1)), now, kept))
-    return out
+
+    def take(kept: torch.Tensor | None, now: torch.Tensor | None) -> torch.Tensor | None:
+        if now is None or kept is None:
+            return kept if now is None else now
+        return torch.where(rows.view(-1, *[1] * (now.dim() - 1)), now, kept)
+
+    return [take(kept, now) for kept, now in zip(final, state)]

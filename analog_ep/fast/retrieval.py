@@ -184,7 +184,11 @@ def kept_fraction(keys: torch.Tensor, key_mask: torch.Tensor | None = None, quer
     length, dim = keys.shape[-2:]
     sizes = distinct_keys(keys.reshape(-1, length, dim), None if key_mask is None else key_mask.reshape(-1, length))[2]
     sizes = sizes.tolist()
-    groups = _partition(sizes, query_len or length, dim)
+    return _kept_share(_partition(sizes, query_len or length, dim), sizes, length)
+
+
+def _kept_share(groups: list[slice], sizes: list[int], length: int) -> float:
+    """Σ_groups n·U / (N·L): the score columns grouped rows padded to their group's largest count U compute."""
     return sum((g.stop - g.start) * max(max(sizes[g]), 1) for g in groups) / (len(sizes) * length)
 
 
@@ -210,10 +214,12 @@ class DistinctKeys:
 
     @classmethod
     def build(cls, keys: torch.Tensor, key_mask: torch.Tensor | None, query_drive: torch.Tensor | None,
-              gamma: float, dtype: torch.dtype, query_len: int | None = None) -> DistinctKeys:
+              gamma: float, dtype: torch.dtype, query_len: int | None = None, max_kept: float = 1.0
+              ) -> DistinctKeys | None:
         """keys (B, P, L, d) in the parameters' dtype, key_mask (B, P, L) (True = real) or None, query_drive
         (B, P, Lq, d): X W₀ᵀ, or the learned queries when pooling. Without a query drive (`query_len` queries),
-        the constant is the log counts alone and `retrieve` takes the whole drive."""
+        the constant is the log counts alone and `retrieve` takes the whole drive. None where the groups would
+        keep more than `max_kept` of the score columns (decided before any group is built)."""
         batch, proj, seq_len, dim = keys.shape
         mask = None if key_mask is None else key_mask.reshape(-1, seq_len)
         distinct, counts, sizes = distinct_keys(keys.reshape(-1, seq_len, dim), mask)
@@ -222,10 +228,13 @@ class DistinctKeys:
             query_drive = query_drive.reshape(-1, query_len, dim)
         log_counts = counts.log()  # log 0 = −inf: padding columns and masked keys take no weight
         sizes_list = sizes.tolist()
+        partition = _partition(sizes_list, query_len, dim)
+        if _kept_share(partition, sizes_list, seq_len) > max_kept:
+            return None
         native = _native_enabled(dtype, keys.device)
         same_as = _same_key_rows(keys, key_mask) if native else None
         groups = []
-        for rows in _partition(sizes_list, query_len, dim):
+        for rows in partition:
             width = max(max(sizes_list[rows]), 1)
             k = distinct[rows, :width].contiguous()
             # one fp32 temporary, not two; a copy even when the transposed view counts as contiguous (U or d = 1)
@@ -334,8 +343,7 @@ class DistinctKeys:
         few_mask = None if key_mask is None else key_mask[:EXACT_PROBE_ROWS].reshape(-1, length)
         if float(distinct_keys(few, few_mask)[2].float().mean()) > EXACT_MAX_KEPT * length:
             return None
-        found = cls.build(keys, key_mask, None, gamma, keys.dtype, query_len=query_len)
-        return found if found.kept_fraction <= EXACT_MAX_KEPT else None
+        return cls.build(keys, key_mask, None, gamma, keys.dtype, query_len=query_len, max_kept=EXACT_MAX_KEPT)
 
     def retrieve_drive(self, drive: torch.Tensor) -> torch.Tensor:
         """The exact path's retrieval from its whole drive (B, P, Lq, d) (`for_exact_path`)."""
