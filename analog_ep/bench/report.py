@@ -16,7 +16,7 @@ from analog_ep.bench.shapes import INPUT_RMS, Shape, build_shape, resolve_inputs
 from analog_ep.bench.timing import WARMUP_BATCHES
 from analog_ep.fast.folded import resolve_fold
 from analog_ep.fast.lowp_weights import int8_kernel_name
-from analog_ep.fast.precision import REQUESTS, resolve_precision
+from analog_ep.fast.precision import REQUESTS, lowp_dtype, resolve_precision
 
 
 def bench(
@@ -93,13 +93,15 @@ def bench(
         "foreign_cores_before": round(foreign_load(idle_sample_s), 3) if idle_sample_s > 0 else None,
     }
     # fractions are of the fp32 peak on the exact path, else of the bf16 peak (also for int8: its products
-    # run on int8 but the attention and every other product of the step stay bf16)
-    basis = "fp32" if modes == {"fp32"} else "bf16"
+    # run on int8 but the attention and every other product of the step stay bf16), except for int8 where bf16 is
+    # emulated: its other products are fp32 there (`precision.lowp_dtype`)
+    fp32_companions = modes <= {"fp32", "int8"} and lowp_dtype() == torch.float32
+    basis = "fp32" if modes == {"fp32"} or fp32_companions else "bf16"
 
     def measure_peaks() -> float:
         """Peaks measured again, the best of all measurements kept (a slow moment of a shared machine must not
         lower the peak and so raise every fraction); returns the basis peak."""
-        # the exact path needs the fp32 peak alone: bf16 peaks take minutes where bf16 is emulated (AVX2 CPUs)
+        # an fp32 basis needs the fp32 peak alone: bf16 peaks take minutes where bf16 is emulated (AVX2 CPUs)
         dtypes = ["fp32"] if basis == "fp32" else ["fp32", "bf16"]
         got = job("peaks", build_shape(shapes[0]), 0, peak_sizes=list(peak_sizes), peak_dtypes=dtypes)
         old = report.get("peaks", {"measured": []})

@@ -2,8 +2,9 @@
 loaded by `native_kernels`).
 
 Where they cannot load, `available()` is False with the reason in `unavailable_reason()`, and
-`lowp_weights` falls back to oneDNN's int8 kernels (the same numbers, bit for bit: tests/fast/test_amx_int8.py).
-`SEQEP_INT8_KERNEL=onednn` forces that fallback.
+`lowp_weights` falls back to our AVX2 kernels (`avx2_int8`) or oneDNN's (the same numbers, bit for bit:
+tests/fast/test_amx_int8.py).
+`SEQEP_INT8_KERNEL=onednn` forces that fallback (`SEQEP_INT8_KERNEL=avx2`: our AVX2 kernels, `avx2_int8`).
 
 The wrappers check shapes, dtypes and contiguity and say what was wrong: the C side trusts its inputs.
 """
@@ -48,11 +49,11 @@ def fused_rows(rows: int, Kp: int, Np: int) -> int:
 
 
 def _switched_off() -> bool:
-    return os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn"
+    return os.environ.get("SEQEP_INT8_KERNEL", "").lower() in ("onednn", "avx2")
 
 
 def library() -> ctypes.CDLL | None:
-    """The native kernels for int8, or None: not loadable here, or `SEQEP_INT8_KERNEL=onednn` (read per call)."""
+    """The native kernels for int8, or None: not loadable here, or `SEQEP_INT8_KERNEL=onednn|avx2` (read per call)."""
     return None if _switched_off() else native_kernels.library()
 
 
@@ -61,7 +62,9 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    return "SEQEP_INT8_KERNEL=onednn" if _switched_off() else native_kernels.unavailable_reason()
+    if _switched_off():
+        return f"SEQEP_INT8_KERNEL={os.environ['SEQEP_INT8_KERNEL'].lower()}"
+    return native_kernels.unavailable_reason()
 
 
 def _loaded() -> ctypes.CDLL:

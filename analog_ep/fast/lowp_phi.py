@@ -104,7 +104,7 @@ def prepare(net: EPNet, inputs: Inputs, kind: str, weights: list[LowPrecisionWei
     into `inputs.lowp` (the fp32 keys and query drive are dropped: the steps read `lowp`'s)."""
     weights = weights if weights is not None else low_precision_weights(net, kind)
     keys = query_drive = flat_x = None
-    dtype = torch.bfloat16
+    dtype = _companion_dtype(kind, net)
     if inputs.keys is not None:
         if net.spec.attention:
             keys = DistinctKeys.build(inputs.keys, inputs.key_mask, inputs.query_drive, net.spec.hopfield_gamma,
@@ -118,6 +118,16 @@ def prepare(net: EPNet, inputs: Inputs, kind: str, weights: list[LowPrecisionWei
     inputs.keys = inputs.query_drive = None
     inputs.rows = rows
     return inputs
+
+
+def _companion_dtype(kind: str, net: EPNet) -> torch.dtype:
+    """The dtype of the products that are not int8: bf16, or for int8 on a CPU without bf16 instructions fp32
+    (`precision.lowp_dtype`: torch would emulate the bf16 products there)."""
+    if kind != "int8":
+        return torch.bfloat16
+    from analog_ep.fast.precision import lowp_dtype
+
+    return lowp_dtype(net.weights[0].device)
 
 
 def low_precision_weights(net: EPNet, kind: str = "bf16") -> list[LowPrecisionWeight | None]:
@@ -134,9 +144,10 @@ def low_precision_weights(net: EPNet, kind: str = "bf16") -> list[LowPrecisionWe
     old = getattr(net, "_lowp_cache", None) or [None] * len(net.weights)
     if kind == "int8":
         net._lowp_cache = None
-        # AMX buffers are refilled in place; anything else (oneDNN's packed copies) is freed before building
-        old = [p if isinstance(p, Int8Weight) and p.kernel == "amx" else None for p in old]
-        lows: list[LowPrecisionWeight | None] = [Int8Weight(w, previous=prev) if b else None
+        # our kernels' buffers are refilled in place; anything else (oneDNN's packed copies) is freed before building
+        old = [p if isinstance(p, Int8Weight) and p.kernel in ("amx", "avx2") else None for p in old]
+        down_dtype = _companion_dtype(kind, net)
+        lows: list[LowPrecisionWeight | None] = [Int8Weight(w, previous=prev, down_dtype=down_dtype) if b else None
                                                  for w, prev, b in zip(net.weights, old, big)]
     elif kind == "bf16":
         lows = [Bf16Weight(w, prev) if b else None for w, prev, b in zip(net.weights, old, big)]

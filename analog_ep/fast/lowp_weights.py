@@ -7,7 +7,9 @@ steps. Two kinds:
 
 - `Bf16Weight`: W in bf16, products by oneDNN with fp32 accumulation (the `bf16` fast path).
 - `Int8Weight`: W quantised symmetrically to int8 (one scale per matrix), activations quantised per
-  row on the fly (int8 × int8 → int32 on AMX/VNNI). At the paper's IMDB shape a bf16 product of the
+  row on the fly (int8 × int8 → int32), by one of three kernel sets with the same numbers: ours on AMX
+  (`amx_int8`), ours on AVX2 (`avx2_int8`, where AMX is missing), oneDNN's (`SEQEP_INT8_KERNEL=onednn`,
+  or where neither of ours loads). At the paper's IMDB shape a bf16 product of the
   180 M-weight matrix at batch 32 is bound by oneDNN re-packing the weights on every call; the int8
   products skip that and read half the bytes (docs/history.md). `h W` needs oneDNN's
   pre-packed layout (qlinear; plain `_int_mm` takes 2-3× as long), `x Wᵀ` does not: `_int_mm` on a
@@ -20,9 +22,11 @@ steps. Two kinds:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from analog_ep.fast import amx_int8
+from analog_ep.fast import amx_int8, avx2_int8
 
 INT8_MAX = 127.0
 # oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
@@ -64,14 +68,26 @@ class Bf16Weight:
         return self.down(h), None, self.up(x)
 
 
-def int8_available(device: torch.device | str = "cpu") -> bool:
-    """The tensors live on the CPU and one of the int8 kernel sets works here: our AMX kernels, or
-    oneDNN's pre-packed int8 linear in this torch build."""
-    if torch.device(device).type != "cpu":
-        return False
+def _onednn_int8() -> bool:
     ops = getattr(torch.ops, "onednn", None)
-    return amx_int8.available() or (torch.backends.mkldnn.is_available() and ops is not None
-                                    and hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise"))
+    return (torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, "qlinear_prepack")
+            and hasattr(ops, "qlinear_pointwise"))
+
+
+def int8_kernel() -> str | None:
+    """The int8 kernel set `Int8Weight` runs in this process: "amx", "avx2" (ours), "onednn", or None (none works
+    here). `SEQEP_INT8_KERNEL=avx2|onednn` (read per call) skips the sets above it, to compare them."""
+    forced = os.environ.get("SEQEP_INT8_KERNEL", "").lower()
+    if amx_int8.available():
+        return "amx"
+    if forced != "onednn" and avx2_int8.available():
+        return "avx2"
+    return "onednn" if _onednn_int8() else None
+
+
+def int8_available(device: torch.device | str = "cpu") -> bool:
+    """The tensors live on the CPU and one of the int8 kernel sets works here (`int8_kernel`)."""
+    return torch.device(device).type == "cpu" and int8_kernel() is not None
 
 
 def _quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +106,20 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_kernel_name() -> str:
-    """Which int8 kernels `Int8Weight` runs in this process: ours on AMX, or oneDNN's (and why not ours)."""
-    if amx_int8.available():
+    """Which int8 kernels `Int8Weight` runs in this process: ours on AMX or AVX2, or oneDNN's (and why not ours)."""
+    kernel = int8_kernel()
+    if kernel == "amx":
         return "amx (analog_ep/fast/native/int8_amx.c)"
-    return f"onednn ({amx_int8.unavailable_reason()})"
+    if kernel == "avx2":
+        return f"avx2 (analog_ep/fast/native/int8_avx2.c; no AMX kernels: {amx_int8.unavailable_reason()})"
+    return f"onednn (AMX kernels: {amx_int8.unavailable_reason()}; AVX2 kernels: {avx2_kernels_reason()})"
+
+
+def avx2_kernels_reason() -> str:
+    """Why our AVX2 int8 kernels do not run in this process."""
+    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
+        return "SEQEP_INT8_KERNEL=onednn"
+    return avx2_int8.unavailable_reason() or "available"
 
 
 _KERNELS: dict[str, object] = {}
@@ -102,7 +128,7 @@ _KERNELS: dict[str, object] = {}
 def enable_compiled_quantizers(enabled: bool = True) -> None:
     """Fuse the per-product row quantisation and the per-batch weight quantisation into one pass each (the oneDNN
     int8 path only: our AMX kernels quantise in C, and not compiling keeps inductor out of the process)."""
-    if enabled and not _KERNELS and not amx_int8.available():
+    if enabled and not _KERNELS and int8_kernel() == "onednn":
         _KERNELS["rows"] = torch.compile(_quantize_rows, dynamic=True)
         _KERNELS["weight"] = torch.compile(_quantize_weight, dynamic=False)
     elif not enabled:
@@ -110,20 +136,26 @@ def enable_compiled_quantizers(enabled: bool = True) -> None:
 
 
 class Int8Weight:
-    """W as int8 (one scale), activations int8 per row. Two kernel sets give the same numbers: our AMX
-    kernels (`amx_int8`: packed in ~25 ms, products at the memory-bandwidth roofline, both of a step's
-    products in one read of W) where
-    the CPU and a C compiler allow, else oneDNN's (plain `_int_mm` for `x Wᵀ`, pre-packed `h W`)."""
+    """W as int8 (one scale), activations int8 per row. Three kernel sets give the same numbers (`int8_kernel`):
+    our AMX kernels (`amx_int8`: packed in ~25 ms, products at the memory-bandwidth roofline, both of a step's
+    products in one read of W), our AVX2 kernels (`avx2_int8`: about twice the fp32 rate on a CPU without
+    AMX), else oneDNN's (plain `_int_mm` for `x Wᵀ`, pre-packed `h W`).
 
-    def __init__(self, weight: torch.Tensor, rows_hint: int = 32, previous: Int8Weight | None = None) -> None:
-        if not int8_available(weight.device):
-            raise RuntimeError("precision 'int8' needs a CPU torch build with oneDNN's quantised linear "
-                               "(torch.ops.onednn.qlinear_prepack) or an AMX CPU; use precision 'bf16' on "
-                               "this device")
-        self.kernel = "amx" if amx_int8.available() else "onednn"
-        if self.kernel == "amx":
-            reuse = previous.packed if isinstance(previous, Int8Weight) and previous.kernel == "amx" else None
-            self.packed = amx_int8.PackedInt8(weight, reuse)
+    `down_dtype`: the dtype of the h·W results, bf16 (what the AMX and oneDNN kernels write) or fp32 (for a
+    CPU without bf16 instructions, where the AVX2 kernels write it directly)."""
+
+    def __init__(self, weight: torch.Tensor, rows_hint: int = 32, previous: Int8Weight | None = None,
+                 down_dtype: torch.dtype = torch.bfloat16) -> None:
+        if torch.device(weight.device).type != "cpu" or int8_kernel() is None:
+            raise RuntimeError("precision 'int8' needs a CPU with AVX2 or AMX and a C compiler, or a CPU torch "
+                               "build with oneDNN's quantised linear (torch.ops.onednn.qlinear_prepack); use "
+                               "precision 'bf16' on this device")
+        self.kernel = int8_kernel()
+        self.down_dtype = down_dtype
+        if self.kernel in ("amx", "avx2"):
+            ours = previous.packed if isinstance(previous, Int8Weight) and previous.kernel == self.kernel else None
+            packer = amx_int8.PackedInt8 if self.kernel == "amx" else avx2_int8.PackedInt8Avx2
+            self.packed = packer(weight, ours)
             self.scale = self.packed.scale
             return
         w = weight.detach().to(torch.float32)
@@ -138,13 +170,13 @@ class Int8Weight:
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ, fp32 result (small: one row per sample of the layer above)."""
-        if self.kernel == "amx":
+        if self.kernel in ("amx", "avx2"):
             return self.packed.up(x)
         q, r = _KERNELS.get("rows", _quantize_rows)(x)
         return torch._int_mm(q, self.q.t()).to(torch.float32).mul_(r * self.scale)
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
-        """h W, bf16 result."""
+        """h W, in `down_dtype` (bf16 unless set)."""
         y, r = self.down_row_scaled(h)
         return y.mul_(r.to(y.dtype))
 
@@ -152,20 +184,27 @@ class Int8Weight:
         """h W as (h W / r, r): r (B, 1) is the per-row factor of h's quantisation, left for the caller to fold
         into a later, smaller product (the retrieval's scores: `retrieval.Query`) instead of a pass over
         the (B, 180,000) result."""
+        if self.kernel == "avx2":
+            return self.packed.down_row_scaled(h, self.down_dtype)
         if self.kernel == "amx":
-            return self.packed.down_row_scaled(h)
+            y, r = self.packed.down_row_scaled(h)
+            return y.to(self.down_dtype), r
         q, r = _KERNELS.get("rows", _quantize_rows)(h)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.packed_down, self.scale_down, self.zero_down, None,
                                                1.0, 0, torch.bfloat16, "none", [], "")
-        return y, r
+        # bf16 output, converted: oneDNN's fp32-output variant saturates an int16 partial sum now and then on an
+        # AVX2-only CPU (one sum in 1,536 off by 155 codes, tests/fast/test_avx2_int8.py), its bf16 one does not
+        return y.to(self.down_dtype), r
 
     def down_up(self, h: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` from one state: on AMX in one read of W (`PackedInt8.down_up`:
         at 32-64 rows both products are bound by streaming W from memory), the same numbers either way.
-        `x_absmax`: max |x| per row if known (saves a pass over x on AMX; ignored otherwise)."""
+        `x_absmax`: max |x| per row if known (saves a pass over x on AMX; ignored otherwise). The AVX2 kernels
+        take the two products one after the other: at IMDB's shape they are compute-bound, not memory-bound."""
         if self.kernel == "amx":
-            return self.packed.down_up(h, x, x_absmax)
+            down, r, up = self.packed.down_up(h, x, x_absmax)
+            return down.to(self.down_dtype), r, up
         return (*self.down_row_scaled(h), self.up(x))
 
 

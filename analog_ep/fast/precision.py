@@ -2,25 +2,28 @@
 that turns a request ("auto", "fp32", "bf16", "int8", or an opt-in: "int8-library", "bf16-emulated") into a mode
 (`analog_ep.phi.PRECISIONS`).
 
-Why: the fast path's modes are only fast on some machines. int8 is fast through our AMX kernels; without them it
-runs oneDNN's int8 kernels, which on an AVX2-only CPU take hundreds of times as long as fp32, so a run never
-finishes. bf16 is fast where the CPU has bf16 dot products (AVX512-BF16, AMX); on a CPU without them torch
-emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_WITHOUT_AMX`,
+Why: the fast path's modes are only fast on some machines. int8 is fast through our kernels (AMX, or AVX2 where
+AMX is missing); without them it runs oneDNN's int8 kernels, which on an AVX2-only CPU take hundreds of times as
+long as fp32, so a run never finishes. bf16 is fast where the CPU has bf16 dot products (AVX512-BF16, AMX); on
+a CPU without them torch
+emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_WITHOUT_KERNELS`,
 `BF16_WITHOUT_INSTRUCTIONS`). So:
 
 - A mode that would be such a trap here is refused (ConfigError, with the reason, the measurement and the
-  alternatives): "int8" without the AMX kernels, "bf16" on a CPU without bf16 instructions. Its opt-in name
+  alternatives): "int8" without our int8 kernels, "bf16" on a CPU without bf16 instructions. Its opt-in name
   ("int8-library", "bf16-emulated") runs it anyway, on purpose (e.g. to measure it).
 - "bf16" where its products measure slower than fp32 for another reason runs, with one warning that says so.
 - "auto" times the first synapse's two products of a step (h·W and x·Wᵀ, 64 rows) once per mode that runs
-  faithfully here (fp32; bf16; int8 on the AMX kernels only) and picks the fastest, a low-precision mode only
-  where it is at least MIN_SPEEDUP times as fast as fp32. On a CPU with neither bf16 instructions nor the AMX
-  kernels it is fp32 without measuring. The timings are cached as JSON per machine (CPU model, flags, torch
+  faithfully here (fp32; bf16 where the CPU has bf16 instructions; int8 on our kernels only) and picks the
+  fastest, a low-precision mode only where it is at least MIN_SPEEDUP times as fast as fp32. On a CPU with
+  neither bf16 instructions nor our int8 kernels it is fp32 without measuring. Where the CPU has no bf16
+  instructions, int8 runs its other products in fp32 (`lowp_dtype`). The timings are cached as JSON per machine (CPU model, flags, torch
   version, threads, device) and shape class under the seqep cache directory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -42,12 +45,16 @@ from analog_ep.fast import native_kernels
 if TYPE_CHECKING:
     from analog_ep.spec import GraphSpec
 
-SLOW_INT8 = "int8-library"  # the explicit opt-in: int8 without our AMX kernels (oneDNN's int8 products)
+SLOW_INT8 = "int8-library"  # the explicit opt-in: int8 without our int8 kernels (oneDNN's int8 products)
 SLOW_BF16 = "bf16-emulated"  # the explicit opt-in: bf16 on a CPU without bf16 dot-product instructions
 OPT_INS = {SLOW_INT8: "int8", SLOW_BF16: "bf16"}  # each opt-in and the mode it runs
 REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8, SLOW_BF16)
 BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # CPU flags of bf16 dot products (without them bf16 is emulated)
 X86_BASELINE = ("sse2", "avx2")  # flags that say the CPU's x86 instruction sets were read (not another architecture)
+# Our AVX2 int8 kernels are a candidate from this many weights in FC-1 (on an AVX2-only CPU, per batch against fp32:
+# imdb-cpu's 160,000 1.17× slower, snli-cpu's 1.3 M unfolded 1.49× faster, imdb-paper's 180 M 2.9× faster;
+# docs/benchmarks.md): below it the products' speed-up is lost in the int8 path's other work
+AVX2_INT8_MIN_WEIGHTS = 1 << 20
 MIN_SPEEDUP = 1.1  # a lossy mode must beat fp32 by this factor: timing noise must not trade exactness for nothing
 ROWS = 64  # rows of the calibration products (a training batch's order of magnitude)
 MAX_CALIBRATION_IN = 1 << 13  # FC-1 inputs measured at most: a product's time grows linearly past it
@@ -114,9 +121,9 @@ class SlowMode:
         return f"{self.mode}: requested as {self.opt_in}: {self.runs_instead} ({why})"
 
 
-INT8_WITHOUT_AMX = SlowMode(
-    "int8", SLOW_INT8, "our AMX int8 kernels", "oneDNN's int8 kernels",
-    "hundreds of times slower than fp32 on a CPU without AMX",
+INT8_WITHOUT_KERNELS = SlowMode(
+    "int8", SLOW_INT8, "our int8 kernels (AMX, or AVX2 with FMA and a C compiler)", "oneDNN's int8 kernels",
+    "hundreds of times slower than fp32 on an AVX2-only CPU",
     "measured on an AMD EPYC with AVX2 only (docs/benchmarks.md): a step's two products with a 1,024 × 8,192 "
     "synapse, 64 rows, 8.8 s in int8 against 0.026 s in fp32")
 BF16_WITHOUT_INSTRUCTIONS = SlowMode(
@@ -133,11 +140,26 @@ def _alternatives(refused: str, usable: dict[str, bool]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def amx_int8_kernels() -> tuple[bool, str]:
-    """Whether our AMX int8 kernels run in this process, and why not."""
-    from analog_ep.fast import amx_int8
+def int8_kernels() -> tuple[bool, str]:
+    """Whether our int8 kernels run in this process: (True, which: "AMX kernels" or "AVX2 kernels") or (False, why
+    not)."""
+    from analog_ep.fast import amx_int8, lowp_weights
 
-    return amx_int8.available(), amx_int8.unavailable_reason()
+    kernel = lowp_weights.int8_kernel()
+    if kernel in ("amx", "avx2"):
+        return True, f"{kernel.upper()} kernels"
+    return False, f"AMX: {amx_int8.unavailable_reason()}; AVX2: {lowp_weights.avx2_kernels_reason()}"
+
+
+@functools.cache
+def _emulates_bf16_here(device_type: str) -> bool:
+    return device_type == "cpu" and emulates_bf16(this_machine("cpu"))
+
+
+def lowp_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype of the int8 mode's other low-precision operands (retrieval, projection states, contrast): bf16,
+    or fp32 on a CPU without bf16 dot products, where torch would emulate every bf16 product (26-49× slower)."""
+    return torch.float32 if _emulates_bf16_here(torch.device(device).type) else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -160,6 +182,10 @@ class ShapeClass:
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def _first_synapse_weights(spec: GraphSpec) -> int:
+    return spec.fc_input_size * spec.layers[0]
 
 
 def has_large_synapse(spec: GraphSpec) -> bool:
@@ -289,17 +315,18 @@ def _versus_fp32(mode: str, seconds: dict[str, float]) -> str:
             else f"{mode} products {_ratio(s, ref)} slower than fp32 here")
 
 
-def choose(seconds: dict[str, float], amx: tuple[bool, str]) -> tuple[str, str]:
+def choose(seconds: dict[str, float], int8: tuple[bool, str]) -> tuple[str, str]:
     """The auto rule on measured seconds per mode: the fastest, a low-precision one only if it is at least
-    MIN_SPEEDUP times as fast as fp32 (never one slower than fp32); the reason names the numbers."""
+    MIN_SPEEDUP times as fast as fp32 (never one slower than fp32); the reason names the numbers. `int8`: our
+    int8 kernels' (available, which or why not)."""
     fp32 = seconds["fp32"]
     fast = [m for m in ("int8", "bf16") if m in seconds and seconds[m] * MIN_SPEEDUP <= fp32]
     others = [_versus_fp32(m, seconds) for m in ("int8", "bf16") if m in seconds]
-    no_int8 = [] if amx[0] else [f"no AMX kernels for int8 ({amx[1]})"]
+    no_int8 = [] if int8[0] else [f"int8 is no candidate here ({int8[1]})"]
     if not fast:
         return "fp32", "fp32: " + "; ".join(no_int8 + others)
     best = min(fast, key=seconds.__getitem__)
-    why = ["AMX kernels"] if best == "int8" else no_int8
+    why = [int8[1]] if best == "int8" else no_int8
     return best, f"{best}: " + "; ".join(why + [_versus_fp32(best, seconds)]
                                          + [o for o in others if not o.startswith(best)])
 
@@ -316,37 +343,48 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         from analog_ep.fast.lowp_weights import int8_available
 
         if not int8_available(device):
-            raise ConfigError(f"precision {requested} needs the CPU and an AMX CPU or a torch build with oneDNN's "
-                              f"int8 linear (device is {device}); use precision auto or bf16")
-        amx, why = amx_int8_kernels()
-        if amx:
-            return "int8", "int8: requested, AMX kernels"
+            raise ConfigError(f"precision {requested} needs the CPU and an AVX2 or AMX CPU or a torch build with "
+                              f"oneDNN's int8 linear (device is {device}); use precision auto or bf16")
+        ours, why = int8_kernels()
+        if ours:
+            return "int8", f"int8: requested, {why}"
         if requested == SLOW_INT8:
-            return "int8", INT8_WITHOUT_AMX.opted_in(why)
-        raise INT8_WITHOUT_AMX.refusal(why, _alternatives("int8", {"bf16": not emulates_bf16(this_machine())}))
+            return "int8", INT8_WITHOUT_KERNELS.opted_in(why)
+        raise INT8_WITHOUT_KERNELS.refusal(why, _alternatives("int8", {"bf16": not emulates_bf16(this_machine())}))
     machine = this_machine(device)
     if mode == "bf16" and on_cpu and emulates_bf16(machine):
         why = f"{machine.model} has none of {', '.join(BF16_INSTRUCTIONS)}"
         if requested == SLOW_BF16:
             return "bf16", BF16_WITHOUT_INSTRUCTIONS.opted_in(why)
-        raise BF16_WITHOUT_INSTRUCTIONS.refusal(why, _alternatives("bf16", {"int8": amx_int8_kernels()[0]}))
+        raise BF16_WITHOUT_INSTRUCTIONS.refusal(why, _alternatives("bf16", {"int8": int8_kernels()[0]}))
     if not has_large_synapse(spec):  # nothing to calibrate: no product would run in low precision
         if mode == "bf16":
             return "bf16", "bf16: requested"
         return "fp32", "fp32: no synapse is large enough for low-precision products"
-    amx = amx_int8_kernels() if on_cpu else (False, f"int8 runs on the CPU only (device is {device})")
+    int8 = int8_kernels() if on_cpu else (False, f"int8 runs on the CPU only (device is {device})")
     if mode == "bf16":
         seconds = calibration(spec, device, ("fp32", "bf16"))
         if seconds["bf16"] > seconds["fp32"]:
             _warn_once(f"{machine.key()}/{ShapeClass.of(spec).key()}",
                        f"precision bf16: {_versus_fp32('bf16', seconds)}; precision auto or fp32 runs faster")
         return "bf16", f"bf16: requested; {_versus_fp32('bf16', seconds)}"
-    if on_cpu and not amx[0] and emulates_bf16(machine):
+    emulated = on_cpu and emulates_bf16(machine)
+    if on_cpu and int8[1] != "AMX kernels":
+        from analog_ep.fast.folded import resolve_fold
+
+        folds, how = resolve_fold("auto", spec, "fp32", None, 1, device)
+        if folds:  # several times fewer multiply-adds a step than any product mode (docs/benchmarks.md)
+            return "fp32", f"fp32: the exact path folds here, fewer multiply-adds than any product mode; {how[4:]}"
+    if int8[1] == "AVX2 kernels" and _first_synapse_weights(spec) < AVX2_INT8_MIN_WEIGHTS:
+        int8 = (False, f"our AVX2 kernels pay from {AVX2_INT8_MIN_WEIGHTS:,} FC-1 weights, this graph has "
+                       f"{_first_synapse_weights(spec):,}")
+    if emulated and not int8[0]:
         # nothing to measure: bf16 products are emulated here (BF16_WITHOUT_INSTRUCTIONS), and a timing on a busy
         # machine could only mislead
         return "fp32", (f"fp32: this CPU has no bf16 dot-product instructions ({', '.join(BF16_INSTRUCTIONS)}) "
-                        f"and no AMX kernels for int8 ({amx[1]})")
-    return choose(calibration(spec, device, ("fp32", "bf16", "int8") if amx[0] else ("fp32", "bf16")), amx)
+                        f"and int8 is no candidate here ({int8[1]})")
+    modes = ("fp32", *(() if emulated else ("bf16",)), *(("int8",) if int8[0] else ()))
+    return choose(calibration(spec, device, modes), int8)
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""The precision rule (analog_ep/fast/precision.py): int8 refused without the AMX kernels and bf16 on a CPU without
+"""The precision rule (analog_ep/fast/precision.py): int8 refused without our int8 kernels and bf16 on a CPU without
 bf16 instructions (on every machine: the capability checks are patched both ways), each with its opt-in; auto never
 slower than fp32; the calibration cached per machine."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from analog_ep.errors import ConfigError
-from analog_ep.fast import lowp_weights, precision
+from analog_ep.fast import folded, lowp_weights, precision
 from analog_ep.fast.precision import Machine, ShapeClass, choose, resolve_precision
 from analog_ep.models import build_spec
 
@@ -19,10 +19,15 @@ LARGE = build_spec("snli", tiny=False)  # the SNLI paper graph: FC-1 of 30,000 �
 SMALL = build_spec("imdb", tiny=True)  # no synapse large enough for low-precision products
 
 
+RESOLVE_FOLD = folded.resolve_fold
+
+
 @pytest.fixture(autouse=True)
 def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("SEQEP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(precision, "_warned", set())
+    # the rule without the fold (LARGE, the SNLI graph, folds on the exact path): tested on its own below
+    monkeypatch.setattr(folded, "resolve_fold", lambda *args, **kwargs: (False, "off: not tested here"))
 
 
 def fake_timings(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> list[tuple]:
@@ -37,8 +42,9 @@ def fake_timings(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> 
     return calls
 
 
-def amx(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
-    monkeypatch.setattr(precision, "amx_int8_kernels", lambda: (present, "" if present else "this CPU lacks amx_tile"))
+def amx(monkeypatch: pytest.MonkeyPatch, present: bool, which: str = "AMX kernels") -> None:
+    """Our int8 kernels present (`which`: AMX or AVX2) or not, whatever the real CPU has."""
+    monkeypatch.setattr(precision, "int8_kernels", lambda: (present, which if present else "this CPU lacks amx_tile"))
     monkeypatch.setattr(lowp_weights, "int8_available", lambda device="cpu": True)
 
 
@@ -58,7 +64,7 @@ def test_auto_on_a_cpu_without_bf16_instructions_or_amx_is_fp32_without_measurin
     assert mode == "fp32" and "no bf16 dot-product instructions" in reason and "amx_tile" in reason
 
 
-def test_int8_without_the_amx_kernels_is_refused_with_the_reason_and_the_alternatives(monkeypatch):
+def test_int8_without_our_kernels_is_refused_with_the_reason_and_the_alternatives(monkeypatch):
     amx(monkeypatch, present=False)
     bf16_instructions(monkeypatch)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
@@ -161,7 +167,7 @@ def test_auto_measures_on_this_device_and_states_the_reason(monkeypatch):
     bf16_instructions(monkeypatch)
     calls = fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 1.8})
     assert resolve_precision("auto", LARGE) == (
-        "fp32", "fp32: no AMX kernels for int8 (this CPU lacks amx_tile); bf16 products 1.8× slower than fp32 here")
+        "fp32", "fp32: int8 is no candidate here (this CPU lacks amx_tile); bf16 products 1.8× slower than fp32 here")
     assert calls == [(ShapeClass.of(LARGE), ("fp32", "bf16"))]  # int8 is not a candidate without the kernels
 
     amx(monkeypatch, present=True)
@@ -291,7 +297,7 @@ def test_bench_and_train_default_to_auto():
 
 
 @pytest.mark.parametrize("request_, shape, says", [
-    ("int8", "snli-paper", "needs our AMX int8 kernels"),
+    ("int8", "snli-paper", "needs our int8 kernels (AMX, or AVX2"),
     ("bf16", "imdb-tiny", "needs bf16 dot-product instructions"),
 ])
 def test_bench_refuses_a_trap_before_measuring_and_names_its_opt_in(monkeypatch, capsys, request_, shape, says):
@@ -315,3 +321,44 @@ def test_bench_accuracy_refuses_a_trap_and_a_comparison_of_the_exact_path_with_i
     assert "bf16-emulated" in capsys.readouterr().err
     assert main(["bench", "--accuracy", "--shape", "imdb-cpu"]) == 2  # auto is the exact path here: nothing to compare
     assert "compares the exact path with a fast mode" in capsys.readouterr().err
+
+
+def test_auto_on_a_cpu_without_bf16_instructions_but_with_our_avx2_kernels_weighs_int8_against_fp32(monkeypatch):
+    amx(monkeypatch, present=True, which="AVX2 kernels")
+    bf16_instructions(monkeypatch, present=False)
+    calls = fake_timings(monkeypatch, {"fp32": 1.0, "int8": 0.4})
+    assert resolve_precision("auto", LARGE) == ("int8", "int8: AVX2 kernels; int8 products 2.5× faster than fp32 here")
+    assert calls == [(ShapeClass.of(LARGE), ("fp32", "int8"))]  # bf16 is emulated here: not a candidate
+    assert resolve_precision("int8", LARGE) == ("int8", "int8: requested, AVX2 kernels")
+
+
+def test_int8_runs_its_other_products_in_fp32_where_bf16_is_emulated(monkeypatch):
+    bf16_instructions(monkeypatch, present=False)
+    precision._emulates_bf16_here.cache_clear()
+    try:
+        assert precision.lowp_dtype("cpu") == torch.float32
+        bf16_instructions(monkeypatch, present=True)
+        precision._emulates_bf16_here.cache_clear()
+        assert precision.lowp_dtype("cpu") == torch.bfloat16
+        assert precision.lowp_dtype("meta") == torch.bfloat16  # not a CPU: its flags say nothing
+    finally:
+        precision._emulates_bf16_here.cache_clear()
+
+
+def test_auto_keeps_the_fold_and_small_synapses_in_fp32_with_the_avx2_kernels(monkeypatch):
+    """Measured on an AVX2-only CPU (docs/benchmarks.md): where the exact path folds (SNLI), it beats int8
+    products; where FC-1 is small (IMDB's `cpu` preset, 160,000 weights) int8 is slower per batch."""
+    amx(monkeypatch, present=True, which="AVX2 kernels")
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
+    monkeypatch.setattr(folded, "resolve_fold", RESOLVE_FOLD)
+    monkeypatch.setattr(folded, "_kernel_for", lambda dtype, device: object())  # the fold's kernel loads
+    mode, reason = resolve_precision("auto", LARGE)  # the SNLI paper graph: d = 300 ≥ 3 × 25
+    assert mode == "fp32" and reason.startswith("fp32: the exact path folds here") and "d = 300" in reason
+    from analog_ep.bench.shapes import build_shape
+
+    mode, reason = resolve_precision("auto", build_shape("imdb-cpu").spec)
+    assert mode == "fp32" and "pay from 1,048,576 FC-1 weights, this graph has 160,000" in reason
+    amx(monkeypatch, present=True, which="AMX kernels")  # the AMX kernels: measured against the fold as before
+    fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5, "int8": 0.2})
+    assert resolve_precision("auto", LARGE)[0] == "int8"
