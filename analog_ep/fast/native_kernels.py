@@ -73,7 +73,8 @@ AMX = KernelSet("amx", (NATIVE / "int8_amx.c", NATIVE / "retrieval_amx.c"), (NAT
                 ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                  "-mamx-tile", "-mamx-int8", "-mamx-bf16"),
                 ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16"), _declare_amx)
-AVX2 = KernelSet("avx2", (NATIVE / "folded_avx2.c", NATIVE / "int8_avx2.c"), (), ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"),
+AVX2 = KernelSet("avx2", (NATIVE / "folded_avx2.c", NATIVE / "int8_avx2.c"), (),
+                 ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"),
                  ("avx2", "fma"), _declare_avx2)
 KERNEL_SETS = (AMX, AVX2)
 

@@ -16,9 +16,11 @@ emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_
 - "auto" times the first synapse's two products of a step (h·W and x·Wᵀ, 64 rows) once per mode that runs
   faithfully here (fp32; bf16 where the CPU has bf16 instructions; int8 on our kernels only) and picks the
   fastest, a low-precision mode only where it is at least MIN_SPEEDUP times as fast as fp32. On a CPU with
-  neither bf16 instructions nor our int8 kernels it is fp32 without measuring. Where the CPU has no bf16
-  instructions, int8 runs its other products in fp32 (`lowp_dtype`). The timings are cached as JSON per machine (CPU model, flags, torch
-  version, threads, device) and shape class under the seqep cache directory.
+  neither bf16 instructions nor our int8 kernels it is fp32 without measuring. Where the exact path folds the
+  first synapse (`folded`) and the int8 kernels are not AMX ones, it is fp32 (folded); our AVX2 int8 kernels
+  are a candidate from AVX2_INT8_MIN_WEIGHTS weights in FC-1. Where the CPU has no bf16 instructions, int8
+  runs its other products in fp32 (`lowp_dtype`). The timings are cached as JSON per machine (CPU model,
+  flags, torch version, threads, device) and shape class under the seqep cache directory.
 """
 
 from __future__ import annotations

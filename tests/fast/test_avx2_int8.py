@@ -148,9 +148,8 @@ def test_avx2_and_onednn_kernels_give_the_same_numbers(monkeypatch: pytest.Monke
 def test_training_steps_are_bit_identical_under_avx2_and_onednn(monkeypatch: pytest.MonkeyPatch,
                                                                 schedule: str) -> None:
     from analog_ep.estimators import EPConfig, ep_symmetric
-    from tests.helpers import random_inputs, small_net
-
     from analog_ep.fast import precision
+    from tests.helpers import random_inputs, small_net
 
     # bf16 beside the int8 products on any CPU: what both kernel sets write exactly (oneDNN's fp32 h·W is not)
     monkeypatch.setattr(precision, "lowp_dtype", lambda device="cpu": torch.bfloat16)
