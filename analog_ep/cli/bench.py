@@ -15,7 +15,7 @@ from analog_ep.fast.precision import REQUESTS as PRECISION_REQUESTS
 EPILOG = """\
 examples:
   seqep bench --shape imdb-paper --batch 32 --json          # one shape and batch size, all T1 and K steps
-  seqep bench --shape paper --precision int8 --json         # our AMX int8 kernels (refused on a CPU without AMX)
+  seqep bench --shape paper --precision int8 --json         # our int8 kernels: AMX, else AVX2 (refused without)
   seqep bench --shape imdb-paper --precision fp32           # the exact path
   seqep bench --shape imdb-tiny --precision bf16-emulated --peak-size 512  # bf16 where it is emulated (slow)
   seqep bench --shape paper --early-exit                    # + stop phases at the residual tolerance
@@ -51,9 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cached per machine; fp32: the exact path; bf16: the fast path on bf16 operands (fast with "
                         "AVX512-BF16 or AMX; refused on a CPU without bf16 instructions, where torch emulates bf16 "
                         "26-49x slower than fp32: bf16-emulated runs it anyway); int8: the large FC weights in int8 "
-                        "with our AMX kernels (the fastest at both paper shapes on an AMX CPU; refused without "
-                        "AMX, where oneDNN's int8 kernels take hundreds of times as long: int8-library runs them "
-                        "anyway). With --accuracy: the fast mode compared with the exact path")
+                        "with our AMX kernels (the fastest at both paper shapes on an AMX CPU) or our AVX2 kernels "
+                        "(about twice the fp32 rate on a CPU without AMX); refused where neither loads, since "
+                        "oneDNN's int8 kernels take hundreds of times as long there: int8-library runs them "
+                        "anyway. With --accuracy: the fast mode compared with the exact path")
     p.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=False,
                    help="stop each phase at the residual tolerance. Off by default: the benchmark's random-weight "
                         "networks settle in ~11 of 50 steps while trained ones mostly run to T1 "

@@ -24,10 +24,11 @@ examples:
   seqep train --backend spiking --task imdb --preset smoke --set data.train_limit=2000 --out runs/spk  # from scratch
 
 Presets are TOML files in experiments/presets/ (TASK-PRESET.toml); --config FILE uses your own.
-ep.precision is auto by default: the fastest faithful mode on this machine (fp32, bf16, or int8 on an AMX
-CPU), from a few seconds' calibration cached per machine; config.json records the mode and why.
---set ep.precision=fp32 runs the exact path; int8 is refused on a CPU without AMX (int8-library runs it anyway),
-bf16 on a CPU without bf16 instructions (bf16-emulated runs it anyway; both are many times slower than fp32).
+ep.precision is auto by default: the fastest faithful mode on this machine (fp32, bf16, or int8 with our AMX
+or AVX2 kernels), from a few seconds' calibration cached per machine; config.json records the mode and why.
+--set ep.precision=fp32 runs the exact path; int8 is refused where neither of our int8 kernel sets loads
+(int8-library runs oneDNN's anyway), bf16 on a CPU without bf16 instructions (bf16-emulated runs it anyway;
+both are many times slower than fp32).
 A run directory holds config.json, metrics.jsonl, checkpoints/{best,last}.pt, report.json, plots/,
 and run.lock while a process writes it (a second process on the same --out is refused).
 Ctrl-C or SIGTERM finishes the batch in progress, saves checkpoints/last.pt and prints the --resume
