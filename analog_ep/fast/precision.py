@@ -347,6 +347,10 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         if not int8_available(device):
             raise ConfigError(f"precision {requested} needs the CPU and an AVX2 or AMX CPU or a torch build with "
                               f"oneDNN's int8 linear (device is {device}); use precision auto or bf16")
+        if not has_large_synapse(spec):  # nothing would run in int8: the fast path's overhead alone
+            return "fp32", (f"fp32: {requested} requested, but no synapse is large enough for int8 products (the int8 "
+                            f"path would take the same fp32 products with more overhead: 1.6-1.9× as long at the "
+                            f"tiny shapes)")
         ours, why = int8_kernels()
         if ours:
             return "int8", f"int8: requested, {why}"

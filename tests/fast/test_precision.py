@@ -179,10 +179,13 @@ def test_auto_measures_on_this_device_and_states_the_reason(monkeypatch):
 
 
 def test_a_graph_without_a_large_synapse_needs_no_calibration(monkeypatch):
+    amx(monkeypatch, present=True)
     bf16_instructions(monkeypatch)
     monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
     assert resolve_precision("auto", SMALL) == ("fp32", "fp32: no synapse is large enough for low-precision products")
     assert resolve_precision("bf16", SMALL)[0] == "bf16"
+    mode, reason = resolve_precision("int8", SMALL)  # nothing would run in int8: the exact path, which is faster
+    assert mode == "fp32" and "no synapse is large enough for int8 products" in reason
     assert resolve_precision("fp32", LARGE)[0] == "fp32"
     with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16, int8, int8-library, bf16-emulated"):
         resolve_precision("fp16", LARGE)
