@@ -67,3 +67,23 @@ def random_inputs(spec, batch: int, seed: int = 0, dtype=torch.float64):
     x = torch.randn(batch, spec.num_streams, spec.seq_len, spec.dim, generator=g, dtype=dtype)
     y = torch.randint(0, spec.num_classes, (batch,), generator=g)
     return x, y
+
+
+def int8_exact_case(packer, k: int, n: int, rows: int) -> dict[str, torch.Tensor]:
+    """A random (k × n) weight packed by one of our int8 kernel sets (`packer`), rows of x (the first all zeros) and
+    h, and what the products must give: int64 sums of the same codes (exact in int32), then the fp32 scaling
+    (`up`; `down_sums` before any bf16 rounding) and the rows' factors of h (`rh`)."""
+    from analog_ep.fast.lowp_weights import _quantize_rows
+
+    gen = torch.Generator().manual_seed(k * 1000 + n + rows)
+    w = torch.randn(k, n, generator=gen)
+    packed = packer(w)
+    assert abs(packed.scale - float(w.abs().max()) / 127) <= 1e-6 * packed.scale
+    wq = torch.round(w / torch.tensor(packed.scale)).clamp_(-127, 127).to(torch.int64)
+    x, h = torch.randn(rows, n, generator=gen), torch.randn(rows, k, generator=gen)
+    x[0] = 0.0  # a row of zeros: factor 1, all-zero codes
+    qx, rx = _quantize_rows(x)
+    qh, rh = _quantize_rows(h)
+    return {"packed": packed, "x": x, "h": h, "rh": rh,
+            "up": (qx.to(torch.int64) @ wq.t()).float().mul_(rx * packed.scale),
+            "down_sums": (qh.to(torch.int64) @ wq).float() * packed.scale}

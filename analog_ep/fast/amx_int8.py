@@ -18,6 +18,7 @@ import os
 import torch
 
 from analog_ep.fast import native_kernels
+from analog_ep.fast.kernel_args import rows_to_quantise
 
 ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 bytes; kernels pair them)
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
@@ -81,18 +82,8 @@ def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor,
 
 
 def _quantize_rows_with(lib: ctypes.CDLL, x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dim() != 2 or not x.is_floating_point() or x.device.type != "cpu":
-        raise ValueError(f"amx_int8: rows to quantise must be a 2-D floating-point CPU tensor, got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    if x.dtype not in (torch.float32, torch.bfloat16):  # e.g. float64 (the GDU check): as _quantize_rows does
-        x = x.to(torch.float32)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, q, r = rows_to_quantise(x, rows, width, "amx_int8", (torch.float32, torch.bfloat16))
     m, n = x.shape
-    if rows < m or width < n:
-        raise ValueError(f"amx_int8: a ({rows}, {width}) buffer cannot hold ({m}, {n}) rows")
-    q = torch.empty(rows, width, dtype=torch.int8)
-    r = torch.empty(m, 1, dtype=torch.float32)
     lib.seqep_quantize_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), m, n, x.stride(0), q.data_ptr(), rows,
                             width, r.data_ptr(), torch.get_num_threads())
     return q, r

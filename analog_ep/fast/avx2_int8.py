@@ -17,6 +17,7 @@ import math
 import torch
 
 from analog_ep.fast import native_kernels
+from analog_ep.fast.kernel_args import rows_to_quantise
 
 STRIP = 16  # output columns per strip of a layout (the kernel's two ymm of int32)
 ROWS = 4  # rows per micro-kernel call: activation buffers are padded to a multiple of this
@@ -49,17 +50,8 @@ def _loaded() -> ctypes.CDLL:
 def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, N) as int8 per row (`lowp_weights._quantize_rows`' rule) into a zero-padded (rows, width) buffer;
     returns (q, r (M, 1) fp32)."""
-    if x.dim() != 2 or not x.is_floating_point() or x.device.type != "cpu":
-        raise ValueError(f"avx2_int8: rows to quantise must be a 2-D floating-point CPU tensor, got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    x = x.to(torch.float32)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, q, r = rows_to_quantise(x, rows, width, "avx2_int8", (torch.float32,))
     m, n = x.shape
-    if rows < m or width < n:
-        raise ValueError(f"avx2_int8: a ({rows}, {width}) buffer cannot hold ({m}, {n}) rows")
-    q = torch.empty(rows, width, dtype=torch.int8)
-    r = torch.empty(m, 1, dtype=torch.float32)
     _loaded().seqep_quantize_rows_avx2(x.data_ptr(), m, n, x.stride(0), q.data_ptr(), rows, width, r.data_ptr(),
                                        torch.get_num_threads())
     return q, r

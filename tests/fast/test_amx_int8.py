@@ -7,13 +7,10 @@ import torch
 
 from analog_ep.fast import amx_int8, native_kernels
 from analog_ep.fast import retrieval as fast_retrieval
-from analog_ep.fast.lowp_weights import Int8Weight, _quantize_rows, int8_available, int8_kernel_name
+from analog_ep.fast.lowp_weights import Int8Weight, int8_available, int8_kernel_name
+from tests.helpers import int8_exact_case
 
 needs_amx = pytest.mark.skipif(not amx_int8.available(), reason=f"AMX kernels: {amx_int8.unavailable_reason()}")
-
-
-def _exact_weight(w: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.round(w / torch.tensor(scale)).clamp_(-127, 127).to(torch.float64)
 
 
 @needs_amx
@@ -22,18 +19,9 @@ def _exact_weight(w: torch.Tensor, scale: float) -> torch.Tensor:
 def test_products_equal_exact_integer_arithmetic(k: int, n: int, rows: int) -> None:
     """Odd sizes exercise every padding path (rows past M, columns past N, reduction past K and N); the
     one-pass pair (`down_up`) also threads with no columns (64 x 64) and several chunks per thread (2500)."""
-    gen = torch.Generator().manual_seed(k * 1000 + n + rows)
-    w = torch.randn(k, n, generator=gen)
-    packed = amx_int8.PackedInt8(w)
-    assert packed.scale == pytest.approx(float(w.abs().max()) / 127, rel=1e-6)
-    wq = _exact_weight(w, packed.scale)
-    x, h = torch.randn(rows, n, generator=gen), torch.randn(rows, k, generator=gen)
-    x[0] = 0.0  # a row of zeros: factor 1, all-zero codes
-
-    qx, rx = _quantize_rows(x)
-    want_up = (qx.double() @ wq.t()).float().mul_(rx * packed.scale)  # int32-exact sums, then fp32 scaling
-    qh, rh = _quantize_rows(h)
-    want_down = ((qh.double() @ wq).float() * packed.scale).to(torch.bfloat16)  # fp32 scaling, then bf16
+    case = int8_exact_case(amx_int8.PackedInt8, k, n, rows)
+    packed, x, h, rh, want_up = case["packed"], case["x"], case["h"], case["rh"], case["up"]
+    want_down = case["down_sums"].to(torch.bfloat16)  # fp32 scaling, then bf16
 
     got_down, r, got_up = packed.down_up(h, x)  # before `up` alone has built the transposed layout
     assert torch.equal(r, rh) and torch.equal(got_down, want_down) and torch.equal(got_up, want_up)
@@ -79,42 +67,11 @@ def test_the_one_pass_pair_split_into_row_blocks_gives_the_same_numbers() -> Non
 
 
 @needs_amx
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_row_quantiser_matches_torch_and_pads_with_zeros(dtype: torch.dtype) -> None:
-    x = torch.randn(5, 70, generator=torch.Generator().manual_seed(1)).to(dtype)
-    x[2] = 0.0
-    q, r = amx_int8.quantize_rows(x[:, 3:], rows=32, width=80)  # a strided view: rows not contiguous in memory
-    want_q, want_r = _quantize_rows(x[:, 3:])
-    assert torch.equal(q[:5, :67], want_q) and torch.equal(r, want_r)
-    assert not q[5:].any() and not q[:, 67:].any()
-    with pytest.raises(ValueError, match="cannot hold"):
-        amx_int8.quantize_rows(x, rows=4, width=70)
-
-
-@needs_amx
-def test_packed_buffers_are_refilled_not_reallocated() -> None:
-    w = torch.randn(40, 130)
-    first = amx_int8.PackedInt8(w)
-    second = amx_int8.PackedInt8(w * 2, previous=first)
-    assert second.down_layout.data_ptr() == first.down_layout.data_ptr()
-    assert second.scale == pytest.approx(2 * first.scale)
-    x = torch.randn(3, 130)
-    assert torch.allclose(second.up(x), 2 * amx_int8.PackedInt8(w).up(x), rtol=1e-5, atol=1e-5)
-
-
-@needs_amx
-def test_bad_inputs_are_refused_with_the_reason() -> None:
-    w = torch.randn(40, 130)
-    w[3, 7] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        amx_int8.PackedInt8(w)
+def test_the_pair_refuses_rows_that_differ() -> None:
+    """(The checks every int8 kernel set shares: tests/fast/test_int8_kernel_sets.py.)"""
     packed = amx_int8.PackedInt8(torch.randn(40, 130))
-    with pytest.raises(ValueError, match=r"\(rows, 130\)"):
-        packed.up(torch.randn(3, 129))
     with pytest.raises(ValueError, match="same rows"):
         packed.down_up(torch.randn(3, 40), torch.randn(4, 130))
-    with pytest.raises(ValueError, match="floating-point"):
-        amx_int8.quantize_rows(torch.ones(3, 4, dtype=torch.int32), 32, 64)
 
 
 @needs_amx
@@ -133,34 +90,6 @@ def test_both_int8_kernel_sets_give_the_same_numbers(monkeypatch: pytest.MonkeyP
     assert torch.equal(r_amx, r_dnn)
     assert torch.equal(y_amx, y_dnn)  # same int32 sums, same fp32 scaling, same bf16 rounding
     assert all(torch.equal(a, b) for a, b in zip(amx.down_up(h, x), onednn.down_up(h, x)))
-
-
-@needs_amx
-@pytest.mark.parametrize("schedule", ["alternating", "synchronous"])  # synchronous: both products in one pass
-def test_training_steps_are_bit_identical_under_both_kernel_sets(monkeypatch: pytest.MonkeyPatch,
-                                                                 schedule: str) -> None:
-    """So runs trained with the oneDNN kernels (int8 results in docs/history.md) are what ours would produce."""
-    from analog_ep.estimators import EPConfig, ep_symmetric
-    from tests.helpers import random_inputs, small_net
-
-    def trained() -> list[torch.Tensor]:
-        net = small_net("imdb", schedule=schedule)
-        x, y = random_inputs(net.spec, 8, dtype=torch.float32)
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for _ in range(3):
-            optimizer.zero_grad()
-            ep_symmetric(net, x, y, EPConfig(0.1, 20, 8, precision="int8"))
-            optimizer.step()
-        assert net.low_precision_weights("int8")[0].kernel == ("onednn" if monkeypatch_active else "amx")
-        assert not torch.equal(net.weights[0], small_net("imdb").weights[0])  # the steps did train
-        return [p.detach().clone() for p in net.parameters()]
-
-    monkeypatch_active = False
-    ours = trained()
-    monkeypatch.setenv("SEQEP_INT8_KERNEL", "onednn")
-    monkeypatch_active = True
-    theirs = trained()
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_a_failed_build_leaves_the_kernels_unavailable_with_the_reason(monkeypatch: pytest.MonkeyPatch,
