@@ -353,6 +353,11 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
                             f"tiny shapes)")
         ours, why = int8_kernels()
         if ours:
+            slower = _avx2_int8_slower(spec, device) if why == "AVX2 kernels" else None
+            if slower:  # runs, as asked, but says what would be faster
+                _warn_once(f"int8/{this_machine(device).key()}/{ShapeClass.of(spec).key()}",
+                           f"precision int8: {slower}; precision auto or fp32 runs faster here")
+                return "int8", f"int8: requested, {why}; slower than fp32 here: {slower}"
             return "int8", f"int8: requested, {why}"
         if requested == SLOW_INT8:
             return "int8", INT8_WITHOUT_KERNELS.opted_in(why)
@@ -376,14 +381,11 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         return "bf16", f"bf16: requested; {_versus_fp32('bf16', seconds)}"
     emulated = on_cpu and emulates_bf16(machine)
     if on_cpu and int8[1] != "AMX kernels":
-        from analog_ep.fast.folded import resolve_fold
-
-        folds, how = resolve_fold("auto", spec, "fp32", None, 1, device)
-        if folds:  # several times fewer multiply-adds a step than any product mode (docs/benchmarks.md)
-            return "fp32", f"fp32: the exact path folds here, fewer multiply-adds than any product mode; {how[4:]}"
-    if int8[1] == "AVX2 kernels" and _first_synapse_weights(spec) < AVX2_INT8_MIN_WEIGHTS:
-        int8 = (False, f"our AVX2 kernels pay from {AVX2_INT8_MIN_WEIGHTS:,} FC-1 weights, this graph has "
-                       f"{_first_synapse_weights(spec):,}")
+        folded = _fold_beats_products(spec, device)
+        if folded:
+            return "fp32", f"fp32: {folded}"
+    if int8[1] == "AVX2 kernels" and _too_small_for_avx2_int8(spec):
+        int8 = (False, _too_small_for_avx2_int8(spec))
     if emulated and not int8[0]:
         # nothing to measure: bf16 products are emulated here (BF16_WITHOUT_INSTRUCTIONS), and a timing on a busy
         # machine could only mislead
@@ -391,6 +393,28 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
                         f"and int8 is no candidate here ({int8[1]})")
     modes = ("fp32", *(() if emulated else ("bf16",)), *(("int8",) if int8[0] else ()))
     return choose(calibration(spec, device, modes), int8)
+
+
+def _fold_beats_products(spec: GraphSpec, device: str) -> str | None:
+    """Why the exact path, folded onto the keys, beats every product mode here (measured against int8 on our AVX2
+    kernels: snli-paper 1.82 against 8.47 s a batch, docs/benchmarks.md), or None where it does not fold."""
+    from analog_ep.fast.folded import resolve_fold
+
+    folds, how = resolve_fold("auto", spec, "fp32", None, 1, device)
+    return f"the exact path folds here, fewer multiply-adds than any product mode; {how[4:]}" if folds else None
+
+
+def _too_small_for_avx2_int8(spec: GraphSpec) -> str | None:
+    """Why FC-1 is too small for our AVX2 int8 kernels to pay (`AVX2_INT8_MIN_WEIGHTS`), or None."""
+    weights = _first_synapse_weights(spec)
+    if weights >= AVX2_INT8_MIN_WEIGHTS:
+        return None
+    return f"our AVX2 kernels pay from {AVX2_INT8_MIN_WEIGHTS:,} FC-1 weights, this graph has {weights:,}"
+
+
+def _avx2_int8_slower(spec: GraphSpec, device: str) -> str | None:
+    """Why int8 on our AVX2 kernels would be slower than the exact path for this graph, or None."""
+    return _fold_beats_products(spec, device) or _too_small_for_avx2_int8(spec)
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -365,3 +365,22 @@ def test_auto_keeps_the_fold_and_small_synapses_in_fp32_with_the_avx2_kernels(mo
     amx(monkeypatch, present=True, which="AMX kernels")  # the AMX kernels: measured against the fold as before
     fake_timings(monkeypatch, {"fp32": 1.0, "bf16": 0.5, "int8": 0.2})
     assert resolve_precision("auto", LARGE)[0] == "int8"
+
+
+def test_int8_requested_where_the_avx2_kernels_would_be_slower_runs_with_one_warning(monkeypatch):
+    """Asked for, it runs; the reason and one warning say that fp32 (folded, or for a small FC-1) is faster."""
+    amx(monkeypatch, present=True, which="AVX2 kernels")
+    bf16_instructions(monkeypatch, present=False)
+    monkeypatch.setattr(folded, "resolve_fold", RESOLVE_FOLD)
+    monkeypatch.setattr(folded, "_kernel_for", lambda dtype, device: object())
+    with pytest.warns(RuntimeWarning, match="precision int8: the exact path folds here"):
+        mode, reason = resolve_precision("int8", LARGE)
+    assert mode == "int8" and "slower than fp32 here: the exact path folds here" in reason
+    from analog_ep.bench.shapes import build_shape
+
+    with pytest.warns(RuntimeWarning, match="this graph has 160,000"):
+        assert resolve_precision("int8", build_shape("imdb-cpu").spec)[0] == "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_precision("int8", LARGE)  # once per machine and shape class
+        assert resolve_precision("int8", build_spec("imdb", tiny=False)) == ("int8", "int8: requested, AVX2 kernels")
