@@ -18,9 +18,8 @@ place, where `Inputs.lowp` is set, and that module (with its native kernels) is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from torch import nn
 from analog_ep.activations import get_activation
 from analog_ep.embedding import PairFeatures, embed_batch, embedding_grad
 from analog_ep.hopfield import hopfield_retrieve, hopfield_weights
+from analog_ep.schedule import run_schedule
 from analog_ep.spec import GraphSpec, Projection
 from analog_ep.state import Inputs, State
 
@@ -379,22 +379,6 @@ class EPNet(nn.Module):
 
     def named_param_dict(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
-
-
-def run_schedule(schedule: str, state: list, drive: Callable[[list, int], Any],
-                 update: Callable[[list, int, Any], torch.Tensor],
-                 all_drives: Callable[[list], list] | None = None) -> list:
-    """One update of every layer (`EPNet.step`): `drive(state, n)` is ∂Φ/∂sⁿ, `update(state, n, drive)` the new
-    layer n. "synchronous": every layer from the previous state (`all_drives(state)`, where given, takes all
-    drives at once); "alternating": even layers first, then odd layers from the new even ones."""
-    if schedule == "synchronous":
-        drives = all_drives(state) if all_drives is not None else [drive(state, n) for n in range(len(state))]
-        return [update(state, n, u) for n, u in enumerate(drives)]
-    new = list(state)
-    for parity in (0, 1):
-        for n in range(parity, len(state), 2):
-            new[n] = update(new, n, drive(new, n))
-    return new
 
 
 def enable_compiled_kernels(enabled: bool = True) -> None:

@@ -15,8 +15,8 @@ from analog_ep.bench.machine import machine_info
 from analog_ep.bench.shapes import INPUT_RMS, Shape, build_shape, resolve_inputs
 from analog_ep.bench.timing import WARMUP_BATCHES
 from analog_ep.fast.folded import resolve_fold
-from analog_ep.fast.lowp_weights import int8_kernel_name
-from analog_ep.fast.precision import REQUESTS, lowp_dtype, resolve_precision
+from analog_ep.fast.lowp_weights import int8_kernel_name, lowp_dtype
+from analog_ep.fast.precision import REQUESTS, resolve_precision
 
 
 def bench(
@@ -94,7 +94,7 @@ def bench(
     }
     # fractions are of the fp32 peak on the exact path, else of the bf16 peak (also for int8: its products
     # run on int8 but the attention and every other product of the step stay bf16), except for int8 where bf16 is
-    # emulated: its other products are fp32 there (`precision.lowp_dtype`)
+    # emulated: its other products are fp32 there (`lowp_weights.lowp_dtype`)
     fp32_companions = modes <= {"fp32", "int8"} and lowp_dtype() == torch.float32
     basis = "fp32" if modes == {"fp32"} or fp32_companions else "bf16"
 

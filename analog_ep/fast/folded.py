@@ -41,7 +41,7 @@ import torch
 
 from analog_ep.fast import native_kernels
 from analog_ep.fast.retrieval import distinct_keys, key_vocabulary
-from analog_ep.phi import run_schedule
+from analog_ep.schedule import run_schedule
 from analog_ep.state import Inputs, State
 
 EPNet = Any  # `analog_ep.phi.EPNet` (annotations only)

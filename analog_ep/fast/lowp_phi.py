@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from analog_ep.fast import lowp_weights
 from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, LowPrecisionWeight, enable_compiled_quantizers
 from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.state import Inputs, State
@@ -122,12 +123,10 @@ def prepare(net: EPNet, inputs: Inputs, kind: str, weights: list[LowPrecisionWei
 
 def _companion_dtype(kind: str, net: EPNet) -> torch.dtype:
     """The dtype of the products that are not int8: bf16, or for int8 on a CPU without bf16 instructions fp32
-    (`precision.lowp_dtype`: torch would emulate the bf16 products there)."""
+    (`lowp_weights.lowp_dtype`: torch would emulate the bf16 products there)."""
     if kind != "int8":
         return torch.bfloat16
-    from analog_ep.fast.precision import lowp_dtype
-
-    return lowp_dtype(net.weights[0].device)
+    return lowp_weights.lowp_dtype(net.weights[0].device)
 
 
 def low_precision_weights(net: EPNet, kind: str = "bf16") -> list[LowPrecisionWeight | None]:

@@ -22,11 +22,12 @@ steps. Two kinds:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from analog_ep.fast import amx_int8, avx2_int8
+from analog_ep.fast import amx_int8, avx2_int8, native_kernels
 
 INT8_MAX = 127.0
 # oneDNN's bf16 x·Wᵀ at the SNLI paper shape (K = 30,000, N = 400) takes ~15.5 ms for 512 rows but ~4 ms for 256
@@ -66,6 +67,17 @@ class Bf16Weight:
                 ) -> tuple[torch.Tensor, None, torch.Tensor]:
         """`down_row_scaled(h)` and `up(x)` (one state's two products; no shared pass in bf16)."""
         return self.down(h), None, self.up(x)
+
+
+@functools.cache
+def _emulates_bf16_here() -> bool:
+    return native_kernels.emulates_bf16(native_kernels.cpu_flags() or ())
+
+
+def lowp_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype of the int8 mode's other low-precision operands (retrieval, projection states, contrast): bf16,
+    or fp32 on a CPU without bf16 dot products, where torch would emulate every bf16 product (26-49× slower)."""
+    return torch.float32 if torch.device(device).type == "cpu" and _emulates_bf16_here() else torch.bfloat16
 
 
 def _onednn_int8() -> bool:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NATIVE = Path(__file__).parent / "native"
+BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # CPU flags of bf16 dot products (without them bf16 is emulated)
+X86_BASELINE = ("sse2", "avx2")  # flags that say the CPU's x86 instruction sets were read (not another architecture)
 
 
 def _declare_amx(lib: ctypes.CDLL) -> None:
@@ -94,6 +96,13 @@ def cpu_flags() -> list[str] | None:
     except OSError:
         return None
     return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def emulates_bf16(flags: tuple[str, ...] | list[str]) -> bool:
+    """Whether CPU `flags` are an x86 CPU's without bf16 dot-product instructions, where torch emulates every bf16
+    product. False where the flags do not say (another architecture, none read): nothing is refused on a guess."""
+    have = set(flags)
+    return bool(have & set(X86_BASELINE)) and not have & set(BF16_INSTRUCTIONS)
 
 
 def cpu_model() -> str:

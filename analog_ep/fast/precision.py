@@ -19,13 +19,12 @@ emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_
   neither bf16 instructions nor our int8 kernels it is fp32 without measuring. Where the exact path folds the
   first synapse (`folded`) and the int8 kernels are not AMX ones, it is fp32 (folded); our AVX2 int8 kernels
   are a candidate from AVX2_INT8_MIN_WEIGHTS weights in FC-1. Where the CPU has no bf16 instructions, int8
-  runs its other products in fp32 (`lowp_dtype`). The timings are cached as JSON per machine (CPU model,
+  runs its other products in fp32 (`lowp_weights.lowp_dtype`). The timings are cached as JSON per machine (CPU model,
   flags, torch version, threads, device) and shape class under the seqep cache directory.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -43,6 +42,7 @@ import torch
 
 from analog_ep.errors import ConfigError, DataError
 from analog_ep.fast import native_kernels
+from analog_ep.fast.native_kernels import BF16_INSTRUCTIONS
 
 if TYPE_CHECKING:
     from analog_ep.spec import GraphSpec
@@ -51,8 +51,6 @@ SLOW_INT8 = "int8-library"  # the explicit opt-in: int8 without our int8 kernels
 SLOW_BF16 = "bf16-emulated"  # the explicit opt-in: bf16 on a CPU without bf16 dot-product instructions
 OPT_INS = {SLOW_INT8: "int8", SLOW_BF16: "bf16"}  # each opt-in and the mode it runs
 REQUESTS = ("auto", "fp32", "bf16", "int8", SLOW_INT8, SLOW_BF16)
-BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # CPU flags of bf16 dot products (without them bf16 is emulated)
-X86_BASELINE = ("sse2", "avx2")  # flags that say the CPU's x86 instruction sets were read (not another architecture)
 # Our AVX2 int8 kernels are a candidate from this many weights in FC-1 (on an AVX2-only CPU, per batch against fp32:
 # imdb-cpu's 160,000 1.17× slower, snli-cpu's 1.3 M unfolded 1.49× faster, imdb-paper's 180 M 2.9× faster;
 # docs/benchmarks.md): below it the products' speed-up is lost in the int8 path's other work
@@ -97,8 +95,7 @@ def this_machine(device: str = "cpu") -> Machine:
 def emulates_bf16(machine: Machine) -> bool:
     """Whether this is an x86 CPU without bf16 dot-product instructions, where torch emulates every bf16 product.
     False where the flags do not say (another architecture, no /proc/cpuinfo): nothing is refused on a guess."""
-    flags = set(machine.flags)
-    return machine.device == "cpu" and bool(flags & set(X86_BASELINE)) and not flags & set(BF16_INSTRUCTIONS)
+    return machine.device == "cpu" and native_kernels.emulates_bf16(machine.flags)
 
 
 @dataclass(frozen=True)
@@ -153,15 +150,6 @@ def int8_kernels() -> tuple[bool, str]:
     return False, f"AMX: {amx_int8.unavailable_reason()}; AVX2: {lowp_weights.avx2_kernels_reason()}"
 
 
-@functools.cache
-def _emulates_bf16_here(device_type: str) -> bool:
-    return device_type == "cpu" and emulates_bf16(this_machine("cpu"))
-
-
-def lowp_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype of the int8 mode's other low-precision operands (retrieval, projection states, contrast): bf16,
-    or fp32 on a CPU without bf16 dot products, where torch would emulate every bf16 product (26-49× slower)."""
-    return torch.float32 if _emulates_bf16_here(torch.device(device).type) else torch.bfloat16
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,10 @@ def test_without_bf16_instructions_int8_keeps_its_other_operands_in_fp32_and_tra
     """On a CPU without bf16 dot products torch would emulate the retrieval's bf16 products: the int8 mode takes
     them in fp32 there, and its update stays within the fidelity bound (2°) of the exact path's."""
     from analog_ep.estimators import EPConfig, ep_symmetric
-    from analog_ep.fast import precision
+    from analog_ep.fast import lowp_weights
     from tests.helpers import random_inputs, small_net
 
-    monkeypatch.setattr(precision, "lowp_dtype", lambda device="cpu": torch.float32)
+    monkeypatch.setattr(lowp_weights, "lowp_dtype", lambda device="cpu": torch.float32)
     net = small_net("imdb")
     x, y = random_inputs(net.spec, 8, dtype=torch.float32)
     assert net.prepare(x, precision="int8").lowp.dtype == torch.float32

@@ -336,16 +336,17 @@ def test_auto_on_a_cpu_without_bf16_instructions_but_with_our_avx2_kernels_weigh
 
 
 def test_int8_runs_its_other_products_in_fp32_where_bf16_is_emulated(monkeypatch):
-    bf16_instructions(monkeypatch, present=False)
-    precision._emulates_bf16_here.cache_clear()
-    try:
-        assert precision.lowp_dtype("cpu") == torch.float32
-        bf16_instructions(monkeypatch, present=True)
-        precision._emulates_bf16_here.cache_clear()
-        assert precision.lowp_dtype("cpu") == torch.bfloat16
-        assert precision.lowp_dtype("meta") == torch.bfloat16  # not a CPU: its flags say nothing
-    finally:
-        precision._emulates_bf16_here.cache_clear()
+    from analog_ep.fast import native_kernels
+
+    for flags, dtype in ((["sse2", "avx2"], torch.float32), (["sse2", "avx2", "avx512_bf16"], torch.bfloat16),
+                         ([], torch.bfloat16)):  # no flags read (another architecture): nothing assumed
+        monkeypatch.setattr(native_kernels, "cpu_flags", lambda flags=flags: flags)
+        lowp_weights._emulates_bf16_here.cache_clear()
+        try:
+            assert lowp_weights.lowp_dtype("cpu") == dtype
+            assert lowp_weights.lowp_dtype("meta") == torch.bfloat16  # not a CPU: its flags say nothing
+        finally:
+            lowp_weights._emulates_bf16_here.cache_clear()
 
 
 def test_auto_keeps_the_fold_and_small_synapses_in_fp32_with_the_avx2_kernels(monkeypatch):
