@@ -22,6 +22,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("no real data: set SEQEP_DATA_DIR, or put the shared data folder at ../shared/data")
 
 
+@pytest.fixture(autouse=True)
+def kernel_switches_restored():
+    """Each test starts with the fused-kernel switches as the process had them: a test that enables them (an
+    in-process `seqep train` or `bench`) must not change the arithmetic of the tests after it."""
+    from analog_ep.fast import lowp_weights, retrieval
+
+    saved = dict(retrieval._COMPILED), dict(lowp_weights._KERNELS)
+    yield
+    for live, kept in zip((retrieval._COMPILED, lowp_weights._KERNELS), saved):
+        live.clear()
+        live.update(kept)
+
+
 @pytest.fixture(params=sorted(TINY_VARIANTS))
 def tiny_net64(request) -> EPNet:
     """A tiny float64 network of each paper shape (and Hopfield pooling), units started mid-range."""

@@ -60,9 +60,13 @@ def analog_trained() -> EPNet:
 
 
 def finetune(base: EPNet, out_dir: Path | None = None, **options) -> dict:
+    """Three epochs of fine-tuning from the same random state whatever ran before (the spiking evaluation and the
+    batches draw from it: with two epochs, and the state other tests left, the gain at T = 8 ranged from +0.2 to
+    +5 points)."""
+    torch.manual_seed(0)
     net = EPNet(base.spec)
     net.load_state_dict(base.state_dict())
-    cfg = SpikingTrainConfig(timesteps=8, tau=4, beta=0.2, epochs=2, eval_timesteps=(16,), analog_steps=60, **options)
+    cfg = SpikingTrainConfig(timesteps=8, tau=4, beta=0.2, epochs=3, eval_timesteps=(16,), analog_steps=60, **options)
     snet = to_spiking(net, "if", tau=cfg.tau)
     return fit_spiking(snet, torch.optim.Adam(layer_param_groups(net, 1e-3)), token_splits(), cfg, out_dir)
 
@@ -81,7 +85,7 @@ def test_finetuning_improves_spiking_accuracy_at_small_T_and_writes_the_run(anal
                  "plots/training.png", "plots/spiking_before_after.png"):
         assert (tmp_path / name).is_file(), name
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if r["kind"] in ("initial", "epoch")] == [0, 1, 2]
+    assert [r["epoch"] for r in rows if r["kind"] in ("initial", "epoch")] == [0, 1, 2, 3]
     assert any(r["kind"] == "step" and r["spikes_per_sample"] > 0 for r in rows)
     assert json.loads((tmp_path / "report.json").read_text())["test_accuracy"] == after["8"]
     reloaded = load_spiking(tmp_path)  # the run directory converts like an analog run: best.pt + spiking.json
