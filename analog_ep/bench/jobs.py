@@ -17,6 +17,7 @@ from analog_ep.bench.shapes import build_shape
 from analog_ep.bench.timing import WARMUP_BATCHES, run_inference, run_reference, run_train
 from analog_ep.estimators import EPConfig
 from analog_ep.fast.allocator import keep_freed_memory
+from analog_ep.fast.retrieval import enable_fused_fp32
 from analog_ep.phi import enable_compiled_kernels
 
 
@@ -28,6 +29,8 @@ def worker(job: dict) -> dict:
         keep_freed_memory()
     if job.get("compile"):
         enable_compiled_kernels(True)
+    elif job.get("precision", "fp32") == "fp32" and job.get("kind") != "reference":
+        enable_fused_fp32()  # what `seqep train` runs on the exact path (our AVX2 kernel; nothing compiled)
     shape = build_shape(job["shape"])
     cfg = EPConfig(shape.beta, shape.free_steps, shape.nudge_steps, tol=job.get("tol"),
                    precision=job.get("precision", "fp32"), nudge_tol=job.get("nudge_tol"), fold=job.get("fold", False))

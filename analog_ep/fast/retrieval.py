@@ -521,6 +521,16 @@ def enable_compiled(enabled: bool = True) -> None:
         _COMPILED.clear()
 
 
+def enable_fused_fp32(enabled: bool = True) -> bool:
+    """The fused fp32 retrieval alone (`_retrieve_fp32`: our AVX2 kernel, nothing to compile), for the exact path's
+    runs, which do not turn on the fast path's compiled kernels; True where it is on."""
+    if not enabled:
+        _COMPILED.pop("fp32", None)
+    elif native_kernels.library(native_kernels.AVX2) is not None:
+        _COMPILED["fp32"] = True
+    return "fp32" in _COMPILED
+
+
 @torch.no_grad()
 def delta_attention(attention: torch.Tensor, delta_scores: torch.Tensor,
                     scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from analog_ep.fast.allocator import keep_freed_memory
 from analog_ep.fast.folded import resolve_fold
 from analog_ep.fast.lowp_weights import int8_kernel_name
 from analog_ep.fast.precision import resolve_precision
+from analog_ep.fast.retrieval import enable_fused_fp32
 from analog_ep.models import build_spec
 from analog_ep.phi import EPNet, enable_compiled_kernels
 from analog_ep.train import distributed
@@ -276,6 +277,8 @@ class Trainer:
             enable_compiled_kernels(True)  # the fast path's fused softmax and quantisers (compiled on first use)
             if cfg.train.device == "cpu":
                 keep_freed_memory()  # its per-step tensors of tens of MB reuse the heap instead of faulting pages in
+        elif cfg.train.device == "cpu":
+            enable_fused_fp32()  # the exact path's retrieval of few queries in one pass (AVX2; nothing compiled)
         self.optimizer = make_optimizer(cfg, self.net)
         self.batches_per_epoch = math.ceil(len(self.task.train) / cfg.train.batch_size)
         total = max(cfg.train.epochs * self.batches_per_epoch, 1)
