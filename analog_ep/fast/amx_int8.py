@@ -18,7 +18,7 @@ import os
 import torch
 
 from analog_ep.fast import native_kernels
-from analog_ep.fast.kernel_args import rows_to_quantise
+from analog_ep.fast.kernel_args import loaded, rows_to_quantise
 
 ALIGN = 64  # rows and columns are padded to this (AMX tiles are 16 rows x 64 bytes; kernels pair them)
 ROW_BLOCK = 32  # the kernels take rows in blocks of 32 (two tiles)
@@ -69,10 +69,7 @@ def unavailable_reason() -> str:
 
 
 def _loaded() -> ctypes.CDLL:
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"AMX int8 kernels unavailable: {unavailable_reason()}")
-    return lib
+    return loaded(library(), "AMX int8 kernels", unavailable_reason())
 
 
 def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

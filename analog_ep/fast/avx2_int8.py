@@ -17,7 +17,7 @@ import math
 import torch
 
 from analog_ep.fast import native_kernels
-from analog_ep.fast.kernel_args import rows_to_quantise
+from analog_ep.fast.kernel_args import loaded, rows_to_quantise
 
 STRIP = 16  # output columns per strip of a layout (the kernel's two ymm of int32)
 ROWS = 4  # rows per micro-kernel call: activation buffers are padded to a multiple of this
@@ -41,10 +41,7 @@ def unavailable_reason() -> str:
 
 
 def _loaded() -> ctypes.CDLL:
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"AVX2 int8 kernels unavailable: {unavailable_reason()}")
-    return lib
+    return loaded(library(), "AVX2 int8 kernels", unavailable_reason())
 
 
 def quantize_rows(x: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,19 @@
-"""Argument checks shared by the ctypes wrappers of our int8 kernels (`amx_int8`, `avx2_int8`): the C side trusts
-its inputs, so the wrappers refuse what it cannot read and say what was wrong."""
+"""What the ctypes wrappers of our int8 kernels (`amx_int8`, `avx2_int8`) share: the library or the reason it is
+missing, and argument checks (the C side trusts its inputs, so the wrappers refuse what it cannot read and say
+what was wrong)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+
+
+def loaded(lib: ctypes.CDLL | None, what: str, reason: str) -> ctypes.CDLL:
+    """`lib`, or a RuntimeError that says why `what` cannot run here."""
+    if lib is None:
+        raise RuntimeError(f"{what} unavailable: {reason}")
+    return lib
 
 
 def rows_to_quantise(x: torch.Tensor, rows: int, width: int, owner: str, dtypes: tuple[torch.dtype, ...]

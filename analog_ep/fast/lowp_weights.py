@@ -86,13 +86,16 @@ def _onednn_int8() -> bool:
             and hasattr(ops, "qlinear_pointwise"))
 
 
+def _onednn_forced() -> bool:
+    return os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn"
+
+
 def int8_kernel() -> str | None:
     """The int8 kernel set `Int8Weight` runs in this process: "amx", "avx2" (ours), "onednn", or None (none works
     here). `SEQEP_INT8_KERNEL=avx2|onednn` (read per call) skips the sets above it, to compare them."""
-    forced = os.environ.get("SEQEP_INT8_KERNEL", "").lower()
     if amx_int8.available():
         return "amx"
-    if forced != "onednn" and avx2_int8.available():
+    if not _onednn_forced() and avx2_int8.available():
         return "avx2"
     return "onednn" if _onednn_int8() else None
 
@@ -129,7 +132,7 @@ def int8_kernel_name() -> str:
 
 def avx2_kernels_reason() -> str:
     """Why our AVX2 int8 kernels do not run in this process."""
-    if os.environ.get("SEQEP_INT8_KERNEL", "").lower() == "onednn":
+    if _onednn_forced():
         return "SEQEP_INT8_KERNEL=onednn"
     return avx2_int8.unavailable_reason() or "available"
 
@@ -158,11 +161,11 @@ class Int8Weight:
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 32, previous: Int8Weight | None = None,
                  down_dtype: torch.dtype = torch.bfloat16) -> None:
-        if torch.device(weight.device).type != "cpu" or int8_kernel() is None:
+        self.kernel = int8_kernel() if torch.device(weight.device).type == "cpu" else None
+        if self.kernel is None:
             raise RuntimeError("precision 'int8' needs a CPU with AVX2 or AMX and a C compiler, or a CPU torch "
                                "build with oneDNN's quantised linear (torch.ops.onednn.qlinear_prepack); use "
                                "precision 'bf16' on this device")
-        self.kernel = int8_kernel()
         self.down_dtype = down_dtype
         if self.kernel in ("amx", "avx2"):
             ours = previous.packed if isinstance(previous, Int8Weight) and previous.kernel == self.kernel else None

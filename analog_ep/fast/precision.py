@@ -150,8 +150,6 @@ def int8_kernels() -> tuple[bool, str]:
     return False, f"AMX: {amx_int8.unavailable_reason()}; AVX2: {lowp_weights.avx2_kernels_reason()}"
 
 
-
-
 @dataclass(frozen=True)
 class ShapeClass:
     """The calibration products: h (rows × hidden) · W and x (rows × inputs) · Wᵀ, W (hidden × inputs); sizes are
@@ -372,8 +370,9 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
         folded = _fold_beats_products(spec, device)
         if folded:
             return "fp32", f"fp32: {folded}"
-    if int8[1] == "AVX2 kernels" and _too_small_for_avx2_int8(spec):
-        int8 = (False, _too_small_for_avx2_int8(spec))
+    too_small = _too_small_for_avx2_int8(spec) if int8[1] == "AVX2 kernels" else None
+    if too_small:
+        int8 = (False, too_small)
     if emulated and not int8[0]:
         # nothing to measure: bf16 products are emulated here (BF16_WITHOUT_INSTRUCTIONS), and a timing on a busy
         # machine could only mislead

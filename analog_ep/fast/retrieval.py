@@ -45,11 +45,11 @@ _CHECK_ROWS = 64  # rows per block of that exact check
 # build per batch; 0.140 → 0.096 s a training batch); SNLI's `cpu` preset keeps all (a 25-word sentence pads
 # its one group).
 EXACT_MAX_KEPT = 0.75
+EXACT_PROBE_ROWS = 2  # samples whose distinct keys are counted before the whole batch is deduplicated
 # Groups with at most this many queries per row retrieve in fp32 through `native/retrieval_avx2.c` where the AVX2
 # set loads: on an AVX2 CPU, 8-64 queries 1.4-2.3× faster than torch's batched products and compiled softmax
 # (imdb `cpu` preset: 0.91 → 0.49 ms a retrieval); 128 and 600 queries at d = 300 slower (MKL's blocked products)
 FUSED_MAX_QUERIES = 64
-EXACT_PROBE_ROWS = 2  # samples whose distinct keys are counted before the whole batch is deduplicated
 
 
 class Query(NamedTuple):
@@ -252,7 +252,7 @@ class DistinctKeys:
             # one fp32 temporary, not two; a copy even when the transposed view counts as contiguous (U or d = 1)
             scaled_t = k.transpose(-1, -2).clone(memory_format=torch.contiguous_format).mul_(gamma)
             # kept in fp32: these logits are large, their rounding is not
-            const = log_counts[rows, :width].unsqueeze(1)
+            const = log_counts[rows, :width].unsqueeze(1).contiguous()  # read at every step: one layout, once
             if query_drive is not None:
                 const = torch.matmul(query_drive[rows], scaled_t).add_(const)
             has_empty = min(sizes_list[rows]) == 0
@@ -437,12 +437,11 @@ def _retrieve_fp32(group: KeyGroup, q: torch.Tensor, scale: torch.Tensor | None,
     if const.shape[0] != n or const.shape[1] not in (1, lq) or const.shape[2] != group.width:
         raise ValueError(f"retrieval: constant of shape {tuple(const.shape)} for {n} rows, {lq} queries and "
                          f"{group.width} keys")
-    q, const = q.contiguous(), const.contiguous()
-    keys, keys_t = group.keys.contiguous(), group.keys_t.contiguous()
+    q = q.contiguous()  # the group's keys and constant are built contiguous (`DistinctKeys.build`)
     target = out if out is not None and out.is_contiguous() else torch.empty(n, lq, d, dtype=torch.float32)
     factors = None if scale is None else scale.reshape(n).to(torch.float32).contiguous()
     native_kernels.library(native_kernels.AVX2).seqep_retrieve_f32(
-        q.data_ptr(), keys_t.data_ptr(), keys.data_ptr(), const.data_ptr(), const.shape[1],
+        q.data_ptr(), group.keys_t.data_ptr(), group.keys.data_ptr(), const.data_ptr(), const.shape[1],
         None if factors is None else factors.data_ptr(), n, lq, d, group.width, target.data_ptr(),
         torch.get_num_threads())
     if out is not None and target is not out:
@@ -515,8 +514,7 @@ def enable_compiled(enabled: bool = True) -> None:
         else:
             _COMPILED["delta_attention"] = torch.compile(_delta_attention_eager, dynamic=True)
             _COMPILED["attention"] = torch.compile(_attention_eager, dynamic=True)
-        if native_kernels.library(native_kernels.AVX2) is not None:
-            _COMPILED["fp32"] = True  # fp32 groups with few queries retrieve in one pass (`_retrieve_fp32`)
+        enable_fused_fp32()
     elif not enabled:
         _COMPILED.clear()
 

@@ -74,7 +74,7 @@ def test_many_queries_and_float64_stay_with_torch(kernels, monkeypatch: pytest.M
 
 
 @needs_avx2
-def test_an_exact_path_update_with_the_fused_retrieval_matches_torchs(kernels) -> None:
+def test_an_exact_path_update_with_the_fused_retrieval_matches_torchs(kernels, monkeypatch: pytest.MonkeyPatch) -> None:
     from analog_ep.estimators import EPConfig, ep_symmetric
     from tests.helpers import random_inputs, small_net
 
@@ -91,11 +91,8 @@ def test_an_exact_path_update_with_the_fused_retrieval_matches_torchs(kernels) -
     kernels["fp32"] = True
     calls = []
     original = retrieval._retrieve_fp32
-    retrieval._retrieve_fp32 = lambda *args: calls.append(1) or original(*args)
-    try:
-        got = update()
-    finally:
-        retrieval._retrieve_fp32 = original
+    monkeypatch.setattr(retrieval, "_retrieve_fp32", lambda *args: calls.append(1) or original(*args))
+    got = update()
     assert calls, "the fused retrieval did not run"
     # both are fp32 relaxations whose rounding differs; the yardstick is how far either is from float64
     net64 = small_net("imdb").double()
