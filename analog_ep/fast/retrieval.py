@@ -47,8 +47,9 @@ _CHECK_ROWS = 64  # rows per block of that exact check
 EXACT_MAX_KEPT = 0.75
 EXACT_PROBE_ROWS = 2  # samples whose distinct keys are counted before the whole batch is deduplicated
 # Groups with at most this many queries per row retrieve in fp32 through `native/retrieval_avx2.c` where the AVX2
-# set loads: on an AVX2 CPU, 8-64 queries 1.4-2.3× faster than torch's batched products and compiled softmax
-# (imdb `cpu` preset: 0.91 → 0.49 ms a retrieval); 128 and 600 queries at d = 300 slower (MKL's blocked products)
+# set loads: on an AVX2 CPU (experiments/avx2_kernels.py) 1.3-1.8× faster than torch's batched products and
+# compiled softmax at 8-64 queries (the imdb `cpu` preset's shape: 0.94 → 0.71 ms), slower at 128 queries of d = 300
+# (MKL's blocked products)
 FUSED_MAX_QUERIES = 64
 
 
