@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from analog_ep.fast import lowp_weights
+from analog_ep.fast.delta_int8 import ChangeProducts
 from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, LowPrecisionWeight, enable_compiled_quantizers
 from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
 from analog_ep.state import Inputs, State
@@ -35,6 +36,8 @@ from analog_ep.state import Inputs, State
 # `analog_ep.phi.EPNet`, whose operations dispatch here: not imported, since phi imports this module
 EPNet = Any
 
+# the first synapse's int8 products (AVX2 kernels) follow the codes that changed from step to step (`delta_int8`)
+FOLLOW_CHANGES = True
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype on the fast path
 CONTRAST_BLOCK = 8192  # columns per block of the first synapse's bf16 gradient product (fp32 output in place)
 
@@ -55,6 +58,10 @@ class LowPrecision:
     query_drive: torch.Tensor | None  # (B,P,Lq,d) X W₀ᵀ (no attention only)
     flat_x: torch.Tensor | None  # (B, S·L·d) for graphs without projection layers
     base: DeltaBase | None = None  # set for the nudged phases (`nudge_start`)
+    # the first synapse's products from the codes that changed (`delta_int8`), and the retrieval they fed last:
+    # both follow one relaxation (set on its first step, never carried into another phase's `LowPrecision`)
+    changes: ChangeProducts | None = None
+    projection: torch.Tensor | None = None
 
     def repeat(self, times: int) -> LowPrecision:
         if self.base is not None:
@@ -72,6 +79,7 @@ class PairedProducts:
     down: torch.Tensor
     row_scale: torch.Tensor | None
     up: torch.Tensor
+    changed: torch.Tensor | None = None  # (B,) bool: rows whose `down` changed since the last step (None: all)
 
     def scaled_down(self) -> torch.Tensor:
         return self.down if self.row_scale is None else self.down.mul_(self.row_scale.to(self.down.dtype))
@@ -195,8 +203,20 @@ def _paired_products(net: EPNet, inputs: Inputs, state: State) -> PairedProducts
         return None
     h = state[1] if lp.base is None else state[1] - lp.base.states[1]
     x = state[0].reshape(state[0].shape[0], -1)
+    if _follows_changes(net, lp):
+        if lp.changes is None:
+            lp.changes = ChangeProducts(lp.weights[0].packed, lp.dtype)
+        return PairedProducts(*lp.changes.down_up(h, x))
     absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
     return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
+
+
+def _follows_changes(net: EPNet, lp: LowPrecision) -> bool:
+    """Whether this relaxation's first-synapse products follow the codes that changed (`delta_int8`): int8 on our
+    AVX2 kernels, with attention (the retrieval of a sample whose query did not change is skipped too)."""
+    w = lp.weights[0]
+    return (FOLLOW_CHANGES and net.spec.attention and isinstance(w, Int8Weight) and w.kernel == "avx2"
+            and lp.keys is not None)
 
 
 def _projection_drive(net: EPNet, lp: LowPrecision, state: State, paired: PairedProducts | None
@@ -206,7 +226,9 @@ def _projection_drive(net: EPNet, lp: LowPrecision, state: State, paired: Paired
     h = None if paired is not None else (state[1] if base is None else state[1] - base.states[1])
     if net.spec.attention:  # a `Query`: the int8 product's row factors go into the scores
         if w_low is not None:
-            top_down, row_scale = (paired.down, paired.row_scale) if paired is not None else w_low.down_row_scaled(h)
+            if paired is not None:
+                return Query(paired.down.view(shape), paired.row_scale, paired.changed)
+            top_down, row_scale = w_low.down_row_scaled(h)
             return Query(top_down.view(shape), row_scale)
         return Query(torch.mm(h, net.weights[0]).view(shape).to(lp.dtype))
     if w_low is not None:
@@ -262,14 +284,21 @@ def update_projection(net: EPNet, inputs: Inputs, drive: torch.Tensor | Query) -
     if lp.base is not None:
         return _delta_projection(net, lp, drive)
     if net.spec.attention:
-        return lp.keys.retrieve(drive)
+        return _remember(lp, drive, lp.keys.retrieve(drive, lp.projection))
     return net.activation(drive)
+
+
+def _remember(lp: LowPrecision, query: Query, retrieved: torch.Tensor) -> torch.Tensor:
+    """Keep the retrieval for the next step where the query came from the change products (its unchanged samples
+    retrieve this again); any other query leaves nothing to reuse."""
+    lp.projection = retrieved if query.changed is not None else None
+    return retrieved
 
 
 def _delta_projection(net: EPNet, lp: LowPrecision, delta_q: torch.Tensor | Query) -> torch.Tensor:
     """δs¹ = s¹(Q* + δQ) − s¹(Q*) without forming either term in bf16."""
     if net.spec.attention:
-        return lp.keys.delta_retrieve(lp.base.retrieval, delta_q)
+        return _remember(lp, delta_q, lp.keys.delta_retrieve(lp.base.retrieval, delta_q, lp.projection))
     q = lp.base.retrieval.to(torch.float32)
     return (net.activation(q + delta_q.to(torch.float32)) - net.activation(q)).to(lp.dtype)
 
@@ -287,7 +316,7 @@ def nudge_start(net: EPNet, inputs: Inputs, free: State, times: int = 1) -> tupl
         stacked.insert(0, torch.zeros(delta_shape, dtype=lp.dtype, device=free[0].device))
     base = _delta_base(net, inputs, free, times)
     if times == 1:
-        return replace(inputs, lowp=replace(lp, base=base)), stacked
+        return replace(inputs, lowp=replace(lp, base=base, changes=None, projection=None)), stacked
     keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
     lowp = LowPrecision(lp.dtype, lp.weights, keys, None, _copies(lp.flat_x, times), base)
     # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and

@@ -11,7 +11,8 @@ torch's kernels (same numbers: each native kernel is tested against its torch tw
   (`native/retrieval_amx.c`), in place of torch's batched products and the torch.compile'd softmax.
 - `AVX2` (AVX2 with FMA: every x86-64 CPU since 2013): `folded`, both products of a folded relaxation step in
   one pass over the folded synapse (`native/folded_avx2.c`), `avx2_int8`, the large synapse's int8
-  products where the AMX kernels cannot run (`native/int8_avx2.c`), and `retrieval`'s fp32 retrieval over a
+  products where the AMX kernels cannot run (`native/int8_avx2.c`) and the same products updated from the codes
+  that changed since the last step (`native/int8_delta_avx2.c`, `delta_int8`), and `retrieval`'s fp32 retrieval over a
   group of distinct keys with few queries, in one pass per block of queries (`native/retrieval_avx2.c`).
 """
 
@@ -59,6 +60,10 @@ def _declare_avx2(lib: ctypes.CDLL) -> None:
     lib.seqep_retrieve_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, p, i32]
     lib.seqep_up_int8_avx2.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p, i32]
     lib.seqep_down_int8_avx2.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, i32, i32]
+    lib.seqep_quantize_delta_avx2.argtypes = [p, i64, i64, i64, p, i64, p, f32, i64, p, p, p, p, p, i32]
+    lib.seqep_int8_rows_avx2.argtypes = [p, i64, p, i64, p, i64, i64, p, i64, i32]
+    lib.seqep_int8_changes_avx2.argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i32]
+    lib.seqep_int8_dequantise_rows_avx2.argtypes = [p, i64, p, i64, i64, p, p, i64, i32, i32]
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ AMX = KernelSet("amx", (NATIVE / "int8_amx.c", NATIVE / "retrieval_amx.c"), (NAT
                 ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                  "-mamx-tile", "-mamx-int8", "-mamx-bf16"),
                 ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16"), _declare_amx)
-AVX2 = KernelSet("avx2", (NATIVE / "folded_avx2.c", NATIVE / "int8_avx2.c", NATIVE / "retrieval_avx2.c"), (),
+AVX2 = KernelSet("avx2", (NATIVE / "folded_avx2.c", NATIVE / "int8_avx2.c", NATIVE / "int8_delta_avx2.c",
+                          NATIVE / "retrieval_avx2.c"), (NATIVE / "int8_avx2.h",),
                  ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"),
                  ("avx2", "fma"), _declare_avx2)
 KERNEL_SETS = (AMX, AVX2)

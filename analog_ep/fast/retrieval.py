@@ -61,6 +61,7 @@ class Query(NamedTuple):
 
     values: torch.Tensor
     row_scale: torch.Tensor | None = None
+    changed: torch.Tensor | None = None  # (B,) bool: the samples whose query changed since the last retrieval
 
 
 class PackedKeys(NamedTuple):
@@ -362,38 +363,72 @@ class DistinctKeys:
         """The exact path's retrieval from its whole drive (B, P, Lq, d) (`for_exact_path`)."""
         return self.retrieve(Query(drive))
 
-    def retrieve(self, top_down: Query) -> torch.Tensor:
-        """One free-phase retrieval: the projection layer's new state (B, P, Lq, d)."""
+    def retrieve(self, top_down: Query, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """One free-phase retrieval: the projection layer's new state (B, P, Lq, d). With `previous` (the last
+        retrieval's result) and `top_down.changed`, only the changed samples retrieve (`_changed_only`)."""
         kernel = _COMPILED.get("attention", _attention_eager)
         flat, scale = self._flat(top_down)
 
-        def product(i: int, out: torch.Tensor | None, absmax: torch.Tensor | None) -> torch.Tensor:
-            g = self.groups[i]
-            g_scale = None if scale is None else scale[g.rows]
+        def one(g: KeyGroup, q: torch.Tensor, g_scale: torch.Tensor | None, out: torch.Tensor | None,
+                absmax: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
             if g.packed is not None:
-                return _retrieve_native(g, flat[g.rows], g_scale, None, out=out, absmax=absmax)[1]
-            if "fp32" in _COMPILED and _fused_fp32_pays(g, flat):
-                return _retrieve_fp32(g, flat[g.rows], g_scale, out)
-            weights = kernel(g.const, torch.bmm(flat[g.rows], g.keys_t), g_scale, g.has_empty)
+                return _retrieve_native(g, q, g_scale, None, out=out, absmax=absmax)[1]
+            if "fp32" in _COMPILED and _fused_fp32_pays(g, q):
+                return _retrieve_fp32(g, q, g_scale, out)
+            weights = kernel(g.const, torch.bmm(q, g.keys_t), g_scale, g.has_empty)
             return torch.bmm(weights, g.keys, out=out)
 
-        return self._assemble(product)
+        return self._run(one, flat, scale, top_down.changed, previous, None)
 
-    def delta_retrieve(self, base: list[torch.Tensor], delta_q: Query) -> torch.Tensor:
+    def delta_retrieve(self, base: list[torch.Tensor], delta_q: Query, previous: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """Nudged phases: s(Q* + δQ) − s(Q*) from A* = `base` (per group) and δQ (B, P, Lq, d), without
-        cancellation (`delta_attention`)."""
+        cancellation (`delta_attention`); `previous` as in `retrieve`."""
         flat, scale = self._flat(delta_q)
 
-        def product(i: int, out: torch.Tensor | None, absmax: torch.Tensor | None) -> torch.Tensor:
-            g = self.groups[i]
-            g_scale = None if scale is None else scale[g.rows]
+        def one(g: KeyGroup, q: torch.Tensor, g_scale: torch.Tensor | None, out: torch.Tensor | None,
+                absmax: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
             if g.packed is not None:
-                return _retrieve_native(g, flat[g.rows], g_scale, base[i], out=out, absmax=absmax)[1]
-            delta_scores = torch.bmm(flat[g.rows], g.keys_t)
-            weights = delta_attention(base[i], delta_scores, g_scale)
+                return _retrieve_native(g, q, g_scale, base, out=out, absmax=absmax)[1]
+            weights = delta_attention(base, torch.bmm(q, g.keys_t), g_scale)
             return torch.bmm(weights, g.keys, out=out)
 
+        return self._run(one, flat, scale, delta_q.changed, previous, base)
+
+    def _run(self, one: Callable[..., torch.Tensor], flat: torch.Tensor, scale: torch.Tensor | None,
+             changed: torch.Tensor | None, previous: torch.Tensor | None, base: list[torch.Tensor] | None
+             ) -> torch.Tensor:
+        """Every group's retrieval `one(group, queries, scale, out, absmax, base)`, or the changed samples' only."""
+        if (changed is not None and previous is not None and tuple(previous.shape) == self.shape
+                and all(g.packed is None for g in self.groups)):
+            return self._changed_only(one, flat, scale, changed, previous, base)
+
+        def product(i: int, out: torch.Tensor | None, absmax: torch.Tensor | None) -> torch.Tensor:
+            g = self.groups[i]
+            return one(g, flat[g.rows], None if scale is None else scale[g.rows], out, absmax,
+                       None if base is None else base[i])
+
         return self._assemble(product)
+
+    def _changed_only(self, one: Callable[..., torch.Tensor], flat: torch.Tensor, scale: torch.Tensor | None,
+                      changed: torch.Tensor, previous: torch.Tensor, base: list[torch.Tensor] | None
+                      ) -> torch.Tensor:
+        """`previous` with the rows of the `changed` samples retrieved anew: a sample whose query did not change
+        retrieves what it retrieved last time (the int8 change products say which: `delta_int8`)."""
+        out = previous.reshape(self.rows, *self.shape[2:]).clone()
+        rows = changed.repeat_interleave(self.shape[1])  # per sample → per (sample, projection) row
+        for i, g in enumerate(self.groups):
+            idx = rows[g.rows].nonzero().flatten()
+            if not idx.numel():
+                continue
+            sub = replace(g, keys=g.keys.index_select(0, idx), keys_t=g.keys_t.index_select(0, idx),
+                          const=None if g.const is None else g.const.index_select(0, idx))
+            q = flat[g.rows].index_select(0, idx)
+            g_scale = None if scale is None else scale[g.rows].index_select(0, idx)
+            g_base = None if base is None else base[i].index_select(0, idx)
+            out.index_copy_(0, idx + g.rows.start, one(sub, q, g_scale, None, None, g_base))
+        self._last_absmax = None
+        return out.view(self.shape)
 
 
 # ------------------------------------------------------------------------------------------- kernels

@@ -1,0 +1,130 @@
+"""The large synapse's two int8 products, step after step, from the codes that changed (AVX2 kernels).
+
+A relaxation settles unit by unit and sample by sample; once a row's int8 codes stop changing, the dense
+products recompute the same integer sums at every step. `ChangeProducts` keeps each row's int32 sums between the
+steps of one relaxation and updates them from the groups of codes that changed (`native/int8_delta_avx2.c`):
+the result is the dense product of the new codes, bit for bit. What differs from the dense int8 path is the
+scale: a row keeps its scale while its largest value stays within a factor `WIDEN` of it (so its codes can stay
+the same), which costs at most log2(WIDEN) bits of resolution; a row whose values outgrow it, or that changes
+many codes, is recomputed whole.
+
+One object per relaxation and operand pair (`lowp_phi` keeps it in `LowPrecision`); rows are the batch's.
+
+Example (the first step computes every row whole; the second, with nothing changed, computes nothing):
+    >>> import torch
+    >>> from analog_ep.fast import avx2_int8
+    >>> if avx2_int8.available():
+    ...     packed = avx2_int8.PackedInt8Avx2(torch.randn(40, 256) * 0.05)
+    ...     products = ChangeProducts(packed)
+    ...     h, x = torch.rand(3, 40), torch.rand(3, 256)
+    ...     first = products.down_up(h, x)
+    ...     second = products.down_up(h, x)
+    ...     ok = bool(second.changed.any()) is False and torch.equal(first.up, second.up)
+    ... else:
+    ...     ok = True
+    >>> ok
+    True
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from analog_ep.fast import avx2_int8
+from analog_ep.fast.avx2_int8 import STRIP, PackedInt8Avx2
+
+WIDEN = 4.0  # a row keeps its scale r while max|x| lies in [127 r / WIDEN, 127 r]: at most 2 bits coarser
+DENSE_SHARE = 16  # a row with more than 1/DENSE_SHARE of its groups of 4 codes changed is recomputed whole
+
+
+class StepProducts(NamedTuple):
+    """One step's products: `down` = q_h·W·scale (h·W over `row_scale`), `up` = x·Wᵀ, and `changed` (M,) bool:
+    the rows whose `down` changed since the previous step (the others are the same values as before)."""
+
+    down: torch.Tensor
+    row_scale: torch.Tensor
+    up: torch.Tensor
+    changed: torch.Tensor
+
+
+class _Operand:
+    """One operand's codes, scales and int32 sums across the steps, for one layout of W."""
+
+    def __init__(self, rows: int, width: int, inputs: int, layout: torch.Tensor, strips: int, outputs: int) -> None:
+        self.rows, self.width, self.inputs, self.layout = rows, width, inputs, layout
+        self.strips, self.groups, self.outputs = strips, width // 4, outputs
+        self.max_changes = max(1, self.groups // DENSE_SHARE)
+        self.q = torch.zeros(rows, width, dtype=torch.int8)
+        self.r = torch.zeros(rows, dtype=torch.float32)  # 0: no codes yet
+        self.acc = torch.zeros(rows, strips * STRIP, dtype=torch.int32)
+        self.status = torch.empty(rows, dtype=torch.int32)
+        self.count = torch.empty(rows, dtype=torch.int32)
+        self.changed = torch.empty(rows, self.max_changes, dtype=torch.int32)
+        self.old = torch.empty(rows, self.max_changes, dtype=torch.int32)
+        self.new = torch.empty(rows, self.max_changes, dtype=torch.int32)
+
+    def step(self, lib, values: torch.Tensor) -> torch.Tensor:
+        """Quantise `values` (rows x inputs) against the previous codes, update the sums; the rows that changed."""
+        threads = torch.get_num_threads()
+        lib.seqep_quantize_delta_avx2(values.data_ptr(), self.rows, self.inputs, values.stride(0), self.q.data_ptr(),
+                                      self.width, self.r.data_ptr(), WIDEN, self.max_changes,
+                                      self.status.data_ptr(), self.changed.data_ptr(), self.old.data_ptr(),
+                                      self.new.data_ptr(), self.count.data_ptr(), threads)
+        whole = (self.status == 2).nonzero().flatten()
+        few = (self.status == 1).nonzero().flatten()
+        if whole.numel():
+            lib.seqep_int8_rows_avx2(self.q.data_ptr(), self.width, whole.data_ptr(), whole.numel(),
+                                     self.layout.data_ptr(), self.strips, self.groups, self.acc.data_ptr(),
+                                     self.acc.shape[1], threads)
+        if few.numel():
+            lib.seqep_int8_changes_avx2(few.data_ptr(), few.numel(), self.changed.data_ptr(), self.old.data_ptr(),
+                                        self.new.data_ptr(), self.count.data_ptr(), self.max_changes,
+                                        self.layout.data_ptr(), self.strips, self.groups, self.acc.data_ptr(),
+                                        self.acc.shape[1], threads)
+        return self.status != 0
+
+
+def _dequantise_into(lib, op: _Operand, rows: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
+    """out[rows] = op's int32 sums of those rows × factor[row] (fp32 or bf16 `out`)."""
+    index = rows.nonzero().flatten()
+    if index.numel():
+        lib.seqep_int8_dequantise_rows_avx2(op.acc.data_ptr(), op.acc.shape[1], index.data_ptr(), index.numel(),
+                                            out.shape[1], factor.contiguous().data_ptr(), out.data_ptr(),
+                                            out.shape[1], int(out.dtype == torch.bfloat16), torch.get_num_threads())
+
+
+class ChangeProducts:
+    """`Int8Weight.down_up` for the steps of one relaxation: h·W (as values over a row factor) and x·Wᵀ, from the
+    codes that changed since the previous call (see the module's docstring). `down` is a kept buffer, valid until
+    the next call: read it, do not write it (`up` and the row factors are the caller's)."""
+
+    def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32) -> None:
+        self.packed, self.down_dtype = packed, down_dtype
+        self._lib = avx2_int8._loaded()
+        self._h: _Operand | None = None
+        self._x: _Operand | None = None
+
+    def _operands(self, rows: int) -> tuple[_Operand, _Operand]:
+        p = self.packed
+        if self._h is None or self._h.rows != rows:  # a new batch size: no previous codes to follow
+            self._h = _Operand(rows, p.Kp, p.K, p.down_layout, p.Np // STRIP, p.N)
+            self._x = _Operand(rows, p.Np, p.N, p.up_layout, p.Kp // STRIP, p.K)
+            self.down = torch.zeros(rows, p.N, dtype=self.down_dtype)
+            self.up = torch.zeros(rows, p.K, dtype=torch.float32)
+        return self._h, self._x
+
+    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> StepProducts:
+        p = self.packed
+        for t, width, name in ((h, p.K, "h"), (x, p.N, "x")):
+            if t.dim() != 2 or t.shape[1] != width or t.shape[0] != h.shape[0] or t.device.type != "cpu":
+                raise ValueError(f"change products: {name} must be a CPU (rows, {width}) matrix with as many rows "
+                                 f"as h, got {tuple(t.shape)} on {t.device}")
+        h_op, x_op = self._operands(h.shape[0])
+        changed = h_op.step(self._lib, h.to(torch.float32).contiguous())
+        down_factor = torch.full_like(h_op.r, p.scale)  # h·W over the row factor: W's scale only
+        _dequantise_into(self._lib, h_op, changed, down_factor, self.down)
+        moved = x_op.step(self._lib, x.to(torch.float32).contiguous())
+        _dequantise_into(self._lib, x_op, moved, x_op.r * p.scale, self.up)
+        return StepProducts(self.down, h_op.r.unsqueeze(1).clone(), self.up.clone(), changed)

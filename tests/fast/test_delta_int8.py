@@ -1,0 +1,160 @@
+"""The int8 products that follow a state's changes (analog_ep/fast/delta_int8.py, native/int8_delta_avx2.c): every
+step equals the dense product of its codes (int64 arithmetic), a relaxation on them stays with the dense int8 path,
+and the retrieval of the samples whose query did not change is the one they made before."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analog_ep.fast import avx2_int8, delta_int8, lowp_phi
+from analog_ep.fast.delta_int8 import ChangeProducts
+
+needs_avx2 = pytest.mark.skipif(not avx2_int8.available(), reason=f"AVX2 kernels: {avx2_int8.unavailable_reason()}")
+
+
+def _dense(packed, w: torch.Tensor, h: torch.Tensor, x: torch.Tensor, rh: torch.Tensor, rx: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_h·q_W·scale, q_x·q_Wᵀ·r_x·scale) in int64 from the row scales the change products chose."""
+    qw = torch.round(w / packed.scale).clamp(-127, 127).to(torch.int64)
+    qh = torch.round(h * (1 / rh)).to(torch.int64)
+    qx = torch.round(x * (1 / rx)).to(torch.int64)
+    return (qh @ qw).float() * packed.scale, (qx @ qw.t()).float() * (rx * packed.scale)
+
+
+def _walk(k: int, n: int, rows: int, steps: int, seed: int = 0):
+    """States a relaxation might visit: a few entries move, one row grows past its scale, one shrinks below it,
+    one row stays zero, one is redrawn whole (many changed codes)."""
+    g = torch.Generator().manual_seed(seed)
+    h, x = torch.rand(rows, k, generator=g), torch.rand(rows, n, generator=g) - 0.5
+    x[rows - 1] = 0.0
+    for step in range(steps):
+        yield h.clone(), x.clone()
+        h[0, step % k] += 0.02
+        x[min(1, rows - 1), (7 * step) % n] += 0.05
+        x[min(2, rows - 1)] *= 1.5 if step % 3 == 0 else 1.0
+        if rows > 3:
+            x[3] *= 0.1 if step == 2 else 1.0
+            h[3] = torch.rand(k, generator=g)
+
+
+@needs_avx2
+@pytest.mark.parametrize("k, n, rows", [(40, 256, 6), (37, 203, 5), (64, 2100, 4), (16, 4200, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_step_equals_the_dense_product_of_its_codes(k: int, n: int, rows: int, dtype: torch.dtype) -> None:
+    """Odd sizes reach every tail (codes past a block of 32, outputs past a strip of 16); n = 2100 and 4200 span
+    several passes over the groups of 4 (`UP_GROUPS`)."""
+    w = torch.randn(k, n) * 0.05
+    packed = avx2_int8.PackedInt8Avx2(w)
+    products = ChangeProducts(packed, dtype)
+    seen = set()
+    for h, x in _walk(k, n, rows, 8):
+        out = products.down_up(h, x)
+        down, up = _dense(packed, w, h, x, out.row_scale, products._x.r.unsqueeze(1))
+        assert torch.equal(out.down, down.to(dtype)) and torch.equal(out.up, up)
+        seen.update(products._h.status.tolist() + products._x.status.tolist())
+    assert seen == {0, 1, 2}  # unchanged rows, changed groups and whole rows all took place
+
+
+@needs_avx2
+def test_following_the_changes_equals_recomputing_every_changed_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sparse updates against the same kernels' whole-row products (same codes, same scales), bit for bit."""
+    w = torch.randn(48, 3000) * 0.05
+
+    def run(share: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        monkeypatch.setattr(delta_int8, "DENSE_SHARE", share)
+        products = ChangeProducts(avx2_int8.PackedInt8Avx2(w))
+        return [(out.down.clone(), out.up) for out in (products.down_up(h, x) for h, x in _walk(48, 3000, 6, 10))]
+
+    sparse, whole = run(16), run(10 ** 9)  # max_changes = 1: nearly every changed row is recomputed whole
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(sparse, whole))
+
+
+@needs_avx2
+def test_a_row_keeps_its_scale_only_while_its_codes_fit() -> None:
+    """Growing past 127 codes or shrinking past a factor WIDEN takes a fresh scale (the row recomputed whole);
+    within that range the scale and the codes' resolution stay."""
+    packed = avx2_int8.PackedInt8Avx2(torch.randn(8, 64))
+    products = ChangeProducts(packed)
+    h, x = torch.full((1, 8), 0.5), torch.full((1, 64), 0.5)
+    products.down_up(h, x)
+    r0 = float(products._x.r[0])
+    for factor, kept in ((1.0, True), (0.5, True), (1.0 / delta_int8.WIDEN * 0.9, False), (2.0, False)):
+        products.down_up(h, x * factor)
+        assert (float(products._x.r[0]) == r0) == kept, factor
+        r0 = float(products._x.r[0])
+
+
+@needs_avx2
+def test_bad_inputs_are_refused_with_the_reason() -> None:
+    products = ChangeProducts(avx2_int8.PackedInt8Avx2(torch.randn(8, 64)))
+    with pytest.raises(ValueError, match=r"h must be a CPU \(rows, 8\)"):
+        products.down_up(torch.zeros(2, 9), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="as many rows as h"):
+        products.down_up(torch.zeros(2, 8), torch.zeros(3, 64))
+
+
+def _angle(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    dot = sum(float((a[k].double() * b[k].double()).sum()) for k in a)
+    na = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in a))
+    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
+    return math.degrees(math.acos(max(-1.0, min(1.0, dot / (na * nb)))))
+
+
+@needs_avx2
+@pytest.mark.parametrize("schedule", ["synchronous", "alternating"])
+def test_an_ep_update_on_the_change_products_stays_with_the_dense_int8_one(monkeypatch: pytest.MonkeyPatch,
+                                                                           schedule: str) -> None:
+    """Same weights and batch: the EP update with the change products (row scales kept across steps) within 1° of
+    the dense int8 path's, and within 3° of float64's (the fast path's bound, test_lowp.py)."""
+    from analog_ep.estimators import EPConfig, ep_symmetric
+    from tests.helpers import random_inputs, small_net
+
+    monkeypatch.setenv("SEQEP_INT8_KERNEL", "avx2")
+    net = small_net("imdb", schedule=schedule)
+    x, y = random_inputs(net.spec, 8, dtype=torch.float32)
+    cfg = EPConfig(0.1, 30, 10, precision="int8")
+    calls = []
+    monkeypatch.setattr(ChangeProducts, "down_up", _counting(ChangeProducts.down_up, calls))
+    follow = ep_symmetric(net, x, y, cfg).grads
+    assert bool(calls) == (schedule == "synchronous")  # the alternating schedule takes one product at a time
+    monkeypatch.setattr(lowp_phi, "FOLLOW_CHANGES", False)
+    dense = ep_symmetric(net, x, y, cfg).grads
+    exact = ep_symmetric(net.double(), x.double(), y, EPConfig(0.1, 30, 10)).grads
+    assert _angle(follow, dense) < 1.0
+    assert _angle(follow, exact) < 3.0
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counted
+
+
+@needs_avx2
+def test_unchanged_samples_retrieve_what_they_retrieved_before() -> None:
+    """`DistinctKeys.retrieve` with `changed`: the changed samples' rows equal a whole retrieval of the new query
+    (to fp32 rounding), the others are the previous result untouched; likewise the nudged phases' δ-retrieval."""
+    from analog_ep.fast.retrieval import DistinctKeys, Query
+
+    g = torch.Generator().manual_seed(0)
+    batch, length, dim = 6, 30, 16
+    keys = torch.randn(batch, 1, length, dim, generator=g).round()  # repeated words: fewer distinct keys
+    drive = torch.randn(batch, 1, length, dim, generator=g)
+    distinct = DistinctKeys.build(keys, None, drive, 0.5, torch.float32)
+    q1, q2 = torch.randn(batch, 1, length, dim, generator=g), torch.randn(batch, 1, length, dim, generator=g)
+    changed = torch.tensor([True, False, False, True, True, False])
+    q2[~changed] = q1[~changed]
+    first = distinct.retrieve(Query(q1))
+    again = distinct.retrieve(Query(q2, None, changed), previous=first)
+    whole = distinct.retrieve(Query(q2))
+    assert torch.equal(again[~changed], first[~changed])
+    assert torch.allclose(again[changed], whole[changed], atol=1e-6, rtol=0)
+    base = distinct.attention(Query(q1))
+    d1 = distinct.delta_retrieve(base, Query(q1 * 0.01))
+    d2 = distinct.delta_retrieve(base, Query(q2 * 0.01, None, changed), previous=d1)
+    assert torch.equal(d2[~changed], d1[~changed])
+    assert torch.allclose(d2[changed], distinct.delta_retrieve(base, Query(q2 * 0.01))[changed], atol=1e-7, rtol=0)
