@@ -132,7 +132,8 @@ def bench(
             flops = count_flops(shape.spec, b, shape.free_steps, shape.nudge_steps)
             fast = job("train", shape, b)
             ph = fast["phases"]
-            executed = count_flops(shape.spec, b, ph["free_steps"], ph["nudge_steps"], fast["key_fraction"])
+            executed = count_flops(shape.spec, b, ph["free_steps"], ph["nudge_steps"], fast["key_fraction"],
+                                   fast.get("change_products"))
             relax_s = ph["free_s"] + ph["nudge_s"]
             rec.update(
                 seconds_per_batch=fast["seconds_per_batch"], phases=ph, free_residual=fast["free_residual"],
@@ -142,6 +143,8 @@ def bench(
                 peak_rss_mb=fast["peak_rss_mb"], load=fast["load"], all_seconds=fast["all_seconds"],
                 key_fraction=fast["key_fraction"],
             )
+            if fast.get("change_products"):  # shares of the dense work the int8 change products did
+                rec["change_products"] = fast["change_products"]
             if rec["fold_keys"]:  # the executed count is the plain relaxation's: GFLOP/s are effective ones
                 rec["gflops_basis"] = "effective: the plain relaxation's FLOPs over the folded path's seconds"
             set_fractions(rec, peak)

@@ -12,6 +12,7 @@ from analog_ep import dynamics, estimators
 from analog_ep.bench.load import LoadMeter
 from analog_ep.bench.shapes import Shape, bench_batch, make_net
 from analog_ep.estimators import EPConfig, ep_symmetric, make_estimator
+from analog_ep.fast import delta_int8
 from analog_ep.fast.retrieval import kept_fraction
 from analog_ep.phi import EPNet
 from analog_ep.train.inner_loop import layer_param_groups, train_step
@@ -61,6 +62,7 @@ def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_a
     for _ in range(warmup):  # compile, oneDNN primitives, and the heap's working set
         train_step(net, make_estimator("ep_symmetric", cfg), x, y, opt)
     times, phases = [], []
+    delta_int8.reset_work()
     with LoadMeter() as load:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -79,7 +81,7 @@ def run_train(shape: Shape, batch: int, cfg: EPConfig, repeats: int = 1, fused_a
     best = min(range(repeats), key=lambda i: times[i])
     return {"seconds_per_batch": times[best], "all_seconds": times, "phases": phases[best],
             "free_residual": residual, "peak_rss_mb": _rss_mb(), "load": load.report(),
-            "key_fraction": _key_fraction(net, x, cfg)}
+            "key_fraction": _key_fraction(net, x, cfg), "change_products": delta_int8.work_done()}
 
 
 def _key_fraction(net: EPNet, x: torch.Tensor, cfg: EPConfig) -> float:

@@ -36,7 +36,28 @@ from analog_ep.fast import avx2_int8
 from analog_ep.fast.avx2_int8 import STRIP, PackedInt8Avx2
 
 WIDEN = 4.0  # a row keeps its scale r while max|x| lies in [127 r / WIDEN, 127 r]: at most 2 bits coarser
+BAND = 0.25  # a kept row's code moves only where its value left it by more than 0.5 + BAND steps (see below)
 DENSE_SHARE = 16  # a row with more than 1/DENSE_SHARE of its groups of 4 codes changed is recomputed whole
+
+
+# work done against the dense products' (in groups of 4 codes × rows; retrievals in samples), since `reset_work`
+_WORK: dict[str, list[int]] = {}
+
+
+def reset_work() -> None:
+    _WORK.clear()
+
+
+def record_work(kind: str, done: int, dense: int) -> None:
+    """Tally `done` units of work where the dense path does `dense` ("products", "retrievals")."""
+    tally = _WORK.setdefault(kind, [0, 0])
+    tally[0] += done
+    tally[1] += dense
+
+
+def work_done() -> dict[str, float]:
+    """Share of the dense path's work each kind did since `reset_work` (what `seqep bench` reports)."""
+    return {kind: done / dense for kind, (done, dense) in _WORK.items() if dense}
 
 
 class StepProducts(NamedTuple):
@@ -65,11 +86,11 @@ class _Operand:
         self.old = torch.empty(rows, self.max_changes, dtype=torch.int32)
         self.new = torch.empty(rows, self.max_changes, dtype=torch.int32)
 
-    def step(self, lib, values: torch.Tensor) -> torch.Tensor:
+    def step(self, lib, values: torch.Tensor, band: float) -> torch.Tensor:
         """Quantise `values` (rows x inputs) against the previous codes, update the sums; the rows that changed."""
         threads = torch.get_num_threads()
         lib.seqep_quantize_delta_avx2(values.data_ptr(), self.rows, self.inputs, values.stride(0), self.q.data_ptr(),
-                                      self.width, self.r.data_ptr(), WIDEN, self.max_changes,
+                                      self.width, self.r.data_ptr(), WIDEN, band, self.max_changes,
                                       self.status.data_ptr(), self.changed.data_ptr(), self.old.data_ptr(),
                                       self.new.data_ptr(), self.count.data_ptr(), threads)
         whole = (self.status == 2).nonzero().flatten()
@@ -83,6 +104,7 @@ class _Operand:
                                         self.new.data_ptr(), self.count.data_ptr(), self.max_changes,
                                         self.layout.data_ptr(), self.strips, self.groups, self.acc.data_ptr(),
                                         self.acc.shape[1], threads)
+        record_work("products", whole.numel() * self.groups + 2 * int(self.count[few].sum()), self.rows * self.groups)
         return self.status != 0
 
 
@@ -100,8 +122,10 @@ class ChangeProducts:
     codes that changed since the previous call (see the module's docstring). `down` is a kept buffer, valid until
     the next call: read it, do not write it (`up` and the row factors are the caller's)."""
 
-    def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32, band: float | None = None
+                 ) -> None:
         self.packed, self.down_dtype = packed, down_dtype
+        self.band = BAND if band is None else band
         self._lib = avx2_int8._loaded()
         self._h: _Operand | None = None
         self._x: _Operand | None = None
@@ -122,9 +146,9 @@ class ChangeProducts:
                 raise ValueError(f"change products: {name} must be a CPU (rows, {width}) matrix with as many rows "
                                  f"as h, got {tuple(t.shape)} on {t.device}")
         h_op, x_op = self._operands(h.shape[0])
-        changed = h_op.step(self._lib, h.to(torch.float32).contiguous())
+        changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), self.band)
         down_factor = torch.full_like(h_op.r, p.scale)  # h·W over the row factor: W's scale only
         _dequantise_into(self._lib, h_op, changed, down_factor, self.down)
-        moved = x_op.step(self._lib, x.to(torch.float32).contiguous())
+        moved = x_op.step(self._lib, x.to(torch.float32).contiguous(), self.band)
         _dequantise_into(self._lib, x_op, moved, x_op.r * p.scale, self.up)
         return StepProducts(self.down, h_op.r.unsqueeze(1).clone(), self.up.clone(), changed)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from analog_ep.fast import lowp_weights
+from analog_ep.fast import delta_int8, lowp_weights
 from analog_ep.fast.delta_int8 import ChangeProducts
 from analog_ep.fast.lowp_weights import Bf16Weight, Int8Weight, LowPrecisionWeight, enable_compiled_quantizers
 from analog_ep.fast.retrieval import DistinctKeys, Query, enable_compiled
@@ -38,6 +38,11 @@ EPNet = Any
 
 # the first synapse's int8 products (AVX2 kernels) follow the codes that changed from step to step (`delta_int8`)
 FOLLOW_CHANGES = True
+# The free phase's codes round plainly (no dead band): its fixed point s* is what the nudged phases are written
+# relative to, and a band there moved the EP update from float64's by 2.9° where plain rounding gave 1.1° (the
+# test network of tests/fast/test_delta_int8.py; 0.079° against 0.076° at imdb-paper). The nudged phases take
+# `delta_int8.BAND` (no measurable effect on the update, and their two-step code cycles stop).
+FREE_PHASE_BAND = 0.0
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype on the fast path
 CONTRAST_BLOCK = 8192  # columns per block of the first synapse's bf16 gradient product (fp32 output in place)
 
@@ -205,7 +210,7 @@ def _paired_products(net: EPNet, inputs: Inputs, state: State) -> PairedProducts
     x = state[0].reshape(state[0].shape[0], -1)
     if _follows_changes(net, lp):
         if lp.changes is None:
-            lp.changes = ChangeProducts(lp.weights[0].packed, lp.dtype)
+            lp.changes = ChangeProducts(lp.weights[0].packed, lp.dtype, FREE_PHASE_BAND if lp.base is None else None)
         return PairedProducts(*lp.changes.down_up(h, x))
     absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
     return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
@@ -292,6 +297,8 @@ def _remember(lp: LowPrecision, query: Query, retrieved: torch.Tensor) -> torch.
     """Keep the retrieval for the next step where the query came from the change products (its unchanged samples
     retrieve this again); any other query leaves nothing to reuse."""
     lp.projection = retrieved if query.changed is not None else None
+    if query.changed is not None:
+        delta_int8.record_work("retrievals", int(query.changed.sum()), query.changed.numel())
     return retrieved
 
 

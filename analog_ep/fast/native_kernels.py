@@ -60,7 +60,7 @@ def _declare_avx2(lib: ctypes.CDLL) -> None:
     lib.seqep_retrieve_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, p, i32]
     lib.seqep_up_int8_avx2.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p, i32]
     lib.seqep_down_int8_avx2.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, i32, i32]
-    lib.seqep_quantize_delta_avx2.argtypes = [p, i64, i64, i64, p, i64, p, f32, i64, p, p, p, p, p, i32]
+    lib.seqep_quantize_delta_avx2.argtypes = [p, i64, i64, i64, p, i64, p, f32, f32, i64, p, p, p, p, p, i32]
     lib.seqep_int8_rows_avx2.argtypes = [p, i64, p, i64, p, i64, i64, p, i64, i32]
     lib.seqep_int8_changes_avx2.argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i32]
     lib.seqep_int8_dequantise_rows_avx2.argtypes = [p, i64, p, i64, i64, p, p, i64, i32, i32]

@@ -15,12 +15,12 @@ from analog_ep.fast.delta_int8 import ChangeProducts
 needs_avx2 = pytest.mark.skipif(not avx2_int8.available(), reason=f"AVX2 kernels: {avx2_int8.unavailable_reason()}")
 
 
-def _dense(packed, w: torch.Tensor, h: torch.Tensor, x: torch.Tensor, rh: torch.Tensor, rx: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_h·q_W·scale, q_x·q_Wᵀ·r_x·scale) in int64 from the row scales the change products chose."""
+def _dense(packed, w: torch.Tensor, products: ChangeProducts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_h·q_W·scale, q_x·q_Wᵀ·r_x·scale) in int64 from the codes and row scales the change products hold."""
     qw = torch.round(w / packed.scale).clamp(-127, 127).to(torch.int64)
-    qh = torch.round(h * (1 / rh)).to(torch.int64)
-    qx = torch.round(x * (1 / rx)).to(torch.int64)
+    qh = products._h.q[:, :packed.K].to(torch.int64)
+    qx = products._x.q[:, :packed.N].to(torch.int64)
+    rx = products._x.r.unsqueeze(1)
     return (qh @ qw).float() * packed.scale, (qx @ qw.t()).float() * (rx * packed.scale)
 
 
@@ -50,12 +50,37 @@ def test_every_step_equals_the_dense_product_of_its_codes(k: int, n: int, rows: 
     packed = avx2_int8.PackedInt8Avx2(w)
     products = ChangeProducts(packed, dtype)
     seen = set()
+    scales = (torch.zeros(rows), torch.zeros(rows))
     for h, x in _walk(k, n, rows, 8):
         out = products.down_up(h, x)
-        down, up = _dense(packed, w, h, x, out.row_scale, products._x.r.unsqueeze(1))
+        down, up = _dense(packed, w, products)
         assert torch.equal(out.down, down.to(dtype)) and torch.equal(out.up, up)
+        for op, v, before in ((products._h, h, scales[0]), (products._x, x, scales[1])):
+            codes = op.q[:, :v.shape[1]].float()  # within 0.5 + BAND steps of the values, plainly rounded on a new scale
+            assert bool(((v / op.r.unsqueeze(1) - codes).abs() <= 0.5 + products.band + 1e-4).all())
+            fresh = op.r != before
+            assert torch.equal(codes[fresh], torch.round(v[fresh] * (1 / op.r[fresh].unsqueeze(1))))
+            before.copy_(op.r)
         seen.update(products._h.status.tolist() + products._x.status.tolist())
     assert seen == {0, 1, 2}  # unchanged rows, changed groups and whole rows all took place
+
+
+@needs_avx2
+@pytest.mark.parametrize("n", [64, 203])
+def test_a_code_moves_only_when_its_value_leaves_the_dead_band(n: int) -> None:
+    """A value hovering about a rounding boundary (code 10 ↔ 11 without the band) keeps its code; one that moves
+    more than 0.5 + BAND steps away takes the rounded code (n = 203: the tail past the last block of 32)."""
+    packed = avx2_int8.PackedInt8Avx2(torch.randn(4, n))
+    products = ChangeProducts(packed)
+    h, x = torch.full((1, 4), 0.5), torch.full((1, n), 0.5)
+    x[0, 0] = 1.0  # max: r = 1/127
+    x[0, n - 1] = 10.4 / 127
+    products.down_up(h, x)
+    assert int(products._x.q[0, n - 1]) == 10
+    for value, code in ((10.6, 10), (10.7, 10), (10.4, 10), (10.8, 11), (10.4, 11), (10.2, 10)):
+        x[0, n - 1] = value / 127
+        products.down_up(h, x)
+        assert int(products._x.q[0, n - 1]) == code, value
 
 
 @needs_avx2

@@ -11,7 +11,10 @@
  * Per row, one pass (`seqep_quantize_delta_avx2`) decides: the row keeps its scale r while max|x| stays within
  * [127 r / widen, 127 r] (codes at most log2(widen) bits coarser than a fresh scale's), else takes r = max|x| / 127
  * and is recomputed whole; kept rows list their changed groups of 4 codes (old and new) unless there are more
- * than `max_changes`, and then are recomputed whole too. Layouts: those of int8_avx2.c (strip j of a layout holds
+ * than `max_changes`, and then are recomputed whole too. With a dead band (`band` > 0) a kept row's code changes only
+ * where the value left it by more than 0.5 + band steps: codes then hold still where values hover about a
+ * rounding boundary (quantised synchronous dynamics settle into such two-step cycles), at an error of at most
+ * 0.5 + band steps instead of 0.5. Layouts: those of int8_avx2.c (strip j of a layout holds
  * `groups` groups of 4 inputs x 16 outputs, 64 bytes each); acc rows hold the int32 sums of all `strips` x 16
  * outputs, `acc_ld` apart.
  */
@@ -26,6 +29,24 @@ static inline __m256i codes32(const float *x, __m256 inv) {
     const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), inv));
     const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), inv));
     const __m256i abcd = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* 32 floats against their previous codes `old` (int8), with a dead band: a code moves to round(x·inv) only where
+ * x·inv is more than 0.5 + band from it, so values that hover about a rounding boundary do not flip it back
+ * and forth (band 0: plain rounding, the codes of `codes32`). */
+static inline __m256i codes32_banded(const float *x, __m256 inv, const int8_t *old, float band) {
+    const __m256 limit = _mm256_set1_ps(0.5f + band), sign = _mm256_set1_ps(-0.0f);
+    __m256i part[4];
+    for (int k = 0; k < 4; ++k) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), inv);
+        const __m256i before = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(old + 8 * k)));
+        const __m256 away = _mm256_andnot_ps(sign, _mm256_sub_ps(v, _mm256_cvtepi32_ps(before)));
+        const __m256 move = _mm256_cmp_ps(away, limit, _CMP_GT_OQ);
+        part[k] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(before),
+                                                       _mm256_castsi256_ps(_mm256_cvtps_epi32(v)), move));
+    }
+    const __m256i abcd = _mm256_packs_epi16(_mm256_packs_epi32(part[0], part[1]), _mm256_packs_epi32(part[2], part[3]));
     return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
@@ -45,7 +66,7 @@ static float row_absmax(const float *x, int64_t n) {
  * to the new codes) and scales r (in/out; r <= 0: no previous codes). status[i]: 0 no code changed, 1 changed
  * groups listed (changed/old_codes/new_codes rows of `max_changes`, count[i] of them), 2 recompute the row whole. */
 void seqep_quantize_delta_avx2(const float *x, int64_t m, int64_t n, int64_t ld, int8_t *q, int64_t width, float *r,
-                               float widen, int64_t max_changes, int32_t *status, int32_t *changed,
+                               float widen, float band, int64_t max_changes, int32_t *status, int32_t *changed,
                                int32_t *old_codes, int32_t *new_codes, int32_t *count, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t i = 0; i < m; ++i) {
@@ -61,18 +82,23 @@ void seqep_quantize_delta_avx2(const float *x, int64_t m, int64_t n, int64_t ld,
         int64_t found = 0;
         int32_t *ch = changed + i * max_changes, *oc = old_codes + i * max_changes, *nc = new_codes + i * max_changes;
         for (int64_t j = 0; j < width; j += 32) {
+            const int64_t bytes = width - j < 32 ? width - j : 32; /* width is a multiple of 16 */
+            int8_t before[32] = {0};
+            if (keep)
+                memcpy(before, qi + j, (size_t)bytes);
             __m256i fresh;
             if (j + 32 <= n) {
-                fresh = codes32(xi + j, vinv);
+                fresh = keep && band > 0.0f ? codes32_banded(xi + j, vinv, before, band) : codes32(xi + j, vinv);
             } else { /* the tail: codes up to n, zeros to the padded width */
                 int8_t tail[32];
-                for (int64_t c = 0; c < 32; ++c) tail[c] = j + c < n ? (int8_t)lrintf(xi[j + c] * inv) : 0;
+                for (int64_t c = 0; c < 32; ++c) {
+                    const float v = j + c < n ? xi[j + c] * inv : 0.0f;
+                    const int moves = !keep || fabsf(v - (float)before[c]) > 0.5f + band;
+                    tail[c] = moves ? (int8_t)lrintf(v) : before[c];
+                }
                 fresh = _mm256_loadu_si256((const __m256i *)tail);
             }
-            const int64_t bytes = width - j < 32 ? width - j : 32; /* width is a multiple of 16 */
             if (keep) {
-                int8_t before[32] = {0};
-                memcpy(before, qi + j, (size_t)bytes);
                 const __m256i old = _mm256_loadu_si256((const __m256i *)before);
                 unsigned same = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(fresh, old)));
                 unsigned diff = ~same & ((1u << (bytes / 4)) - 1u);
