@@ -111,6 +111,8 @@ def relax(
         check_finite(net, state, phase, trace.steps)
         return state, trace
     refine = refine and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
+    if not nudged:
+        net.plan_free_phase(inputs, steps, tol)
     best, stalled = float("inf"), 0
     for _ in range(steps):
         if record_phi:
@@ -131,6 +133,7 @@ def relax(
             best = min(best, res)
             if (stalled >= REFINE_PATIENCE and res < REFINE_BELOW) or trace.steps == steps - REFINE_LAST:
                 inputs, state = net.nudge_start(inputs, state)
+                net.plan_free_phase(inputs, 0, tol)  # still the free phase: its last steps round plainly
                 trace.refined_at = trace.steps
     if trace.refined_at is not None:
         state = net.full_state(inputs, state)

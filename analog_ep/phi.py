@@ -192,6 +192,11 @@ class EPNet(nn.Module):
         """Drop the cached low-precision weight copies (memory; they are rebuilt on demand)."""
         _fast().release_low_precision(self)
 
+    def plan_free_phase(self, inputs: Inputs, steps: int, tol: float | None) -> None:
+        """Tell the fast path how a free phase will run (`lowp_phi.plan_free_phase`); the exact path needs nothing."""
+        if inputs.lowp is not None:
+            _fast().plan_free_phase(self, inputs, steps, tol)
+
     def nudge_start(self, inputs: Inputs, free: State, times: int = 1) -> tuple[Inputs, State]:
         """Inputs and starting state of the nudged phase(s), `times` copies of the batch (2 for ±β).
 

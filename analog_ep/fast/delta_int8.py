@@ -122,10 +122,12 @@ class ChangeProducts:
     codes that changed since the previous call (see the module's docstring). `down` is a kept buffer, valid until
     the next call: read it, do not write it (`up` and the row factors are the caller's)."""
 
-    def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32, band: float | None = None
-                 ) -> None:
+    def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32, band: float | None = None,
+                 band_steps: int | None = None) -> None:
         self.packed, self.down_dtype = packed, down_dtype
         self.band = BAND if band is None else band
+        self.band_steps = band_steps  # calls that round with the band (None: all), plain rounding after them
+        self.calls = 0
         self._lib = avx2_int8._loaded()
         self._h: _Operand | None = None
         self._x: _Operand | None = None
@@ -146,9 +148,11 @@ class ChangeProducts:
                 raise ValueError(f"change products: {name} must be a CPU (rows, {width}) matrix with as many rows "
                                  f"as h, got {tuple(t.shape)} on {t.device}")
         h_op, x_op = self._operands(h.shape[0])
-        changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), self.band)
+        band = self.band if self.band_steps is None or self.calls < self.band_steps else 0.0
+        self.calls += 1
+        changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), band)
         down_factor = torch.full_like(h_op.r, p.scale)  # h·W over the row factor: W's scale only
         _dequantise_into(self._lib, h_op, changed, down_factor, self.down)
-        moved = x_op.step(self._lib, x.to(torch.float32).contiguous(), self.band)
+        moved = x_op.step(self._lib, x.to(torch.float32).contiguous(), band)
         _dequantise_into(self._lib, x_op, moved, x_op.r * p.scale, self.up)
         return StepProducts(self.down, h_op.r.unsqueeze(1).clone(), self.up.clone(), changed)

@@ -38,11 +38,11 @@ EPNet = Any
 
 # the first synapse's int8 products (AVX2 kernels) follow the codes that changed from step to step (`delta_int8`)
 FOLLOW_CHANGES = True
-# The free phase's codes round plainly (no dead band): its fixed point s* is what the nudged phases are written
-# relative to, and a band there moved the EP update from float64's by 2.9° where plain rounding gave 1.1° (the
-# test network of tests/fast/test_delta_int8.py; 0.079° against 0.076° at imdb-paper). The nudged phases take
-# `delta_int8.BAND` (no measurable effect on the update, and their two-step code cycles stop).
-FREE_PHASE_BAND = 0.0
+# The free phase's last PLAIN_LAST steps round plainly (no dead band), and so does a free phase that may stop
+# early: its final state s* is what the nudged phases are written relative to, and a band to the end moved the EP
+# update from float64's by 2.9° where plain rounding gave 1.07° (the test network of tests/fast/test_delta_int8.py;
+# plain for the last 2 steps: 1.12°, 5: 1.05°). The nudged phases keep the band (no measurable effect there).
+PLAIN_LAST = 5
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype on the fast path
 CONTRAST_BLOCK = 8192  # columns per block of the first synapse's bf16 gradient product (fp32 output in place)
 
@@ -67,6 +67,9 @@ class LowPrecision:
     # both follow one relaxation (set on its first step, never carried into another phase's `LowPrecision`)
     changes: ChangeProducts | None = None
     projection: torch.Tensor | None = None
+    # steps whose codes round with the dead band (`delta_int8.BAND`); None: all (the nudged phases); the free
+    # phase's are set by `plan_free_phase`, and without a plan it rounds plainly
+    band_steps: int | None = 0
 
     def repeat(self, times: int) -> LowPrecision:
         if self.base is not None:
@@ -210,7 +213,7 @@ def _paired_products(net: EPNet, inputs: Inputs, state: State) -> PairedProducts
     x = state[0].reshape(state[0].shape[0], -1)
     if _follows_changes(net, lp):
         if lp.changes is None:
-            lp.changes = ChangeProducts(lp.weights[0].packed, lp.dtype, FREE_PHASE_BAND if lp.base is None else None)
+            lp.changes = ChangeProducts(lp.weights[0].packed, lp.dtype, band_steps=lp.band_steps)
         return PairedProducts(*lp.changes.down_up(h, x))
     absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
     return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
@@ -310,6 +313,12 @@ def _delta_projection(net: EPNet, lp: LowPrecision, delta_q: torch.Tensor | Quer
     return (net.activation(q + delta_q.to(torch.float32)) - net.activation(q)).to(lp.dtype)
 
 
+def plan_free_phase(net: EPNet, inputs: Inputs, steps: int, tol: float | None) -> None:
+    """`EPNet.plan_free_phase`: a free phase of `steps` steps rounds its codes with the dead band up to its last
+    PLAIN_LAST steps; one that may stop early (`tol`) rounds plainly throughout."""
+    inputs.lowp.band_steps = max(0, steps - PLAIN_LAST) if tol is None else 0
+
+
 # ------------------------------------------------------------------ nudged phases in difference form
 def nudge_start(net: EPNet, inputs: Inputs, free: State, times: int = 1) -> tuple[Inputs, State]:
     """`EPNet.nudge_start` on the fast path: the nudged states written relative to the free fixed point s*
@@ -323,9 +332,9 @@ def nudge_start(net: EPNet, inputs: Inputs, free: State, times: int = 1) -> tupl
         stacked.insert(0, torch.zeros(delta_shape, dtype=lp.dtype, device=free[0].device))
     base = _delta_base(net, inputs, free, times)
     if times == 1:
-        return replace(inputs, lowp=replace(lp, base=base, changes=None, projection=None)), stacked
+        return replace(inputs, lowp=replace(lp, base=base, changes=None, projection=None, band_steps=None)), stacked
     keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
-    lowp = LowPrecision(lp.dtype, lp.weights, keys, None, _copies(lp.flat_x, times), base)
+    lowp = LowPrecision(lp.dtype, lp.weights, keys, None, _copies(lp.flat_x, times), base, band_steps=None)
     # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and
     # x_query once (B rows: the contrast needs the free batch's); masks live in `lowp.keys` (its counts)
     rows = free[-1].shape[0] * times

@@ -56,7 +56,7 @@ def test_every_step_equals_the_dense_product_of_its_codes(k: int, n: int, rows: 
         down, up = _dense(packed, w, products)
         assert torch.equal(out.down, down.to(dtype)) and torch.equal(out.up, up)
         for op, v, before in ((products._h, h, scales[0]), (products._x, x, scales[1])):
-            codes = op.q[:, :v.shape[1]].float()  # within 0.5 + BAND steps of the values, plainly rounded on a new scale
+            codes = op.q[:, :v.shape[1]].float()  # within 0.5 + band steps of the values; plain on a new scale
             assert bool(((v / op.r.unsqueeze(1) - codes).abs() <= 0.5 + products.band + 1e-4).all())
             fresh = op.r != before
             assert torch.equal(codes[fresh], torch.round(v[fresh] * (1 / op.r[fresh].unsqueeze(1))))
@@ -183,3 +183,47 @@ def test_unchanged_samples_retrieve_what_they_retrieved_before() -> None:
     d2 = distinct.delta_retrieve(base, Query(q2 * 0.01, None, changed), previous=d1)
     assert torch.equal(d2[~changed], d1[~changed])
     assert torch.allclose(d2[changed], distinct.delta_retrieve(base, Query(q2 * 0.01))[changed], atol=1e-7, rtol=0)
+
+
+@needs_avx2
+def test_the_band_holds_for_the_planned_steps_then_codes_round_plainly() -> None:
+    """`band_steps`: the free phase's codes keep the dead band up to its last steps (`lowp_phi.PLAIN_LAST`), then
+    round plainly, so that the fixed point the nudged phases start from is plainly rounded."""
+    packed = avx2_int8.PackedInt8Avx2(torch.randn(4, 64))
+    products = ChangeProducts(packed, band=0.25, band_steps=3)
+    h, x = torch.full((1, 4), 0.5), torch.full((1, 64), 0.5)
+    x[0, 0] = 1.0  # r = 1/127
+    for value in (10.4, 10.7, 10.7):  # call 1 on a new scale (plain), calls 2-3 banded: the code stays
+        x[0, 5] = value / 127
+        products.down_up(h, x)
+        assert int(products._x.q[0, 5]) == 10
+    assert products.calls == 3
+    products.down_up(h, x)
+    assert int(products._x.q[0, 5]) == 11
+
+
+@needs_avx2
+def test_a_free_phase_plans_its_band_and_the_nudged_phases_keep_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from analog_ep.dynamics import free_phase
+    from analog_ep.estimators import EPConfig, ep_symmetric
+    from tests.helpers import random_inputs, small_net
+
+    monkeypatch.setenv("SEQEP_INT8_KERNEL", "avx2")
+    net = small_net("imdb", schedule="synchronous")
+    x, y = random_inputs(net.spec, 4, dtype=torch.float32)
+    inputs = net.prepare(x, "int8")
+    free_phase(net, inputs, 12, track=False)
+    assert inputs.lowp.changes.band_steps == 12 - lowp_phi.PLAIN_LAST and inputs.lowp.changes.calls == 12
+    inputs = net.prepare(x, "int8")
+    free_phase(net, inputs, 12, tol=1e-4, track=False)
+    assert inputs.lowp.changes.band_steps == 0  # may stop early: plain rounding throughout
+    bands = []
+    init = ChangeProducts.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bands.append(self.band_steps)
+
+    monkeypatch.setattr(ChangeProducts, "__init__", recorded)
+    ep_symmetric(net, x, y, EPConfig(0.1, 12, 4, precision="int8"))
+    assert bands == [12 - lowp_phi.PLAIN_LAST, None]  # free phase, then the ±β phases banded throughout
