@@ -57,7 +57,7 @@ def relax(
     track: bool = True,
     record_phi: bool = False,
     residual: str = "all",
-    refine: bool = True,
+    refine: bool | str = True,
 ) -> tuple[State, RelaxTrace]:
     """Run up to `steps` synchronous updates; stop early once the residual is below `tol`.
 
@@ -71,14 +71,15 @@ def relax(
 
     Fast path (`inputs.lowp`, residuals tracked): bf16 rounding makes the plain iteration dither at
     ~1e-4–1e-3, above useful tolerances, around a fixed point off by as much. Once the residual stops
-    falling (REFINE_PATIENCE steps without halving its best value, below REFINE_BELOW), and in any case
-    for the last REFINE_LAST steps, the relaxation continues in the difference form of
+    falling (REFINE_PATIENCE steps without halving its best value, below REFINE_BELOW; not with
+    `refine="last"`), and in any case for the last REFINE_LAST steps, the relaxation continues in the difference
+    form of
     `EPNet.nudge_start` around the current state, whose steps are exact to fp32 relative to the (small)
     remaining motion: it converges like the fp32 path, to a fixed point as sharp as fp32's, at the same
     cost per step, and the nudged phases (written around that point) start from a true fixed point of
-    the dynamics they run, which two-phase EP needs. The state returned is in full form. `refine=False`
-    skips it: symmetric EP without early exit does not need it (an offset of s* moves s⁺ and s⁻ alike and
-    cancels in their contrast: the same angle to float64 either way, 0.53° / 0.37° at the paper shapes).
+    the dynamics they run, which two-phase EP needs, and symmetric EP too once a network is trained (an offset
+    of s* moves s⁺ and s⁻ alike only to first order: `estimators._free` has the measurements). The state
+    returned is in full form. `refine=False` skips it.
 
     Example:
         >>> import torch
@@ -110,7 +111,8 @@ def relax(
                                                            tol, track, residual)
         check_finite(net, state, phase, trace.steps)
         return state, trace
-    refine = refine and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
+    stall_refine = refine != "last"
+    refine = bool(refine) and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
     if not nudged:
         net.plan_free_phase(inputs, steps, tol)
     best, stalled = float("inf"), 0
@@ -131,9 +133,10 @@ def relax(
             res = trace.residuals[-1]
             stalled = 0 if res < 0.5 * best else stalled + 1
             best = min(best, res)
-            if (stalled >= REFINE_PATIENCE and res < REFINE_BELOW) or trace.steps == steps - REFINE_LAST:
+            stalled_out = stall_refine and stalled >= REFINE_PATIENCE and res < REFINE_BELOW
+            if stalled_out or trace.steps == steps - REFINE_LAST:
                 inputs, state = net.nudge_start(inputs, state)
-                net.plan_free_phase(inputs, 0, tol)  # still the free phase: its last steps round plainly
+                net.plan_free_phase(inputs, steps - trace.steps, tol)  # still the free phase: what is left of it
                 trace.refined_at = trace.steps
     if trace.refined_at is not None:
         state = net.full_state(inputs, state)
@@ -144,7 +147,7 @@ def relax(
 
 def free_phase(
     net: EPNet, inputs: Inputs, steps: int, tol: float | None = None, track: bool = True, record_phi: bool = False,
-    residual: str = "all", refine: bool = True,
+    residual: str = "all", refine: bool | str = True,
 ) -> tuple[State, RelaxTrace]:
     """β = 0 from the zero state: the network's prediction is the output at this fixed point."""
     return relax(net, inputs, net.zero_state(inputs.batch_size), steps, tol=tol, track=track, record_phi=record_phi,

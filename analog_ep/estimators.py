@@ -85,13 +85,16 @@ def _residual(cfg: EPConfig) -> str:
     return "all" if cfg.precision == "fp32" and not cfg.fold else "fc"
 
 
-def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, exact_fixed_point: bool = True):
-    """Free phase of an estimator. `exact_fixed_point=False`: the fast path may end where bf16 dithers
-    (see `dynamics.relax`), unless early exit needs the sharper residual."""
+def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, refine: bool | str = True):
+    """Free phase of an estimator. On the fast path it ends in the difference form of the nudged phases (see
+    `dynamics.relax`), so that they start from a fixed point of the dynamics they run. One-sided EP needs it from
+    the stall on (`refine=True`); symmetric EP needs it too once the network is trained, and for the last steps
+    only (`refine="last"`: int8 at imdb-paper after 55 training batches, 13.3° from the float64 update without
+    it, 0.17° with the last 5 steps, 0.42° from the stall on; 0.19° and 0.03° on the untrained network)."""
     inputs = net.prepare(x, cfg.precision, fold=cfg.fold)
     target = one_hot_target(labels, net.spec.num_classes, inputs_dtype(net))
     state, trace = free_phase(net, inputs, cfg.free_steps, tol=cfg.tol, residual=_residual(cfg),
-                              refine=exact_fixed_point or cfg.tol is not None)
+                              refine=refine if cfg.tol is None else True)
     return inputs, target, state, trace
 
 
@@ -141,7 +144,7 @@ def ep_two_phase(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfi
 
 @torch.no_grad()
 def ep_symmetric(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, set_grad: bool = True) -> Estimate:
-    inputs, target, free, trace = _free(net, x, labels, cfg, exact_fixed_point=False)
+    inputs, target, free, trace = _free(net, x, labels, cfg, refine="last")
     B = x.shape[0]
     inputs2, start = net.nudge_start(inputs, free, times=2)  # +β rows then −β rows, one batch
     betas = signed_coef(B, cfg.beta, free[-1]).view(-1, 1)

@@ -36,7 +36,11 @@ from analog_ep.fast import avx2_int8
 from analog_ep.fast.avx2_int8 import STRIP, PackedInt8Avx2
 
 WIDEN = 4.0  # a row keeps its scale r while max|x| lies in [127 r / WIDEN, 127 r]: at most 2 bits coarser
-BAND = 0.25  # a kept row's code moves only where its value left it by more than 0.5 + BAND steps (see below)
+# a kept row's code moves only where its value left it by more than 0.5 + band steps (see below). The ±β phases of
+# symmetric EP take PAIRED_BAND (their contrast is measured no further from float64 with it); a one-sided nudge
+# with a small β does not (two-phase EP's GDU angle at β = 0.01: 3.6° with 0.25, 0.05° with 0.1)
+BAND = 0.1
+PAIRED_BAND = 0.25
 DENSE_SHARE = 16  # a row with more than 1/DENSE_SHARE of its groups of 4 codes changed is recomputed whole
 
 
@@ -118,41 +122,60 @@ def _dequantise_into(lib, op: _Operand, rows: torch.Tensor, factor: torch.Tensor
 
 
 class ChangeProducts:
-    """`Int8Weight.down_up` for the steps of one relaxation: h·W (as values over a row factor) and x·Wᵀ, from the
-    codes that changed since the previous call (see the module's docstring). `down` is a kept buffer, valid until
-    the next call: read it, do not write it (`up` and the row factors are the caller's)."""
+    """`Int8Weight`'s two products for the steps of one relaxation, from the codes that changed since the previous
+    step (see the module's docstring): `down` (h·W over a row factor, and which rows changed) once a step, `up`
+    (x·Wᵀ) once a step, or both from one state (`down_up`). The values `down` returns are a kept buffer, valid
+    until the next step: read them, do not write them (`up`'s result and the row factors are the caller's)."""
 
     def __init__(self, packed: PackedInt8Avx2, down_dtype: torch.dtype = torch.float32, band: float | None = None,
                  band_steps: int | None = None) -> None:
         self.packed, self.down_dtype = packed, down_dtype
         self.band = BAND if band is None else band
-        self.band_steps = band_steps  # calls that round with the band (None: all), plain rounding after them
-        self.calls = 0
+        self.band_steps = band_steps  # steps that round with the band (None: all), plain rounding after them
+        self.calls = 0  # steps so far (`down` calls)
         self._lib = avx2_int8._loaded()
         self._h: _Operand | None = None
         self._x: _Operand | None = None
+        self.rows = 0
+
+    def _check(self, t: torch.Tensor, width: int, name: str) -> None:
+        if t.dim() != 2 or t.shape[1] != width or t.device.type != "cpu" or (self.rows and t.shape[0] != self.rows):
+            rows = self.rows or "rows"
+            raise ValueError(f"change products: {name} must be a CPU ({rows}, {width}) matrix (as many rows as the "
+                             f"relaxation's other operand), got {tuple(t.shape)} on {t.device}")
 
     def _operands(self, rows: int) -> tuple[_Operand, _Operand]:
-        p = self.packed
-        if self._h is None or self._h.rows != rows:  # a new batch size: no previous codes to follow
+        if self._h is None:
+            p = self.packed
+            self.rows = rows
             self._h = _Operand(rows, p.Kp, p.K, p.down_layout, p.Np // STRIP, p.N)
             self._x = _Operand(rows, p.Np, p.N, p.up_layout, p.Kp // STRIP, p.K)
-            self.down = torch.zeros(rows, p.N, dtype=self.down_dtype)
-            self.up = torch.zeros(rows, p.K, dtype=torch.float32)
+            self._down = torch.zeros(rows, p.N, dtype=self.down_dtype)
+            self._up = torch.zeros(rows, p.K, dtype=torch.float32)
         return self._h, self._x
 
-    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> StepProducts:
-        p = self.packed
-        for t, width, name in ((h, p.K, "h"), (x, p.N, "x")):
-            if t.dim() != 2 or t.shape[1] != width or t.shape[0] != h.shape[0] or t.device.type != "cpu":
-                raise ValueError(f"change products: {name} must be a CPU (rows, {width}) matrix with as many rows "
-                                 f"as h, got {tuple(t.shape)} on {t.device}")
-        h_op, x_op = self._operands(h.shape[0])
-        band = self.band if self.band_steps is None or self.calls < self.band_steps else 0.0
+    def _band(self) -> float:
+        return self.band if self.band_steps is None or self.calls <= self.band_steps else 0.0
+
+    def down(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step's h·W over its row factor: (values, r (M, 1), changed (M,) bool: rows whose values moved)."""
+        self._check(h, self.packed.K, "h")
+        h_op, _ = self._operands(h.shape[0])
         self.calls += 1
-        changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), band)
-        down_factor = torch.full_like(h_op.r, p.scale)  # h·W over the row factor: W's scale only
-        _dequantise_into(self._lib, h_op, changed, down_factor, self.down)
-        moved = x_op.step(self._lib, x.to(torch.float32).contiguous(), band)
-        _dequantise_into(self._lib, x_op, moved, x_op.r * p.scale, self.up)
-        return StepProducts(self.down, h_op.r.unsqueeze(1).clone(), self.up.clone(), changed)
+        changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), self._band())
+        _dequantise_into(self._lib, h_op, changed, torch.full_like(h_op.r, self.packed.scale), self._down)
+        return self._down, h_op.r.unsqueeze(1).clone(), changed
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """One step's x·Wᵀ (fp32)."""
+        self._check(x, self.packed.N, "x")
+        _, x_op = self._operands(x.shape[0])
+        moved = x_op.step(self._lib, x.to(torch.float32).contiguous(), self._band())
+        _dequantise_into(self._lib, x_op, moved, x_op.r * self.packed.scale, self._up)
+        return self._up.clone()
+
+    def down_up(self, h: torch.Tensor, x: torch.Tensor) -> StepProducts:
+        """Both products from one state (the synchronous schedule)."""
+        self._check(x, self.packed.N, "x")
+        down, r, changed = self.down(h)
+        return StepProducts(down, r, self.up(x), changed)

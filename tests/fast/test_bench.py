@@ -295,15 +295,18 @@ def test_fast_nudged_dynamics_start_at_a_fixed_point():
         assert float((a.float() - b.float()).abs().max()) < 1e-5
 
 
-def test_symmetric_ep_skips_the_difference_form_ending_unless_early_exit_needs_it():
-    """±β contrasts cancel an offset of s*: without early exit the free phase need not end in the (costlier)
-    difference form; with a tolerance it must, or the bf16 residual never gets below it."""
+def test_symmetric_ep_ends_its_free_phase_in_the_difference_form_for_the_last_steps():
+    """The nudged phases start from a fixed point of the dynamics they run: symmetric EP's free phase takes the
+    difference form for its last REFINE_LAST steps (from the stall on only where early exit needs the sharper
+    residual, or the bf16 residual never gets below the tolerance)."""
+    from analog_ep.dynamics import REFINE_LAST
+
     net = small_net(schedule="synchronous")
     x, y = random_inputs(net.spec, 8, dtype=torch.float32)
     plain = ep_symmetric(net, x, y, EPConfig(0.1, 40, 15, precision="bf16"), set_grad=False)
-    assert plain.free_trace.refined_at is None and plain.free_trace.steps == 40
+    assert plain.free_trace.refined_at == 40 - REFINE_LAST and plain.free_trace.steps == 40
     early = ep_symmetric(net, x, y, EPConfig(0.1, 40, 15, precision="bf16", tol=1e-5), set_grad=False)
-    assert early.free_trace.refined_at is not None and early.free_trace.final_residual < 1e-5
+    assert early.free_trace.refined_at < 40 - REFINE_LAST and early.free_trace.final_residual < 1e-5
     assert angle_deg(flat(plain.grads), flat(early.grads)) < 1.0
 
 

@@ -15,8 +15,6 @@
  *   down layout: [Np/16 strips][Kp/4 groups][16 n][4 k]   (strip j = outputs 16j..16j+15 of h·W)
  * Activation buffers are zero-padded to a multiple of 4 rows and to the padded width.
  */
-#include <math.h>
-
 #include "int8_avx2.h"
 
 /* Round-to-nearest-even fp32 -> bf16 bits, as torch converts finite values. */
@@ -39,29 +37,13 @@ void seqep_quantize_rows_avx2(const float *x, int64_t m, int64_t n, int64_t ld, 
             continue;
         }
         const float *xi = x + i * ld;
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 mx = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xi + j)));
-        float amax = 0.0f, lanes[8];
-        _mm256_storeu_ps(lanes, mx);
-        for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
-        for (; j < n; ++j) amax = fabsf(xi[j]) > amax ? fabsf(xi[j]) : amax;
+        const float amax = row_absmax(xi, n);
         const float ri = amax > 0.0f ? amax / 127.0f : 1.0f;
         r[i] = ri;
         const float inv = 1.0f / ri;
         const __m256 vinv = _mm256_set1_ps(inv);
-        j = 0;
-        for (; j + 32 <= n; j += 32) { /* 4 x 8 floats -> 32 int8, in order */
-            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xi + j), vinv));
-            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xi + j + 8), vinv));
-            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xi + j + 16), vinv));
-            __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xi + j + 24), vinv));
-            __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
-            __m256i abcd = _mm256_packs_epi16(ab, cd);
-            abcd = _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)(qi + j), abcd);
-        }
+        int64_t j = 0;
+        for (; j + 32 <= n; j += 32) _mm256_storeu_si256((__m256i *)(qi + j), codes32(xi + j, vinv));
         for (; j < n; ++j) qi[j] = (int8_t)lrintf(xi[j] * inv);
         if (width > n) memset(qi + n, 0, (size_t)(width - n));
     }

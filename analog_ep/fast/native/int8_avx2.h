@@ -1,8 +1,10 @@
 /* The int8 micro-kernel of the AVX2 set, shared by the dense products (int8_avx2.c) and the products that
- * follow a state's changes (int8_delta_avx2.c): see int8_avx2.c for the layouts and why it is exact. */
+ * follow a state's changes (int8_delta_avx2.c), and the row quantiser's parts: see int8_avx2.c for the layouts
+ * and why the products are exact. */
 #ifndef SEQEP_INT8_AVX2_H
 #define SEQEP_INT8_AVX2_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -39,6 +41,29 @@ static inline void micro_4x16(const int8_t *A, int64_t lda, const int8_t *B, int
     _mm256_storeu_si256((__m256i *)(acc + 16), c10); _mm256_storeu_si256((__m256i *)(acc + 24), c11);
     _mm256_storeu_si256((__m256i *)(acc + 32), c20); _mm256_storeu_si256((__m256i *)(acc + 40), c21);
     _mm256_storeu_si256((__m256i *)(acc + 48), c30); _mm256_storeu_si256((__m256i *)(acc + 56), c31);
+}
+
+/* 32 floats quantised by `inv` to int8 in order (round half to even; |x·inv| <= 127 here, packs saturate). */
+static inline __m256i codes32(const float *x, __m256 inv) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inv));
+    const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), inv));
+    const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), inv));
+    const __m256i abcd = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* max |x| over a row of n floats. */
+static inline float row_absmax(const float *x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    float amax = 0.0f, lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
+    for (; j < n; ++j) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    return amax;
 }
 
 #endif

@@ -18,19 +18,7 @@
  * `groups` groups of 4 inputs x 16 outputs, 64 bytes each); acc rows hold the int32 sums of all `strips` x 16
  * outputs, `acc_ld` apart.
  */
-#include <math.h>
-
 #include "int8_avx2.h"
-
-/* 32 floats quantised by `inv` to int8 in order (round half to even; |x·inv| <= 127 here, packs saturate). */
-static inline __m256i codes32(const float *x, __m256 inv) {
-    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
-    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inv));
-    const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), inv));
-    const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), inv));
-    const __m256i abcd = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-    return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
 
 /* 32 floats against their previous codes `old` (int8), with a dead band: a code moves to round(x·inv) only where
  * x·inv is more than 0.5 + band from it, so values that hover about a rounding boundary do not flip it back
@@ -48,18 +36,6 @@ static inline __m256i codes32_banded(const float *x, __m256 inv, const int8_t *o
     }
     const __m256i abcd = _mm256_packs_epi16(_mm256_packs_epi32(part[0], part[1]), _mm256_packs_epi32(part[2], part[3]));
     return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-static float row_absmax(const float *x, int64_t n) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 mx = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
-    float amax = 0.0f, lanes[8];
-    _mm256_storeu_ps(lanes, mx);
-    for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
-    for (; j < n; ++j) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
-    return amax;
 }
 
 /* Rows of x (m x n fp32, `ld` floats apart) against their previous codes q (m x width int8, zero-padded; updated
