@@ -89,7 +89,7 @@ def _free(net: EPNet, x: torch.Tensor, labels: torch.Tensor, cfg: EPConfig, refi
     """Free phase of an estimator. On the fast path it ends in the difference form of the nudged phases (see
     `dynamics.relax`), so that they start from a fixed point of the dynamics they run. One-sided EP needs it from
     the stall on (`refine=True`); symmetric EP needs it too once the network is trained, and for the last steps
-    only (`refine="last"`: int8 at imdb-paper after 55 training batches, 13.3° from the float64 update without
+    only (`refine="last"`: int8 at imdb-paper after 100 training batches, 13.3° from the float64 update without
     it, 0.17° with the last 5 steps, 0.42° from the stall on; 0.19° and 0.03° on the untrained network)."""
     inputs = net.prepare(x, cfg.precision, fold=cfg.fold)
     target = one_hot_target(labels, net.spec.num_classes, inputs_dtype(net))
