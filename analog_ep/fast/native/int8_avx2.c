@@ -139,13 +139,7 @@ void seqep_up_int8_avx2(const int8_t *qx, const float *r, const int8_t *up, int6
         int32_t *acc = (int32_t *)_mm_malloc((size_t)Mp * STRIP * sizeof(int32_t), 64);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < Kp / STRIP; ++j) {
-            const int8_t *strip = up + j * groups * 64;
-            memset(acc, 0, (size_t)Mp * STRIP * sizeof(int32_t));
-            for (int64_t g0 = 0; g0 < groups; g0 += UP_GROUPS) {
-                const int64_t gn = groups - g0 < UP_GROUPS ? groups - g0 : UP_GROUPS;
-                for (int64_t m = 0; m < Mp; m += ROWS)
-                    micro_4x16(qx + m * Np + 4 * g0, Np, strip + 64 * g0, gn, acc + m * STRIP);
-            }
+            strip_sums(qx, Mp, Np, up + j * groups * 64, groups, acc);
             for (int64_t m = 0; m < M; ++m) {
                 const float f = r[m] * scale;
                 for (int64_t c = 0; c < STRIP && j * STRIP + c < K; ++c)

@@ -43,6 +43,19 @@ static inline void micro_4x16(const int8_t *A, int64_t lda, const int8_t *B, int
     _mm256_storeu_si256((__m256i *)(acc + 48), c30); _mm256_storeu_si256((__m256i *)(acc + 56), c31);
 }
 
+/* One strip's int32 sums for `rows` rows (a multiple of ROWS) of A (`width` bytes apart, width = 4 · groups):
+ * part[r][0..15] = Σ_g A[r, 4g..4g+3] · strip[g], in passes of UP_GROUPS groups (the strip's part stays in L1/L2
+ * across the rows). */
+static inline void strip_sums(const int8_t *A, int64_t rows, int64_t width, const int8_t *strip, int64_t groups,
+                              int32_t *part) {
+    memset(part, 0, (size_t)rows * STRIP * sizeof(int32_t));
+    for (int64_t g0 = 0; g0 < groups; g0 += UP_GROUPS) {
+        const int64_t gn = groups - g0 < UP_GROUPS ? groups - g0 : UP_GROUPS;
+        for (int64_t i = 0; i < rows; i += ROWS)
+            micro_4x16(A + i * width + 4 * g0, width, strip + 64 * g0, gn, part + i * STRIP);
+    }
+}
+
 /* 32 floats quantised by `inv` to int8 in order (round half to even; |x·inv| <= 127 here, packs saturate). */
 static inline __m256i codes32(const float *x, __m256 inv) {
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));

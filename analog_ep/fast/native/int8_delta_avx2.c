@@ -116,13 +116,7 @@ void seqep_int8_rows_avx2(const int8_t *q, int64_t width, const int64_t *rows, i
         int32_t *part = (int32_t *)_mm_malloc((size_t)padded * STRIP * sizeof(int32_t), 64);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < strips; ++j) {
-            const int8_t *strip = layout + j * groups * 64;
-            memset(part, 0, (size_t)padded * STRIP * sizeof(int32_t));
-            for (int64_t g0 = 0; g0 < groups; g0 += UP_GROUPS) {
-                const int64_t gn = groups - g0 < UP_GROUPS ? groups - g0 : UP_GROUPS;
-                for (int64_t i = 0; i < padded; i += ROWS)
-                    micro_4x16(a + i * width + 4 * g0, width, strip + 64 * g0, gn, part + i * STRIP);
-            }
+            strip_sums(a, padded, width, layout + j * groups * 64, groups, part);
             for (int64_t i = 0; i < nrows; ++i)
                 memcpy(acc + rows[i] * acc_ld + j * STRIP, part + i * STRIP, STRIP * sizeof(int32_t));
         }
