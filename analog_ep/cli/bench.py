@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "AVX512-BF16 or AMX; refused on a CPU without bf16 instructions, where torch emulates bf16 "
                         "26-49x slower than fp32: bf16-emulated runs it anyway); int8: the large FC weights in int8 "
                         "with our AMX kernels (the fastest at both paper shapes on an AMX CPU) or our AVX2 kernels "
-                        "(about twice the fp32 rate on a CPU without AMX); refused where neither loads, since "
+                        "(about twice the fp32 rate on a CPU without AMX, and from step to step only the rows and "
+                        "codes that changed: the report's change_products); refused where neither loads, since "
                         "oneDNN's int8 kernels take hundreds of times as long there: int8-library runs them "
                         "anyway. With --accuracy: the fast mode compared with the exact path")
     p.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=False,
