@@ -6,7 +6,9 @@ steps of one relaxation and updates them from the groups of codes that changed (
 the result is the dense product of the new codes, bit for bit. What differs from the dense int8 path is the
 scale: a row keeps its scale while its largest value stays within a factor `WIDEN` of it (so its codes can stay
 the same), which costs at most log2(WIDEN) bits of resolution; a row whose values outgrow it, or that changes
-many codes, is recomputed whole.
+many codes, is recomputed whole. And a kept row's code moves only where its value left it by more than 0.5 + band
+steps (a dead band): quantised synchronous dynamics otherwise settle into two-step cycles, values hovering about a
+rounding boundary and flipping its code at every step (at imdb-paper 12-15 of 32 rows, to the last step).
 
 One object per relaxation and operand pair (`lowp_phi` keeps it in `LowPrecision`); rows are the batch's.
 
@@ -36,9 +38,9 @@ from analog_ep.fast import avx2_int8
 from analog_ep.fast.avx2_int8 import STRIP, PackedInt8Avx2
 
 WIDEN = 4.0  # a row keeps its scale r while max|x| lies in [127 r / WIDEN, 127 r]: at most 2 bits coarser
-# a kept row's code moves only where its value left it by more than 0.5 + band steps (see below). The ±β phases of
-# symmetric EP take PAIRED_BAND (their contrast is measured no further from float64 with it); a one-sided nudge
-# with a small β does not (two-phase EP's GDU angle at β = 0.01: 3.6° with 0.25, 0.05° with 0.1)
+# the dead band, in steps of a code (see above; a free phase's last steps round plainly: `lowp_phi.PLAIN_LAST`).
+# The ±β phases of symmetric EP take PAIRED_BAND (their contrast is measured no further from float64 with it); a
+# one-sided nudge with a small β does not (two-phase EP's GDU angle at β = 0.01: 3.6° with 0.25, 0.05° with 0.1)
 BAND = 0.1
 PAIRED_BAND = 0.25
 DENSE_SHARE = 16  # a row with more than 1/DENSE_SHARE of its groups of 4 codes changed is recomputed whole
