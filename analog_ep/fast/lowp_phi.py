@@ -41,7 +41,7 @@ FOLLOW_CHANGES = True
 # The free phase's last PLAIN_LAST steps round plainly (no dead band), and so does a free phase that may stop
 # early: its final state s* is what the nudged phases are written relative to, and a band to the end moved the EP
 # update from float64's by 2.9° where plain rounding gave 1.07° (the test network of tests/fast/test_delta_int8.py;
-# plain for the last 2 steps: 1.12°, 5: 1.05°). The nudged phases keep the band (no measurable effect there).
+# plain for the last 2 steps: 1.12°, 5: 1.05°). The nudged phases keep their band (`delta_int8.BAND`, PAIRED_BAND).
 PLAIN_LAST = 5
 LOWP_MIN_WEIGHTS = 1 << 16  # synapses with fewer weights keep the parameters' dtype on the fast path
 CONTRAST_BLOCK = 8192  # columns per block of the first synapse's bf16 gradient product (fp32 output in place)
@@ -70,7 +70,6 @@ class LowPrecision:
     # steps whose codes round with the dead band (`delta_int8.BAND`); None: all (the nudged phases); the free
     # phase's are set by `plan_free_phase`, and without a plan it rounds plainly
     band_steps: int | None = 0
-    follow_changes: bool = True  # False: the dense products (a free phase's refinement, `plan_free_phase`)
 
     def repeat(self, times: int) -> LowPrecision:
         if self.base is not None:
@@ -224,8 +223,8 @@ def _change_products(net: EPNet, lp: LowPrecision) -> ChangeProducts | None:
     step, where they run: int8 on our AVX2 kernels, with attention (whose retrieval of a sample with an unchanged
     query is skipped too); else None."""
     w = lp.weights[0]
-    if not (FOLLOW_CHANGES and lp.follow_changes and net.spec.attention and isinstance(w, Int8Weight)
-            and w.kernel == "avx2" and lp.keys is not None):
+    if not (FOLLOW_CHANGES and net.spec.attention and isinstance(w, Int8Weight) and w.kernel == "avx2"
+            and lp.keys is not None):
         return None
     if lp.changes is None:
         band = delta_int8.PAIRED_BAND if lp.base is not None and lp.base.paired else delta_int8.BAND
@@ -327,13 +326,9 @@ def _delta_projection(net: EPNet, lp: LowPrecision, delta_q: torch.Tensor | Quer
 
 def plan_free_phase(net: EPNet, inputs: Inputs, steps: int, tol: float | None) -> None:
     """`EPNet.plan_free_phase`: a free phase of `steps` steps rounds its codes with the dead band up to its last
-    PLAIN_LAST steps; one that may stop early (`tol`) rounds plainly throughout. The free phase's last steps in
-    the difference form (`dynamics.relax`'s refinement) take the dense products: with the change products' kept
-    scales there, two-phase EP's GDU angle was 3.6° where the dense products give 0.38° (tests/fast/test_bench.py's
-    network, β = 0.01)."""
-    lp = inputs.lowp
-    lp.band_steps = max(0, steps - PLAIN_LAST) if tol is None else 0
-    lp.follow_changes = lp.base is None
+    PLAIN_LAST steps; one that may stop early (`tol`) rounds plainly throughout. Planned again for what is left when
+    the free phase continues in the difference form (`dynamics.relax`'s refinement)."""
+    inputs.lowp.band_steps = max(0, steps - PLAIN_LAST) if tol is None else 0
 
 
 # ------------------------------------------------------------------ nudged phases in difference form
@@ -349,8 +344,7 @@ def nudge_start(net: EPNet, inputs: Inputs, free: State, times: int = 1) -> tupl
         stacked.insert(0, torch.zeros(delta_shape, dtype=lp.dtype, device=free[0].device))
     base = _delta_base(net, inputs, free, times)
     if times == 1:
-        return replace(inputs, lowp=replace(lp, base=base, changes=None, projection=None, band_steps=None,
-                                            follow_changes=True)), stacked
+        return replace(inputs, lowp=replace(lp, base=base, changes=None, projection=None, band_steps=None)), stacked
     keys = None if lp.keys is None else lp.keys.repeat(times, constants=False)
     lowp = LowPrecision(lp.dtype, lp.weights, keys, None, _copies(lp.flat_x, times), base, band_steps=None)
     # only what the nudged steps and the ∂Φ/∂θ contrast read: no copies of the fp32 keys and query drive, and

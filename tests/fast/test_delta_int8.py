@@ -231,4 +231,6 @@ def test_a_free_phase_plans_its_band_and_the_nudged_phases_keep_it(monkeypatch: 
 
     monkeypatch.setattr(ChangeProducts, "__init__", recorded)
     ep_symmetric(net, x, y, EPConfig(0.1, 12, 4, precision="int8"))
-    assert bands == [12 - lowp_phi.PLAIN_LAST, None]  # free phase, then the ±β phases banded throughout
+    # the free phase banded up to its ending in the difference form (`dynamics.REFINE_LAST` steps, planned plain),
+    # then the ±β phases banded throughout
+    assert bands == [12 - lowp_phi.PLAIN_LAST, 0, None]
