@@ -432,7 +432,9 @@ def symmetric_contrast(net: EPNet, inputs: Inputs, nudged: State, scale: float) 
 def _projection_contrast(net: EPNet, inputs: Inputs, nudged: State, scale: float) -> dict[str, torch.Tensor]:
     """scale · Σ (s⁺ − s⁻) x_tᵀ for W₀ (or Σ (s⁺ − s⁻) for learned queries), from the projection's δ±."""
     half = nudged[-1].shape[0] // 2
-    diff = nudged[0][:half].to(net.biases[0].dtype).sub_(nudged[0][half:])  # s⁺ − s⁻ of the projection layer
+    # s⁺ − s⁻ of the projection layer, in a new tensor: where the projection states already have the params' dtype
+    # (int8 on a CPU without bf16 instructions) `.to` returns δ⁺ itself, which the first synapse's contrast reads next
+    diff = nudged[0][:half].to(net.biases[0].dtype, copy=True).sub_(nudged[0][half:])
     if net.proj_query is not None:
         return {"proj_query": diff.sum(0).mul_(scale)}
     # x_query: the free batch's B rows (`nudge_start`); per projection where streams repeat, so that no

@@ -1,5 +1,6 @@
 """`seqep bench` and the fast (bf16, early-exit) path: report fields, FLOP count, gradient fidelity, exact path."""
 
+import copy
 import json
 import math
 
@@ -239,24 +240,43 @@ def test_shapes_build_from_the_presets():
     assert 3.6e12 < flops < 3.8e12  # ~3.7 TFLOP per training batch at the paper's IMDB shape
 
 
-def test_symmetric_contrast_reads_the_difference_form():
+@pytest.mark.parametrize("precision, companion", [("bf16", torch.bfloat16), ("int8", torch.float32)])
+def test_symmetric_contrast_reads_the_difference_form(monkeypatch: pytest.MonkeyPatch, precision: str,
+                                                      companion: torch.dtype):
+    """The contrast read from the difference form is the exact formula on the same nudged states, and leaves them
+    as they were. int8 with fp32 projection states is what a CPU without bf16 instructions runs: there the
+    projection's δ± have the parameters' dtype, so an in-place step on a `.to(dtype)` of them would edit δ⁺ itself
+    (it did: the first synapse's contrast then read δ⁺ − δ⁻ for δ⁺, 9° off float64 on a trained SNLI network)."""
+    from analog_ep.dynamics import relax
+    from analog_ep.fast import lowp_weights
+
+    if precision == "int8" and not int8_available():
+        pytest.skip("no int8 kernel set works here")
+    monkeypatch.setattr(lowp_weights, "lowp_dtype", lambda device="cpu": companion)
     net = small_net()
     x, y = random_inputs(net.spec, 6, dtype=torch.float32)
-    inputs = net.prepare(x, "bf16")
+    inputs = net.prepare(x, precision)
+    assert inputs.lowp.dtype == companion
     free, _ = free_phase(net, inputs, 30)
     inputs2, start = net.nudge_start(inputs, free, times=2)
     betas = torch.cat([torch.full((6, 1), 0.1), torch.full((6, 1), -0.1)])
     target = torch.nn.functional.one_hot(y, 2).float().repeat(2, 1)
-    from analog_ep.dynamics import relax
-
     nudged, _ = relax(net, inputs2, start, 10, beta=betas, target=target)
+    kept = [s.clone() for s in nudged]
     fast = net.symmetric_contrast(inputs2, nudged, -0.5)
-    full = net.full_state(inputs2, nudged)
-    coef = torch.cat([torch.full((6,), -0.5), torch.full((6,), 0.5)])
-    exact = net.phi_param_grads(inputs.repeat(2), full, coef)
+    assert all(torch.equal(a, b) for a, b in zip(nudged, kept))
+    # the oracle: the same nudged states in full, s* + δ, in float64 (in fp32, s* would cancel out of s⁺ − s⁻ less
+    # precisely than the fast path's δ± do)
+    s_star = inputs2.lowp.base.states[0].double().repeat(2, 1, 1, 1)
+    full = [s_star + nudged[0].double(), *(s.double() for s in nudged[1:])]
+    assert all(torch.allclose(a, b.double(), atol=1e-5) for a, b in zip(full, net.full_state(inputs2, nudged)))
+    coef = torch.cat([torch.full((6,), -0.5), torch.full((6,), 0.5)]).double()
+    net64 = copy.deepcopy(net).double()
+    exact = net64.phi_param_grads(net64.prepare(x.double()).repeat(2), full, coef)
     assert list(fast) == [name for name, _ in net.named_parameters()]
+    bound = 1.0 if companion == torch.bfloat16 else 0.01  # bf16 operands round the contrast's product; fp32 do not
     for name in exact:
-        assert angle_deg(fast[name], exact[name]) < 1.0, name
+        assert angle_deg(fast[name].double(), exact[name]) < bound, name
     # the exact path: the same numbers as phi_param_grads with signed coefficients
     e_inputs2, e_start = net.nudge_start(net.prepare(x), [s.float() for s in free], times=2)
     e_nudged, _ = relax(net, e_inputs2, e_start, 10, beta=betas, target=target)
