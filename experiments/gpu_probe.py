@@ -7,8 +7,10 @@ reference-equivalent mode (autograd on Φ every step, fp32, phases in turn), eac
 batches after 2 warm-ups, timed with the device synchronised; the EP update's angle to the float64 update
 (fast and exact fp32), and the exact update's angle to the same update computed on the CPU. Random
 Gaussian inputs (no data needed), random weights, seed 0, as `seqep bench --inputs random` builds them.
+`--cuda-graphs both` times the fast and exact paths also with each relaxation step replayed as a CUDA graph
+(`analog_ep.fast.step_graph`), side by side with the plain loop, and checks that both give the same update.
 
-    python experiments/gpu_probe.py --device cuda --out runs/gpu_probe.json
+    python experiments/gpu_probe.py --device cuda --cuda-graphs both --out runs/gpu_probe.json
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from analog_ep.bench import SHAPES, Shape, build_shape, count_flops, flat_grads, make_net, random_batch
 from analog_ep.estimators import EPConfig, ep_symmetric
+from analog_ep.fast import step_graph
 from analog_ep.gdu import angle_deg
 from analog_ep.phi import enable_compiled_kernels
 from analog_ep.reference import reference_ep_symmetric
@@ -46,18 +49,32 @@ def _timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
 
 
 def measure_batch(shape: Shape, b: int, fast_cfg: EPConfig, exact_cfg: EPConfig, device: torch.device,
-                  repeats: int) -> dict:
-    """Seconds per training batch of the fast path, the exact path and the reference-equivalent mode."""
+                  repeats: int, graphs: tuple[bool, ...] = (False,)) -> dict:
+    """Seconds per training batch of the fast path, the exact path (each with the plain loop and, as asked, with
+    CUDA graphs: `…_graphs_s`) and the reference-equivalent mode."""
     x, y = (t.to(device) for t in random_batch(shape.spec, b))
     net, ref_net = make_net(shape).to(device), make_net(shape, reference=True).to(device)
     rec: dict = {"batch": b}
     with torch.no_grad():
-        for key, cfg in (("fast_s", fast_cfg), ("exact_s", exact_cfg)):
-            rec[key] = _timed(lambda cfg=cfg: ep_symmetric(net, x, y, cfg, set_grad=False), device, repeats)
+        for key, cfg in (("fast", fast_cfg), ("exact", exact_cfg)):
+            updates = {}
+            for graphed in graphs:
+                step_graph.ENABLED = graphed
+                name = f"{key}_graphs_s" if graphed else f"{key}_s"
+                rec[name] = _timed(lambda cfg=cfg: ep_symmetric(net, x, y, cfg, set_grad=False), device, repeats)
+                updates[graphed] = flat_grads(ep_symmetric(net, x, y, cfg, set_grad=False).grads)
+            step_graph.ENABLED = False
+            if len(updates) == 2:  # the same arithmetic: the same update, to the bit
+                rec[f"{key}_graphs_max_abs_diff"] = float((updates[True] - updates[False]).abs().max())
     rec["reference_s"] = _timed(lambda: reference_ep_symmetric(ref_net, x, y, shape.beta, shape.free_steps,
                                                                shape.nudge_steps), device, repeats)
-    rec["speedup_vs_reference"] = rec["reference_s"] / rec["fast_s"]
-    rec["fast_tflops"] = count_flops(shape.spec, b, shape.free_steps, shape.nudge_steps)["total"] / rec["fast_s"] / 1e12
+    for key in ("fast_s", "fast_graphs_s"):
+        if key in rec:
+            rec[key.replace("fast", "speedup_vs_reference").removesuffix("_s")] = rec["reference_s"] / rec[key]
+    if len(graphs) == 2:
+        rec["graphs_speedup"] = rec["fast_s"] / rec["fast_graphs_s"]
+    best = min(rec[key] for key in ("fast_s", "fast_graphs_s") if key in rec)
+    rec["fast_tflops"] = count_flops(shape.spec, b, shape.free_steps, shape.nudge_steps)["total"] / best / 1e12
     if device.type == "cuda":
         rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
@@ -65,11 +82,12 @@ def measure_batch(shape: Shape, b: int, fast_cfg: EPConfig, exact_cfg: EPConfig,
     return rec
 
 
-def probe_shape(name: str, batches: list[int], precision: str, device: torch.device, repeats: int) -> dict:
+def probe_shape(name: str, batches: list[int], precision: str, device: torch.device, repeats: int,
+                graphs: tuple[bool, ...] = (False,)) -> dict:
     shape = build_shape(name)
     fast_cfg = EPConfig(shape.beta, shape.free_steps, shape.nudge_steps, precision=precision)
     exact_cfg = EPConfig(shape.beta, shape.free_steps, shape.nudge_steps, precision="fp32")
-    out: dict = {"shape": name, "results": [measure_batch(shape, b, fast_cfg, exact_cfg, device, repeats)
+    out: dict = {"shape": name, "results": [measure_batch(shape, b, fast_cfg, exact_cfg, device, repeats, graphs)
                                             for b in batches]}
     net = make_net(shape).to(device)
     x, y = (t.to(device) for t in random_batch(shape.spec, 4, seed=2))
@@ -93,17 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, action="append", help="repeatable (default: 32 and 128 at IMDB, 256 at SNLI)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="fast path precision")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
+                   help="relaxation steps replayed as CUDA graphs: off (default), on, or both side by side")
     p.add_argument("--out", help="write the JSON report here too")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device is visible; use --device cpu (or seqep bench, which measures the CPU properly)")
+    if args.cuda_graphs != "off" and device.type != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
+    graphs = {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graphs]
     enable_compiled_kernels(args.precision != "fp32")
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "precision": args.precision, "repeats": args.repeats, "shapes": []}
+              "torch": torch.__version__, "precision": args.precision, "repeats": args.repeats,
+              "cuda_graphs": args.cuda_graphs, "shapes": []}
     for name in args.shape or list(DEFAULT_BATCHES):
         report["shapes"].append(probe_shape(name, args.batch or DEFAULT_BATCHES.get(name, [32]), args.precision,
-                                            device, args.repeats))
+                                            device, args.repeats, graphs))
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,102 @@
+"""Relaxation steps on static buffers (`fast.step_graph`): the loop that CUDA graphs replay gives the plain loop's
+numbers, bit for bit, in every branch of `relax` (early exit, tracked residuals read at the end, the fast path's
+refinement, ±β phases); capture itself is checked where a CUDA device is present."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from analog_ep import dynamics
+from analog_ep.dynamics import relax
+from analog_ep.errors import NumericalError
+from analog_ep.estimators import EPConfig, ep_symmetric, ep_two_phase
+from analog_ep.fast import step_graph
+from tests.helpers import random_inputs, small_net, tiny_net
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("tol, track", [(None, True), (1e-6, True), (None, False)])
+def test_static_buffers_relax_as_the_plain_loop_on_the_exact_path(tol, track):
+    net = tiny_net("imdb")
+    x, y = random_inputs(net.spec, 5)
+    inputs = net.prepare(x)
+    runs = {mode: relax(net, inputs, net.zero_state(5), 40, tol=tol, track=track, graph=mode)
+            for mode in ("off", "static")}
+    (plain, t_plain), (static, t_static) = runs["off"], runs["static"]
+    assert _same(plain, static)
+    assert t_plain.residuals == t_static.residuals and t_plain.steps == t_static.steps
+    if tol is not None:
+        assert t_static.steps < 40  # it did stop early, on the residual read at each step
+    # the nudged phases: ±β as a (2B, 1) tensor, a target, no residuals
+    target = torch.nn.functional.one_hot(y, 2).double().repeat(2, 1)
+    betas = torch.cat([torch.full((5, 1), 0.2), torch.full((5, 1), -0.2)]).double()
+    nudge_inputs, start = net.nudge_start(inputs, plain, times=2)
+    nudged = [relax(net, nudge_inputs, start, 15, beta=betas, target=target, track=False, graph=mode)[0]
+              for mode in ("off", "static")]
+    assert _same(*nudged)
+
+
+@pytest.mark.parametrize("refine", [True, "last"])
+def test_static_buffers_keep_the_fast_paths_refinement(refine):
+    """The bf16 path switches to the difference form mid-relaxation (a new step function: a new graph)."""
+    net = small_net()
+    x, _ = random_inputs(net.spec, 4, dtype=torch.float32)
+    results = [relax(net, net.prepare(x, "bf16"), net.zero_state(4), 40, residual="fc", refine=refine, graph=mode)
+               for mode in ("off", "static")]
+    (plain, t_plain), (static, t_static) = results
+    assert t_plain.refined_at is not None and t_plain.refined_at == t_static.refined_at
+    assert t_plain.residuals == t_static.residuals
+    assert _same(plain, static)
+
+
+@pytest.mark.parametrize("estimator", [ep_symmetric, ep_two_phase])
+def test_estimators_give_the_same_update_on_static_buffers(monkeypatch: pytest.MonkeyPatch, estimator):
+    net = small_net()
+    x, y = random_inputs(net.spec, 4, dtype=torch.float32)
+    cfg = EPConfig(0.1, 30, 10, precision="bf16")
+    plain = estimator(net, x, y, cfg, set_grad=False)
+    monkeypatch.setattr(dynamics, "default_mode", lambda state: "static")
+    static = estimator(net, x, y, cfg, set_grad=False)
+    assert plain.free_trace.residuals == static.free_trace.residuals
+    assert all(torch.equal(plain.grads[k], static.grads[k]) for k in plain.grads)
+
+
+def test_divergence_is_still_reported_when_residuals_are_read_at_the_end():
+    net = tiny_net("imdb")
+    with torch.no_grad():
+        net.weights[1][0, 0] = float("nan")
+    x, _ = random_inputs(net.spec, 3)
+    with pytest.raises(NumericalError, match="free phase diverged: layer .* weights.1"):
+        relax(net, net.prepare(x), net.zero_state(3), 20, graph="static")
+
+
+def test_graph_modes_are_checked():
+    net = tiny_net("imdb")
+    x, _ = random_inputs(net.spec, 2)
+    with pytest.raises(ValueError, match="graph must be one of"):
+        relax(net, net.prepare(x), net.zero_state(2), 5, graph="cuda")
+    with pytest.raises(ValueError, match="mode must be"):
+        step_graph.GraphedStep(lambda s: s, net.zero_state(2), mode="off")
+    assert step_graph.default_mode(net.zero_state(2)) == "off"  # a CPU state never captures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_captured_graphs_give_the_plain_loops_update_on_cuda(monkeypatch: pytest.MonkeyPatch, precision):
+    net = small_net().cuda()
+    x, y = (t.cuda() for t in random_inputs(net.spec, 4, dtype=torch.float32))
+    cfg = EPConfig(0.1, 30, 10, precision=precision)
+    plain = ep_symmetric(net, x, y, cfg, set_grad=False)
+    monkeypatch.setattr(step_graph, "ENABLED", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail the test instead
+        graphed = ep_symmetric(net, x, y, cfg, set_grad=False)
+    assert plain.free_trace.residuals == graphed.free_trace.residuals
+    assert all(torch.equal(plain.grads[k], graphed.grads[k]) for k in plain.grads)
+
