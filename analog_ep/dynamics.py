@@ -145,7 +145,8 @@ def relax(
         if graphed is None:
             new = net.step(inputs, state, beta, tgt)
             if track or tol is not None:
-                res = max(float((a - b).abs().max()) for a, b in zip(new[first:], state[first:]))
+                moves = [float((a - b).abs().max()) for a, b in zip(new[first:], state[first:])]
+                res = max(moves) if all(map(math.isfinite, moves)) else math.nan  # max() would drop a NaN
         else:
             graphed.run()
             new = list(graphed.state)
@@ -173,12 +174,14 @@ def relax(
                 net.plan_free_phase(inputs, steps - trace.steps, tol)  # still the free phase: what is left of it
                 trace.refined_at = trace.steps
                 graphed = graphed_steps(inputs, state)
-    if deferred:
+    first_bad = trace.steps
+    if deferred:  # NaN never recovers: the first non-finite residual names the step
         trace.residuals = torch.stack(deferred).tolist()
+        first_bad = next((t + 1 for t, r in enumerate(trace.residuals) if not math.isfinite(r)), first_bad)
     if trace.refined_at is not None:
         state = net.full_state(inputs, state)
     if deferred or not (track or tol is not None):  # one check at the end (NaN is never lost on the way)
-        check_finite(net, state, phase, trace.steps)
+        check_finite(net, state, phase, first_bad)
     return state, trace
 
 
