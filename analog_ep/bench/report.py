@@ -49,7 +49,7 @@ def bench(
     # once per shape, before any measurement: a shape that cannot take the inputs fails now, not midway; the
     # precision resolved on this machine (auto: calibrated; int8 without the AMX kernels: refused)
     inputs_of = {name: resolve_inputs(inputs, name) for name in shapes}
-    resolved = {name: resolve_precision(precision, build_shape(name).spec) for name in shapes}
+    resolved = {name: resolve_precision(precision, build_shape(name).spec, fold_keys=fold_keys) for name in shapes}
     modes = {mode for mode, _ in resolved.values()}
     folds: dict[tuple[str, int], tuple[bool, str]] = {}
 

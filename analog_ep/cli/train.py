@@ -28,7 +28,8 @@ ep.precision is auto by default: the fastest faithful mode on this machine (fp32
 or AVX2 kernels), from a few seconds' calibration cached per machine; config.json records the mode and why.
 --set ep.precision=fp32 runs the exact path; int8 is refused where neither of our int8 kernel sets loads
 (int8-library runs oneDNN's anyway), bf16 on a CPU without bf16 instructions (bf16-emulated runs it anyway;
-both are many times slower than fp32).
+both are many times slower than fp32); with our AVX2 kernels, int8 where the exact path folds the first synapse
+(SNLI) runs the folded exact path instead, and says so (--set ep.fold_keys=off runs int8 there).
 A run directory holds config.json, metrics.jsonl, checkpoints/{best,last}.pt, report.json, plots/,
 and run.lock while a process writes it (a second process on the same --out is refused).
 Ctrl-C or SIGTERM finishes the batch in progress, saves checkpoints/last.pt and prints the --resume

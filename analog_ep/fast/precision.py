@@ -13,6 +13,10 @@ emulates every bf16 product, 26-49 times slower than fp32 (both measured: `INT8_
   alternatives): "int8" without our int8 kernels, "bf16" on a CPU without bf16 instructions. Its opt-in name
   ("int8-library", "bf16-emulated") runs it anyway, on purpose (e.g. to measure it).
 - "bf16" where its products measure slower than fp32 for another reason runs, with one warning that says so.
+- "int8" on our AVX2 kernels where the exact path folds the first synapse (and `ep.fold_keys` is not "off")
+  runs the exact path, folded, and says why: int8 took 1.6-4.7 times its time there. With `ep.fold_keys=off`
+  int8 runs (it is then faster than the unfolded exact path), as it does, with a warning, where FC-1 is below
+  AVX2_INT8_MIN_WEIGHTS.
 - "auto" times the first synapse's two products of a step (h·W and x·Wᵀ, 64 rows) once per mode that runs
   faithfully here (fp32; bf16 where the CPU has bf16 instructions; int8 on our kernels only) and picks the
   fastest, a low-precision mode only where it is at least MIN_SPEEDUP times as fast as fp32. On a CPU with
@@ -319,9 +323,11 @@ def choose(seconds: dict[str, float], int8: tuple[bool, str]) -> tuple[str, str]
                                          + [o for o in others if not o.startswith(best)])
 
 
-def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> tuple[str, str]:
+def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu", fold_keys: str = "auto"
+                      ) -> tuple[str, str]:
     """(mode, reason) for a requested precision on this machine and device; ConfigError where the request
-    cannot run usefully here (module docstring: the rule)."""
+    cannot run usefully here (module docstring: the rule). `fold_keys` is the run's `ep.fold_keys`: with "off" an
+    explicit int8 is compared with the unfolded exact path, else with the folded one where it folds."""
     if requested not in REQUESTS:
         raise ConfigError(f"precision {requested!r}: choose one of {', '.join(REQUESTS)}")
     if requested == "fp32":
@@ -338,12 +344,17 @@ def resolve_precision(requested: str, spec: GraphSpec, device: str = "cpu") -> t
                             f"path would take the same fp32 products with more overhead: 1.6-1.9× as long at the "
                             f"tiny shapes)")
         ours, why = int8_kernels()
+        folded = _fold_beats_products(spec, device) if ours and why == "AVX2 kernels" and fold_keys != "off" else None
+        if folded:  # int8 would take 1.6-4.7× the exact path's time here: the exact path runs, and says why
+            return "fp32", (f"fp32: {requested} requested, but {folded} (int8 on our AVX2 kernels took 1.6× as long "
+                            f"at snli-cpu, 4.7× at snli-paper); to run int8 anyway, against the unfolded exact path, "
+                            f"set ep.fold_keys=off")
         if ours:
-            slower = _avx2_int8_slower(spec, device) if why == "AVX2 kernels" else None
+            slower = _too_small_for_avx2_int8(spec) if why == "AVX2 kernels" else None
             if slower:  # runs, as asked, but says what would be faster
                 _warn_once(f"int8/{this_machine(device).key()}/{ShapeClass.of(spec).key()}",
-                           f"precision int8: {slower}; precision auto or fp32 runs faster here")
-                return "int8", f"int8: requested, {why}; slower than fp32 here: {slower}"
+                           f"precision int8: {slower}; precision auto (fp32 here) is as fast or faster")
+                return "int8", f"int8: requested, {why}; not faster than fp32 here: {slower}"
             return "int8", f"int8: requested, {why}"
         if requested == SLOW_INT8:
             return "int8", INT8_WITHOUT_KERNELS.opted_in(why)
@@ -397,11 +408,6 @@ def _too_small_for_avx2_int8(spec: GraphSpec) -> str | None:
     if weights >= AVX2_INT8_MIN_WEIGHTS:
         return None
     return f"our AVX2 kernels pay from {AVX2_INT8_MIN_WEIGHTS:,} FC-1 weights, this graph has {weights:,}"
-
-
-def _avx2_int8_slower(spec: GraphSpec, device: str) -> str | None:
-    """Why int8 on our AVX2 kernels would be slower than the exact path for this graph, or None."""
-    return _fold_beats_products(spec, device) or _too_small_for_avx2_int8(spec)
 
 
 def _warn_once(key: str, message: str) -> None:

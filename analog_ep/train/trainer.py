@@ -311,7 +311,7 @@ class Trainer:
                 raise ConfigError(f"ep.precision = {self.cfg.ep.precision} with model.learn_embeddings: learned word "
                                   "vectors train on the exact path; use ep.precision=fp32 (or auto)")
             return "fp32", "fp32: learned word vectors (their EP contrast runs on the exact path)"
-        return resolve_precision(self.cfg.ep.precision, self.net.spec, self.cfg.train.device)
+        return resolve_precision(self.cfg.ep.precision, self.net.spec, self.cfg.train.device, self.cfg.ep.fold_keys)
 
     def _precision_record(self) -> dict[str, str | bool]:
         return {"precision": self.precision, "precision_reason": self.precision_reason, "fold_keys": self.fold,
