@@ -84,7 +84,7 @@ class _Operand:
         self.strips, self.groups, self.outputs = strips, width // 4, outputs
         self.max_changes = max(1, self.groups // DENSE_SHARE)
         self.q = torch.zeros(rows, width, dtype=torch.int8)
-        self.r = torch.zeros(rows, dtype=torch.float32)  # 0: no codes yet
+        self.r = torch.zeros(rows, dtype=torch.float32)  # 0: no codes but zeros (none yet, or a zero row)
         self.acc = torch.zeros(rows, strips * STRIP, dtype=torch.int32)
         self.status = torch.empty(rows, dtype=torch.int32)
         self.count = torch.empty(rows, dtype=torch.int32)
@@ -101,6 +101,9 @@ class _Operand:
                                       self.new.data_ptr(), self.count.data_ptr(), threads)
         whole = (self.status == 2).nonzero().flatten()
         few = (self.status == 1).nonzero().flatten()
+        zeroed = (self.status == 3).nonzero().flatten()
+        if zeroed.numel():  # rows that became zero: their products are zero, nothing to multiply
+            self.acc.index_fill_(0, zeroed, 0)
         if whole.numel():
             lib.seqep_int8_rows_avx2(self.q.data_ptr(), self.width, whole.data_ptr(), whole.numel(),
                                      self.layout.data_ptr(), self.strips, self.groups, self.acc.data_ptr(),

@@ -26,11 +26,13 @@ def _dense(packed, w: torch.Tensor, products: ChangeProducts) -> tuple[torch.Ten
 
 def _walk(k: int, n: int, rows: int, steps: int, seed: int = 0):
     """States a relaxation might visit: a few entries move, one row grows past its scale, one shrinks below it,
-    one row stays zero, one is redrawn whole (many changed codes)."""
+    one row stays zero, one is redrawn whole (many changed codes), one turns zero and back (rows > 4)."""
     g = torch.Generator().manual_seed(seed)
     h, x = torch.rand(rows, k, generator=g), torch.rand(rows, n, generator=g) - 0.5
     x[rows - 1] = 0.0
     for step in range(steps):
+        if rows > 5:
+            h[4] = 0.0 if step in (3, 4) else h[4] + 0.01 * (step == 5)
         yield h.clone(), x.clone()
         h[0, step % k] += 0.02
         x[min(1, rows - 1), (7 * step) % n] += 0.05
@@ -57,12 +59,39 @@ def test_every_step_equals_the_dense_product_of_its_codes(k: int, n: int, rows: 
         assert torch.equal(out.down, down.to(dtype)) and torch.equal(out.up, up)
         for op, v, before in ((products._h, h, scales[0]), (products._x, x, scales[1])):
             codes = op.q[:, :v.shape[1]].float()  # within 0.5 + band steps of the values; plain on a new scale
-            assert bool(((v / op.r.unsqueeze(1) - codes).abs() <= 0.5 + products.band + 1e-4).all())
-            fresh = op.r != before
+            zero = op.r == 0  # zero rows: zero codes and no scale
+            assert torch.equal(zero, (v == 0).all(1)) and not bool(codes[zero].any())
+            r = op.r[~zero].unsqueeze(1)
+            assert bool(((v[~zero] / r - codes[~zero]).abs() <= 0.5 + products.band + 1e-4).all())
+            fresh = (op.r != before) & ~zero
             assert torch.equal(codes[fresh], torch.round(v[fresh] * (1 / op.r[fresh].unsqueeze(1))))
             before.copy_(op.r)
         seen.update(products._h.status.tolist() + products._x.status.tolist())
-    assert seen == {0, 1, 2}  # unchanged rows, changed groups and whole rows all took place
+    # unchanged rows, changed groups and whole rows took place, and rows turning zero where the walk has one
+    assert seen == ({0, 1, 2, 3} if rows > 5 else {0, 1, 2})
+
+
+@needs_avx2
+def test_zero_rows_cost_nothing() -> None:
+    """A state that has not moved yet (a nudged phase's difference, the free phase's start) is zero: its rows
+    multiply nothing, and a row that turns zero again only has its sums cleared."""
+    w = torch.randn(24, 300) * 0.05
+    packed = avx2_int8.PackedInt8Avx2(w)
+    products = ChangeProducts(packed)
+    h, x = torch.zeros(3, 24), torch.zeros(3, 300)
+    delta_int8.reset_work()
+    for _ in range(3):
+        out = products.down_up(h, x)
+        assert not bool(out.changed.any()) and not bool(out.down.any()) and not bool(out.up.any())
+    assert delta_int8.work_done()["products"] == 0.0
+    h[1], x[1] = torch.rand(24), torch.rand(300)
+    out = products.down_up(h, x)
+    assert out.changed.tolist() == [False, True, False]
+    assert torch.equal(out.down, _dense(packed, w, products)[0]) and bool(out.up[1].any())
+    h[1], x[1] = 0.0, 0.0
+    out = products.down_up(h, x)  # back to zero: status 3, sums cleared, the row reported as changed
+    assert products._h.status.tolist() == [0, 3, 0] and out.changed.tolist() == [False, True, False]
+    assert not bool(out.down.any()) and not bool(out.up.any()) and not bool(products._x.acc.any())
 
 
 @needs_avx2

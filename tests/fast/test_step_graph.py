@@ -93,11 +93,16 @@ def test_captured_graphs_give_the_plain_loops_update_on_cuda(monkeypatch: pytest
     net = small_net().cuda()
     x, y = (t.cuda() for t in random_inputs(net.spec, 4, dtype=torch.float32))
     cfg = EPConfig(0.1, 30, 10, precision=precision)
-    plain = ep_symmetric(net, x, y, cfg, set_grad=False)
+    plain, again = (ep_symmetric(net, x, y, cfg, set_grad=False) for _ in range(2))
     monkeypatch.setattr(step_graph, "ENABLED", True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail the test instead
         graphed = ep_symmetric(net, x, y, cfg, set_grad=False)
-    assert plain.free_trace.residuals == graphed.free_trace.residuals
-    assert all(torch.equal(plain.grads[k], graphed.grads[k]) for k in plain.grads)
+    if all(torch.equal(plain.grads[k], again.grads[k]) for k in plain.grads):  # the plain loop repeats itself:
+        assert plain.free_trace.residuals == graphed.free_trace.residuals  # the graphs give its numbers exactly
+        assert all(torch.equal(plain.grads[k], graphed.grads[k]) for k in plain.grads)
+    else:  # kernels with atomics: graphed within the plain loop's own spread (an angle of 1e-3° is 2e-5 relative)
+        flat = [torch.cat([e.grads[k].flatten() for k in sorted(e.grads)]).double() for e in (plain, again, graphed)]
+        spread = float((flat[0] - flat[1]).norm())
+        assert float((flat[0] - flat[2]).norm()) <= 10 * spread + 1e-6 * float(flat[0].norm())
 

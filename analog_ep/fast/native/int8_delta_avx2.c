@@ -39,8 +39,9 @@ static inline __m256i codes32_banded(const float *x, __m256 inv, const int8_t *o
 }
 
 /* Rows of x (m x n fp32, `ld` floats apart) against their previous codes q (m x width int8, zero-padded; updated
- * to the new codes) and scales r (in/out; r <= 0: no previous codes). status[i]: 0 no code changed, 1 changed
- * groups listed (changed/old_codes/new_codes rows of `max_changes`, count[i] of them), 2 recompute the row whole. */
+ * to the new codes) and scales r (in/out; r <= 0: no codes but zeros, and zero sums). status[i]: 0 no code changed,
+ * 1 changed groups listed (changed/old_codes/new_codes rows of `max_changes`, count[i] of them), 2 recompute the
+ * row whole, 3 the row became zero (its sums are zero: nothing to multiply). */
 void seqep_quantize_delta_avx2(const float *x, int64_t m, int64_t n, int64_t ld, int8_t *q, int64_t width, float *r,
                                float widen, float band, int64_t max_changes, int32_t *status, int32_t *changed,
                                int32_t *old_codes, int32_t *new_codes, int32_t *count, int threads) {
@@ -49,10 +50,17 @@ void seqep_quantize_delta_avx2(const float *x, int64_t m, int64_t n, int64_t ld,
         const float *xi = x + i * ld;
         int8_t *qi = q + i * width;
         const float amax = row_absmax(xi, n);
+        count[i] = 0;
+        if (amax == 0.0f) { /* a zero row (a state not yet moved, a difference still zero): zero codes, no scale */
+            status[i] = r[i] > 0.0f ? 3 : 0; /* r <= 0: its codes and sums are zero already */
+            memset(qi, 0, (size_t)width);
+            r[i] = 0.0f;
+            continue;
+        }
         const float t = r[i] > 0.0f ? amax * (1.0f / r[i]) : 0.0f; /* the largest code, before rounding */
         const int keep = r[i] > 0.0f && t <= 127.25f && t * widen >= 127.0f;
         if (!keep)
-            r[i] = amax > 0.0f ? amax / 127.0f : 1.0f;
+            r[i] = amax / 127.0f;
         const float inv = 1.0f / r[i];
         const __m256 vinv = _mm256_set1_ps(inv);
         int64_t found = 0;
