@@ -9,6 +9,8 @@ the same), which costs at most log2(WIDEN) bits of resolution; a row whose value
 many codes, is recomputed whole. And a kept row's code moves only where its value left it by more than 0.5 + band
 steps (a dead band): quantised synchronous dynamics otherwise settle into two-step cycles, values hovering about a
 rounding boundary and flipping its code at every step (at imdb-paper 12-15 of 32 rows, to the last step).
+A zero row (a state that has not moved yet: the free phase's start, a nudged phase's difference before the nudge
+reaches its layer) multiplies nothing, and a row that turns zero only has its sums cleared.
 
 One object per relaxation and operand pair (`lowp_phi` keeps it in `LowPrecision`); rows are the batch's.
 
