@@ -87,6 +87,69 @@ def test_graph_modes_are_checked():
     assert step_graph.default_mode(net.zero_state(2)) == "off"  # a CPU state never captures
 
 
+class _FakeCuda:
+    """torch.cuda's stream and graph calls as `GraphedStep._capture` makes them, on the CPU: streams do nothing, a
+    capture records the body without its effects (as a real capture, which launches nothing) and a replay runs it;
+    `fail` makes the capture raise, as an operation that synchronises with the host does."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        import contextlib
+        import inspect
+
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                self.owner._body()
+
+        @contextlib.contextmanager
+        def graph(g):
+            owner = inspect.currentframe().f_back.f_back.f_locals["self"]  # the GraphedStep capturing
+            if fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            kept = [t.clone() for t in (*owner.state, owner.residual)]
+            yield
+            for t, k in zip((*owner.state, owner.residual), kept):  # a capture launches nothing: undo the body
+                t.copy_(k)
+            g.owner = owner
+            fake.captures += 1
+
+        self.captures = 0
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(step_graph, "_warned", False)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_capture_sequence_gives_the_plain_loops_numbers(monkeypatch: pytest.MonkeyPatch, fail: bool):
+    """Capture mode's order of events (the first step eagerly on a side stream, the body captured, replays after;
+    or, where the capture fails, one warning and the eager body), emulated on the CPU: the plain loop's states,
+    residuals and refinement, bit for bit."""
+    net = small_net()
+    x, _ = random_inputs(net.spec, 4, dtype=torch.float32)
+    plain, t_plain = relax(net, net.prepare(x, "bf16"), net.zero_state(4), 30, residual="fc", refine="last",
+                           graph="off")
+    fake = _FakeCuda(monkeypatch, fail)
+    if fail:
+        with pytest.warns(RuntimeWarning, match="capture of the relaxation step failed"):
+            graphed, t_graphed = relax(net, net.prepare(x, "bf16"), net.zero_state(4), 30, residual="fc",
+                                       refine="last", graph="capture")
+    else:
+        graphed, t_graphed = relax(net, net.prepare(x, "bf16"), net.zero_state(4), 30, residual="fc",
+                                   refine="last", graph="capture")
+    assert fake.captures == (0 if fail else 2)  # the free phase, then its difference-form ending
+    assert t_graphed.refined_at == t_plain.refined_at and t_graphed.residuals == t_plain.residuals
+    assert _same(plain, graphed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_captured_graphs_give_the_plain_loops_update_on_cuda(monkeypatch: pytest.MonkeyPatch, precision):
