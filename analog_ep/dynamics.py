@@ -120,9 +120,8 @@ def relax(
                                                            tol, track, residual)
         check_finite(net, state, phase, trace.steps)
         return state, trace
-    stall_refine = refine != "last"
-    refine = bool(refine) and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
-    stall_refine = refine and stall_refine  # the stall test reads every step's residual as it comes
+    refining = bool(refine) and (track or tol is not None) and inputs.lowp is not None and inputs.lowp.base is None
+    stall_refine = refining and refine != "last"  # the stall test reads every step's residual as it comes
     if not nudged:
         net.plan_free_phase(inputs, steps, tol)
     mode = default_mode(state) if graph is None else graph
@@ -162,7 +161,7 @@ def relax(
         trace.steps += 1
         if tol is not None and trace.residuals[-1] < tol:
             break
-        if refine and trace.refined_at is None:
+        if refining and trace.refined_at is None:
             stalled_out = False
             if stall_refine:
                 res = trace.residuals[-1]

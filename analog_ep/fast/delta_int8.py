@@ -159,6 +159,7 @@ class ChangeProducts:
             self._x = _Operand(rows, p.Np, p.N, p.up_layout, p.Kp // STRIP, p.K)
             self._down = torch.zeros(rows, p.N, dtype=self.down_dtype)
             self._up = torch.zeros(rows, p.K, dtype=torch.float32)
+            self._down_factor = torch.full((rows,), p.scale, dtype=torch.float32)  # h·W over its row factor: W's scale
         return self._h, self._x
 
     def _band(self) -> float:
@@ -170,7 +171,7 @@ class ChangeProducts:
         h_op, _ = self._operands(h.shape[0])
         self.calls += 1
         changed = h_op.step(self._lib, h.to(torch.float32).contiguous(), self._band())
-        _dequantise_into(self._lib, h_op, changed, torch.full_like(h_op.r, self.packed.scale), self._down)
+        _dequantise_into(self._lib, h_op, changed, self._down_factor, self._down)
         return self._down, h_op.r.unsqueeze(1).clone(), changed
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +184,6 @@ class ChangeProducts:
 
     def down_up(self, h: torch.Tensor, x: torch.Tensor) -> StepProducts:
         """Both products from one state (the synchronous schedule)."""
-        self._check(x, self.packed.N, "x")
+        self._check(x, self.packed.N, "x")  # before `down` moves h's codes: a bad x must leave nothing half done
         down, r, changed = self.down(h)
         return StepProducts(down, r, self.up(x), changed)

@@ -212,8 +212,9 @@ def _paired_products(net: EPNet, inputs: Inputs, state: State) -> PairedProducts
         return None
     h = state[1] if lp.base is None else state[1] - lp.base.states[1]
     x = state[0].reshape(state[0].shape[0], -1)
-    if _change_products(net, lp) is not None:
-        return PairedProducts(*lp.changes.down_up(h, x))
+    changes = _change_products(net, lp)
+    if changes is not None:
+        return PairedProducts(*changes.down_up(h, x))
     absmax = None if lp.keys is None else lp.keys.row_absmax(state[0])  # known if the retrieval made state[0]
     return PairedProducts(*lp.weights[0].down_up(h, x, absmax))
 
